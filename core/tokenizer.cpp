@@ -465,6 +465,53 @@ void encode_segment(const TokenizerImpl& t, std::string_view seg, ThreadState& s
   }
 }
 
+// HF compiles the split regex with Oniguruma, whose Unicode \s is the White_Space property. PCRE2's
+// \s (with UCP) also matches U+180E MONGOLIAN VOWEL SEPARATOR, which left White_Space in Unicode 6.3,
+// and that changes pieces (a golden case caught it). So \s and \S are spelled out as White_Space:
+// U+0009..000D, U+0085 and the separators \p{Z} (Zs, Zl, Zp).
+// Returns false when the pattern uses \S inside a character class (not expressible this way).
+bool regex_as_onig(const std::string& in, std::string& out) {
+  static const char* kSpace = "\\t-\\r\\x{85}\\p{Z}";
+  out.clear();
+  bool in_class = false;
+  for (size_t i = 0; i < in.size(); ++i) {
+    char c = in[i];
+    if (c == '\\' && i + 1 < in.size()) {
+      char e = in[i + 1];
+      ++i;
+      if (e == 's') {
+        out += in_class ? std::string(kSpace) : "[" + std::string(kSpace) + "]";
+      } else if (e == 'S') {
+        if (in_class) return false;
+        out += "[^" + std::string(kSpace) + "]";
+      } else {
+        out += c;
+        out += e;
+      }
+      continue;
+    }
+    if (!in_class && c == '[') {
+      in_class = true;
+      out += c;
+      // A ']' right after '[' or '[^' is a literal.
+      if (i + 1 < in.size() && in[i + 1] == '^') out += in[++i];
+      if (i + 1 < in.size() && in[i + 1] == ']') out += in[++i];
+      continue;
+    }
+    if (in_class && c == '[' && i + 1 < in.size() && in[i + 1] == ':') {  // [:alpha:]
+      size_t end = in.find(":]", i + 2);
+      if (end != std::string::npos) {
+        out.append(in, i, end + 2 - i);
+        i = end + 1;
+        continue;
+      }
+    }
+    if (in_class && c == ']') in_class = false;
+    out += c;
+  }
+  return true;
+}
+
 [[noreturn]] void fail_kind(const std::string& path, const std::string& what) {
   fail(path, what,
        "flexcp reads HF tokenizer.json files of byte-level BPE models with a Split-regex pre-tokenizer "
@@ -687,9 +734,12 @@ Tokenizer Tokenizer::load(const std::string& path) {
                        [](const auto& x, const auto& y) { return x.first.size() > y.first.size(); });
   }
 
+  std::string pattern;
+  if (!regex_as_onig(impl->regex, pattern))
+    fail_kind(path, "pre_tokenizer regex uses \\S inside a character class, which flexcp cannot translate");
   int err = 0;
   PCRE2_SIZE err_off = 0;
-  impl->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(impl->regex.data()), impl->regex.size(),
+  impl->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
                              PCRE2_UTF | PCRE2_UCP, &err, &err_off, nullptr);
   if (!impl->code) {
     PCRE2_UCHAR msg[256];

@@ -4,11 +4,18 @@
 #   - a real English corpus: nlp-corpus, builds/*.json (JSON arrays of sentences, 100k in all)
 # and checks their SHA-256. The cache is $FLEXCP_CACHE, default <repo>/.cache (git-ignored); flexcp
 # looks there too (core/tokenizer.h: tokenizer_default_path). Prints, on stdout, two lines that a
-# shell can eval:
+# shell can eval (`eval "$(scripts/fetch-data.sh --print-env)"`; --print-env is accepted and is
+# the default):
 #   FLEXCP_TOKENIZER=<path of tokenizer.json>
-#   FLEXCP_CORPUS=<folder of the corpus' .json files>
+#   FLEXCP_CORPUS_DIR=<folder of the corpus' .json files>
 # Progress and errors go to stderr. Exit code 2 when a download fails or a hash disagrees.
 set -euo pipefail
+for arg in "$@"; do
+  case $arg in
+    --print-env) ;;
+    *) echo "fetch-data: unknown argument '$arg' (only --print-env)" >&2; exit 2 ;;
+  esac
+done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${FLEXCP_CACHE:-$root/.cache}
@@ -74,4 +81,4 @@ JSON
 fi
 
 echo "FLEXCP_TOKENIZER=$tokenizer"
-echo "FLEXCP_CORPUS=$corpus"
+echo "FLEXCP_CORPUS_DIR=$corpus"

@@ -23,5 +23,5 @@ fi
 g++ -O3 -DNDEBUG -std=c++17 -I"$root" "${flags[@]}" "$root/scripts/bench/tokenizer_bench.cpp" \
   "$root/core/tokenizer.cpp" "$root/core/sha256.cpp" -lpcre2-8 -pthread -o "$out/tokenizer_bench"
 echo "tokenizer.sh: $(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-python3 "$root/scripts/bench/tokenizer.py" --tokenizer "$FLEXCP_TOKENIZER" --corpus "$FLEXCP_CORPUS" \
+python3 "$root/scripts/bench/tokenizer.py" --tokenizer "$FLEXCP_TOKENIZER" --corpus "$FLEXCP_CORPUS_DIR" \
   --bench-bin "$out/tokenizer_bench" --workdir "$out" "$@"
