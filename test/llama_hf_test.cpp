@@ -17,6 +17,8 @@
 #include "core/errors.h"
 #include "core/hf_weights.h"
 #include "core/llama_model.h"
+#include "core/lr_schedule.h"
+#include "core/optimizer.h"
 #include "core/rope.h"
 #include "core/safetensors.h"
 
@@ -65,10 +67,10 @@ Fixture load_fixture(const std::string& name) {
   return f;
 }
 
-LlamaModel load_model(const Fixture& f) {
+LlamaModel load_model(const Fixture& f, std::shared_ptr<AttentionBackend> backend = nullptr) {
   LlamaModel m(f.arch);
   hf_load_weights(*m, f.dir);
-  m->set_attention_backend(std::make_shared<DenseTestAttention>());
+  m->set_attention_backend(backend ? backend : std::make_shared<DenseTestAttention>());
   return m;
 }
 
@@ -86,12 +88,28 @@ at::Tensor shifted_labels(const at::Tensor& ids /*(B, S)*/) {
 
 at::Tensor batch_positions(int64_t B, int64_t S) { return at::arange(S, at::kLong).repeat({B}); }
 
-double lr_at(int64_t s, const nlohmann::json& h) {
+// The fixture's schedule, as its expected.json writes the formula.
+double fixture_lr(int64_t s, const nlohmann::json& h) {
   const double lr = h["lr"], min_lr = h["min_lr"];
   const int64_t warmup = h["warmup"], total = h["total_steps"];
   if (s < warmup) return lr * static_cast<double>(s + 1) / static_cast<double>(warmup);
-  const double r = static_cast<double>(s - warmup) / static_cast<double>(total - warmup);
+  const double r = std::min(1.0, static_cast<double>(s - warmup) / static_cast<double>(std::max<int64_t>(1, total - warmup - 1)));
   return min_lr + 0.5 * (1.0 + std::cos(M_PI * r)) * (lr - min_lr);
+}
+
+TrainConfig fixture_train_config(const nlohmann::json& h) {
+  TrainConfig t;
+  t.lr = h["lr"];
+  t.min_lr = h["min_lr"];
+  t.warmup = h["warmup"];
+  t.steps = h["total_steps"];
+  t.schedule = h["schedule"];
+  t.beta1 = h["betas"][0];
+  t.beta2 = h["betas"][1];
+  t.eps = h["eps"];
+  t.weight_decay = h["weight_decay"];
+  t.grad_clip = h["grad_clip"];
+  return t;
 }
 
 }  // namespace
@@ -132,9 +150,11 @@ TEST_CASE("rope inverse frequencies match HF's llama3 scaling", "[llama][hf][rop
 
 TEST_CASE("llama forward, loss and gradients match HF transformers", "[llama][hf]") {
   for (const char* name : {"tied", "untied"}) {
-    SECTION(name) {
+    // The test's own dense attention, and the project's backends by name.
+    for (const std::string backend_name : {"dense-test", "reference", "torch"}) {
       Fixture f = load_fixture(name);
-      LlamaModel m = load_model(f);
+      INFO(name << ", attention " << backend_name);
+      LlamaModel m = load_model(f, backend_name == "dense-test" ? nullptr : make_attention_backend(backend_name));
       at::Tensor ids = f.expected.copy("input_ids");  // (2, 48)
       const int64_t B = ids.size(0), S = ids.size(1);
       at::Tensor hidden = m->forward_hidden(ids.reshape({-1}), batch_positions(B, S), spec_causal_batch(B, S));
@@ -203,7 +223,7 @@ TEST_CASE("20 AdamW steps match HF transformers + torch.optim.AdamW", "[llama][h
       const double clip = h["grad_clip"];
       double worst_loss = 0, worst_norm = 0;
       for (int64_t s = 0; s < steps; ++s) {
-        const double lr = lr_at(s, h);
+        const double lr = fixture_lr(s, h);
         CHECK(std::abs(lr - h["lrs"][s].get<double>()) < 1e-12);
         for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
         opt.zero_grad();
@@ -222,6 +242,49 @@ TEST_CASE("20 AdamW steps match HF transformers + torch.optim.AdamW", "[llama][h
       CHECK(worst_norm < 1e-4);
       // The run must move the model, or matching losses would prove little about the optimizer.
       CHECK(std::abs(want_loss[steps - 1].item<double>() - want_loss[0].item<double>()) > 0.1);
+    }
+  }
+}
+
+TEST_CASE("20 steps with flexcp's FlatAdamW and lr schedule match HF transformers", "[llama][hf][train]") {
+  for (const char* name : {"tied", "untied"}) {
+    SECTION(name) {
+      Fixture f = load_fixture(name);
+      const nlohmann::json& h = f.info["train"];
+      const TrainConfig t = fixture_train_config(h);
+      LlamaModel m = load_model(f);
+      std::vector<std::pair<std::string, at::Tensor>> named;
+      for (const auto& p : m->named_parameters()) named.emplace_back(p.key(), p.value());
+      AdamWHyper hyper;
+      hyper.beta1 = t.beta1;
+      hyper.beta2 = t.beta2;
+      hyper.eps = t.eps;
+      hyper.weight_decay = t.weight_decay;
+      FlatAdamW opt(named, hyper);
+
+      at::Tensor train_ids = f.expected.copy("train_ids");
+      at::Tensor want_loss = f.expected.copy("train_losses");
+      at::Tensor want_norm = f.expected.copy("train_grad_norms");
+      const int64_t steps = train_ids.size(0), B = train_ids.size(1), S = train_ids.size(2);
+      double worst_loss = 0, worst_norm = 0;
+      for (int64_t s = 0; s < steps; ++s) {
+        const double lr = lr_at(t, s);
+        CHECK(std::abs(lr - h["lrs"][s].get<double>()) < 1e-12);  // the project's schedule is the fixture's
+        opt.zero_grad();
+        at::Tensor ids = train_ids[s];
+        at::Tensor hidden = m->forward_hidden(ids.reshape({-1}), batch_positions(B, S), spec_causal_batch(B, S));
+        LossResult r = llama_loss(*m, hidden, shifted_labels(ids).reshape({-1}));
+        at::Tensor loss = r.sum / static_cast<double>(r.count);
+        loss.backward();
+        opt.accumulate_grads();
+        const double norm = opt.clip_grad_norm(t.grad_clip).item<double>();
+        opt.step(lr);
+        worst_loss = std::max(worst_loss, std::abs(loss.item<double>() - want_loss[s].item<double>()));
+        worst_norm = std::max(worst_norm, std::abs(norm - want_norm[s].item<double>()) / want_norm[s].item<double>());
+      }
+      INFO(name << ": worst loss diff " << worst_loss << ", worst relative grad-norm diff " << worst_norm);
+      CHECK(worst_loss < 1e-4);
+      CHECK(worst_norm < 1e-4);
     }
   }
 }
@@ -337,4 +400,29 @@ TEST_CASE("a model saved as an HF folder reloads identically, tied and untied, s
     CHECK(files.contains("lm_head.weight") == !f.arch.tie_embeddings);
   }
   std::filesystem::remove_all(base);
+}
+
+// Hidden: writes HF folders for test/fixtures/check_hf_export.py, which loads them in transformers
+// (FLEXCP_HF_EXPORT_DIR=dir ./flexcp_tests "[.hf-export]").
+TEST_CASE("export HF folders for transformers to load", "[.hf-export]") {
+  const char* out = std::getenv("FLEXCP_HF_EXPORT_DIR");
+  REQUIRE(out != nullptr);
+  auto export_one = [&](const char* fixture, const std::string& folder, const HfSaveOptions& so) {
+    Fixture f = load_fixture(fixture);
+    LlamaModel m = load_model(f);
+    const std::string dir = std::string(out) + "/" + folder;
+    hf_save_model(*m, dir, so);
+    torch::NoGradGuard no_grad;
+    at::Tensor ids = f.expected.copy("input_ids");
+    const int64_t B = ids.size(0), S = ids.size(1);
+    at::Tensor logits = m->logits(m->forward_hidden(ids.reshape({-1}), batch_positions(B, S), spec_causal_batch(B, S)));
+    safetensors_save(dir + "/flexcp_check.safetensors", {{"input_ids", ids}, {"logits", logits}});
+  };
+  export_one("tied", "tied", HfSaveOptions{});
+  HfSaveOptions sharded;
+  sharded.max_shard_bytes = 300000;
+  export_one("untied", "untied_sharded", sharded);
+  HfSaveOptions bf16;
+  bf16.dtype = at::kBFloat16;
+  export_one("untied", "untied_bf16", bf16);
 }
