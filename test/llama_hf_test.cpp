@@ -289,6 +289,30 @@ TEST_CASE("20 steps with flexcp's FlatAdamW and lr schedule match HF transformer
   }
 }
 
+TEST_CASE("a bf16 model stays close to HF's fp32 loss and gradients", "[llama][bf16]") {
+  Fixture f = load_fixture("untied");
+  LlamaModel m = load_model(f);
+  m->to(at::kBFloat16);
+  at::Tensor ids = f.expected.copy("input_ids");
+  const int64_t B = ids.size(0), S = ids.size(1);
+  at::Tensor hidden = m->forward_hidden(ids.reshape({-1}), batch_positions(B, S), spec_causal_batch(B, S));
+  CHECK(hidden.scalar_type() == at::kBFloat16);
+  LossResult r = llama_loss(*m, hidden, f.expected.copy("labels").reshape({-1}));
+  CHECK(r.sum.scalar_type() == at::kFloat);
+  at::Tensor loss = r.sum / static_cast<double>(r.count);
+  CHECK(std::abs(loss.item<double>() - f.expected.copy("loss").item<double>()) < 0.05);
+  loss.backward();
+  auto params = m->named_parameters();
+  for (const char* n : {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"}) {
+    INFO(n);
+    at::Tensor g = params[n].grad();
+    REQUIRE(g.scalar_type() == at::kBFloat16);
+    at::Tensor a = g.to(at::kDouble).reshape({-1}), b = f.expected.copy(std::string("grad.") + n).to(at::kDouble).reshape({-1});
+    const double cosine = (a * b).sum().item<double>() / (a.norm().item<double>() * b.norm().item<double>());
+    CHECK(cosine > 0.99);
+  }
+}
+
 TEST_CASE("chunked cross-entropy equals the plain formula, values and gradients", "[llama][loss]") {
   at::manual_seed(7);
   const int64_t T = 37, H = 16, V = 101;
