@@ -233,9 +233,10 @@ void hf_load_weights(LlamaModelImpl& model, const std::string& path) {
   torch::NoGradGuard no_grad;
   for (auto& p : params) p.value().copy_(files.view(p.key()));  // converts dtype and device
   if (stored_tied_head) {
+    // Compared as stored, so a conversion to the model's dtype cannot make equal tensors differ.
     at::Tensor head = files.view("lm_head.weight");
-    at::Tensor emb = model.model->embed_tokens->weight.detach().to(at::kCPU, at::kFloat);
-    if (!at::IntArrayRef(files.entry("lm_head.weight").shape).equals(emb.sizes()) || !at::equal(head.to(at::kFloat), emb))
+    at::Tensor emb = files.view("model.embed_tokens.weight");
+    if (!head.sizes().equals(emb.sizes()) || !at::equal(head.to(at::kFloat), emb.to(at::kFloat)))
       fail(files.file_of("lm_head.weight").path(),
            "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight",
            "set tie_word_embeddings to false in config.json (model.tie_embeddings)");

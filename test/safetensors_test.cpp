@@ -283,6 +283,7 @@ TEST_CASE("corrupt safetensors files each give one clear UserError", "[safetenso
     expect_error(p, {"__metadata__.format is not a string"});
   }
   SECTION("missing file") { expect_error(tmp.file("nope.safetensors"), {"cannot open"}); }
+  SECTION("a folder") { expect_error(tmp.path, {"not a regular file"}); }
   SECTION("asking for an absent tensor") {
     auto f = SafetensorsFile::open(good);
     CHECK_THROWS_WITH(f->view("nope"), Catch::Contains(good) && Catch::Contains("no tensor named 'nope'"));
@@ -360,6 +361,18 @@ TEST_CASE("HF weight loading checks names and shapes", "[safetensors][hf]") {
     hf_load_weights(*m, dir);
     at::Tensor want = SafetensorsFile::open(kFixtures + "/untied/model.safetensors")->copy("model.norm.weight");
     CHECK(at::equal(m->model->norm->weight, want.to(at::kBFloat16).to(at::kFloat)));
+  }
+  SECTION("a tied checkpoint with a stored lm_head equal to the embedding, into a bf16 model") {
+    TempDir tmp;
+    fs::copy_file(kFixtures + "/tied/config.json", tmp.file("config.json"));
+    auto f = SafetensorsFile::open(kFixtures + "/tied/model.safetensors");
+    NamedTensors t;
+    for (const auto& n : f->names()) t.emplace_back(n, f->copy(n));
+    t.emplace_back("lm_head.weight", f->copy("model.embed_tokens.weight"));
+    safetensors_save(tmp.file("model.safetensors"), t);
+    LlamaModel mt(hf_read_arch(tmp.path));
+    mt->to(at::kBFloat16);
+    CHECK_NOTHROW(hf_load_weights(*mt, tmp.path));
   }
   SECTION("an untied checkpoint into a tied model") {
     LlamaArch tied = arch;
