@@ -206,8 +206,8 @@ const std::vector<Field>& fields() {
     v.push_back(Field("checkpoint.dir", FLEXCP_REF(checkpoint.dir), "checkpoint folder; empty = <logging.dir>/checkpoints"));
     v.push_back(Field("checkpoint.every", FLEXCP_REF(checkpoint.every), "steps between checkpoints; 0 = only at the end")
                     .at_least(0).alias("save_every"));
-    v.push_back(Field("checkpoint.keep_last", FLEXCP_REF(checkpoint.keep_last), "newest checkpoints kept; older ones are deleted")
-                    .at_least(1));
+    v.push_back(Field("checkpoint.keep_last", FLEXCP_REF(checkpoint.keep_last), "newest checkpoints kept (older ones are deleted); 0 keeps all")
+                    .at_least(0));
     // logging
     v.push_back(Field("logging.dir", FLEXCP_REF(logging.dir), "run folder: metrics.jsonl, config.yaml, checkpoints/")
                     .alias("out_dir").alias("output_dir"));
