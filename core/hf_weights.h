@@ -1,8 +1,7 @@
 // HF model folders: config.json + model.safetensors (or shards with model.safetensors.index.json),
 // read into and written from our LlamaModel with parameter names 1:1 to transformers' names.
+// config.json itself is core/hf_config.h's (hf_config_read gives the LlamaArch to build the model).
 #pragma once
-#include <nlohmann/json.hpp>
-
 #include <cstdint>
 #include <string>
 
@@ -11,18 +10,6 @@
 #include "core/safetensors.h"
 
 namespace flexcp {
-
-// The LlamaArch fields of an HF Llama config.json (`path` is the file or its folder). Reads both
-// transformers 4.x (`rope_theta` + `rope_scaling`) and 5.x (`rope_parameters`) layouts. Throws
-// UserError naming the file and key for a missing or wrong field, or a model this code cannot run
-// (not model_type llama, biases, an activation other than silu, an unknown rope type).
-// (A local parser: core/hf_config.h from the config work may take this over.)
-LlamaArch hf_read_arch(const std::string& path);
-LlamaArch hf_arch_from_json(const nlohmann::json& cfg, const std::string& where);
-
-// config.json content for `arch`, in the transformers 4.x layout that 5.x also reads.
-// `dtype` is "float32" or "bfloat16" (the dtype of the saved weights).
-nlohmann::json hf_arch_to_json(const LlamaArch& arch, const std::string& dtype = "float32");
 
 // Copies the weights of an HF folder (or a single .safetensors file) into `model`, converting
 // dtypes (floating types only) and moving to the parameters' device. Throws UserError, listing
@@ -39,7 +26,7 @@ struct HfSaveOptions {
   uint64_t max_shard_bytes = 5000000000;   // transformers' default "5GB"; 0 = one file
 };
 
-// Writes config.json and the weights into `folder` (created if needed), every file atomically,
+// Writes config.json (hf_config_write) and the weights into `folder` (created if needed), every file atomically,
 // so that transformers' LlamaForCausalLM.from_pretrained(folder) loads it.
 void hf_save_model(const LlamaModelImpl& model, const std::string& folder, const HfSaveOptions& opts = {});
 

@@ -17,6 +17,7 @@
 #include <set>
 #include <sstream>
 
+#include "core/atomic_file.h"
 #include "core/errors.h"
 
 namespace flexcp {
@@ -55,50 +56,6 @@ std::string dtype_names_list() {
 
 std::string errno_text() { return std::strerror(errno); }
 
-// Writes a file so that readers see either the old file or the whole new one: a temporary file in
-// the same folder, fsync, rename over the target, fsync of the folder. (A shared helper may come
-// as core/atomic_file.h; this one is private to safetensors.cpp.)
-class AtomicWriter {
- public:
-  explicit AtomicWriter(const std::string& path) : path_(path) {
-    tmp_ = path + ".tmp." + std::to_string(::getpid());
-    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd_ < 0) fail(path, "cannot create " + tmp_ + ": " + errno_text(), "check that the folder exists and is writable");
-  }
-  ~AtomicWriter() {
-    if (fd_ >= 0) ::close(fd_);
-    if (!committed_) ::unlink(tmp_.c_str());
-  }
-  void write(const void* data, size_t n) {
-    const char* p = static_cast<const char*>(data);
-    while (n > 0) {
-      ssize_t w = ::write(fd_, p, n);
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) fail(path_, "write failed: " + errno_text(), "check free disk space");
-      p += w;
-      n -= static_cast<size_t>(w);
-    }
-  }
-  void commit() {
-    if (::fsync(fd_) != 0) fail(path_, "fsync failed: " + errno_text(), "check the disk");
-    ::close(fd_);
-    fd_ = -1;
-    if (::rename(tmp_.c_str(), path_.c_str()) != 0) fail(path_, "rename from " + tmp_ + " failed: " + errno_text());
-    committed_ = true;
-    std::string dir = fs::path(path_).parent_path().string();
-    int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      ::fsync(dfd);  // makes the rename durable; failure here loses nothing already written
-      ::close(dfd);
-    }
-  }
-
- private:
-  std::string path_, tmp_;
-  int fd_ = -1;
-  bool committed_ = false;
-};
-
 // a * b with overflow detection.
 bool mul_overflows(uint64_t a, uint64_t b, uint64_t& out) {
   if (a != 0 && b > std::numeric_limits<uint64_t>::max() / a) return true;
@@ -113,12 +70,6 @@ std::string shape_text(const std::vector<int64_t>& s) {
 }
 
 }  // namespace
-
-void safetensors_write_text_atomic(const std::string& path, const std::string& text) {
-  AtomicWriter w(path);
-  w.write(text.data(), text.size());
-  w.commit();
-}
 
 bool safetensors_dtype_from_name(const std::string& name, at::ScalarType& out) {
   for (const auto& d : dtype_table())
@@ -443,7 +394,7 @@ void safetensors_save(const std::string& path, const NamedTensors& tensors,
   text.append((8 - text.size() % 8) % 8, ' ');  // keeps the data buffer 8-byte aligned, as HF does
   const uint64_t header_len = text.size();
 
-  AtomicWriter w(path);
+  AtomicFileWriter w(path);  // readers see the old file or the whole new one
   w.write(&header_len, 8);
   w.write(text.data(), text.size());
   for (const auto& nt : tensors) {
@@ -491,7 +442,7 @@ std::vector<std::string> safetensors_save_sharded(const std::string& dir, const 
       written.push_back(name);
     }
     nlohmann::json idx = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
-    safetensors_write_text_atomic((d / index).string(), idx.dump(2) + "\n");
+    write_file_atomic((d / index).string(), idx.dump(2) + "\n");
     written.push_back(index);
     fs::remove(d / single, ec);
   }

@@ -106,8 +106,4 @@ void safetensors_save(const std::string& path, const NamedTensors& tensors,
 std::vector<std::string> safetensors_save_sharded(const std::string& dir, const NamedTensors& tensors,
                                                   uint64_t max_shard_bytes, const std::string& prefix = "model");
 
-// Writes a small text file (an index, a config.json beside the weights) atomically, the same way.
-// (Private helper until a shared core/atomic_file.h exists.)
-void safetensors_write_text_atomic(const std::string& path, const std::string& text);
-
 }  // namespace flexcp

@@ -15,6 +15,7 @@
 
 #include "core/attention_backend.h"
 #include "core/errors.h"
+#include "core/hf_config.h"
 #include "core/hf_weights.h"
 #include "core/llama_model.h"
 #include "core/lr_schedule.h"
@@ -60,7 +61,7 @@ struct Fixture {
 Fixture load_fixture(const std::string& name) {
   Fixture f;
   f.dir = kFixtures + "/" + name;
-  f.arch = hf_read_arch(f.dir);
+  f.arch = hf_config_read(f.dir);
   f.expected = SafetensorsSet::open(f.dir + "/expected.safetensors");
   std::ifstream in(kFixtures + "/expected.json");
   f.info = nlohmann::json::parse(in)["models"][name];
@@ -115,7 +116,7 @@ TrainConfig fixture_train_config(const nlohmann::json& h) {
 }  // namespace
 
 TEST_CASE("hf config.json of the fixtures reads into LlamaArch", "[llama][hf]") {
-  LlamaArch u = hf_read_arch(kFixtures + "/untied");
+  LlamaArch u = hf_config_read(kFixtures + "/untied");
   CHECK(u.vocab_size == 1024);
   CHECK(u.hidden_size == 64);
   CHECK(u.intermediate_size == 96);
@@ -128,7 +129,7 @@ TEST_CASE("hf config.json of the fixtures reads into LlamaArch", "[llama][hf]") 
   CHECK(u.rope_scaling.type == "llama3");
   CHECK(u.rope_scaling.factor == 8.0);
   CHECK(u.rope_scaling.original_max_position_embeddings == 64);
-  LlamaArch t = hf_read_arch(kFixtures + "/tied/config.json");
+  LlamaArch t = hf_config_read(kFixtures + "/tied/config.json");
   CHECK(t.tie_embeddings);
   CHECK(t.vocab_size == 1000);
   CHECK(t.rope_theta == 10000.0);
@@ -410,7 +411,7 @@ TEST_CASE("a model saved as an HF folder reloads identically, tied and untied, s
     so.max_shard_bytes = 200000;  // forces shards
     hf_save_model(*m, dir, so);
     CHECK(std::filesystem::exists(dir + "/model.safetensors.index.json"));
-    LlamaArch back = hf_read_arch(dir);
+    LlamaArch back = hf_config_read(dir);
     CHECK(back.tie_embeddings == f.arch.tie_embeddings);
     CHECK(back.rope_scaling.factor == f.arch.rope_scaling.factor);
     CHECK(back.rope_theta == f.arch.rope_theta);
