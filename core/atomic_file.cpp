@@ -5,58 +5,115 @@
 
 #include <cerrno>
 #include <cstring>
-#include <filesystem>
+#include <stdexcept>
 
 #include "core/errors.h"
 
 namespace flexcp {
 namespace {
 
-void fsync_folder(const std::string& path) {
-  std::string dir = std::filesystem::path(path).parent_path().string();
-  if (dir.empty()) dir = ".";
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-  if (fd < 0) return;  // best effort: some file systems refuse to open folders
+constexpr std::size_t kBufferBytes = 1 << 20;
+
+std::string parent_dir(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+[[noreturn]] void fail_errno(const std::string& path, const std::string& action, int err) {
+  fail(path, action + ": " + std::strerror(err), "check that the folder exists, is writable and has free space");
+}
+
+// Makes the rename durable. Some file systems refuse fsync on a directory (EINVAL): that is fine,
+// the rename is then as durable as that file system can make it.
+void fsync_dir(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;
   ::fsync(fd);
   ::close(fd);
 }
 
 }  // namespace
 
-AtomicFileWriter::AtomicFileWriter(const std::string& path)
-    : path_(path), temp_path_(path + ".tmp-" + std::to_string(::getpid())) {
-  file_ = std::fopen(temp_path_.c_str(), "wb");
-  if (!file_) fail(path, std::string("cannot create file: ") + std::strerror(errno), "check the folder exists and is writable");
+AtomicFileWriter::AtomicFileWriter(std::string path) : path_(std::move(path)) {
+  tmp_path_ = path_ + ".tmp." + std::to_string(::getpid());
+  fd_ = ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd_ < 0) fail_errno(path_, "cannot create " + tmp_path_, errno);
+  buffer_.reserve(kBufferBytes);
 }
 
-AtomicFileWriter::~AtomicFileWriter() {
-  if (file_) std::fclose(file_);
-  if (!committed_) std::remove(temp_path_.c_str());
+AtomicFileWriter::~AtomicFileWriter() { abort(); }
+
+void AtomicFileWriter::abort() noexcept {
+  if (fd_ < 0) return;
+  ::close(fd_);
+  fd_ = -1;
+  ::unlink(tmp_path_.c_str());
 }
 
-void AtomicFileWriter::write(const void* data, size_t size) {
-  if (size > 0 && std::fwrite(data, 1, size, file_) != size)
-    fail(path_, std::string("write failed: ") + std::strerror(errno), "check free disk space");
+void AtomicFileWriter::write_all(const char* p, std::size_t left) {
+  while (left > 0) {
+    const ssize_t n = ::write(fd_, p, left);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const int err = errno;
+      abort();
+      fail_errno(path_, "cannot write", err);
+    }
+    p += n;
+    left -= static_cast<std::size_t>(n);
+  }
+}
+
+void AtomicFileWriter::flush_buffer() {
+  write_all(buffer_.data(), buffer_.size());
+  buffer_.clear();
+}
+
+void AtomicFileWriter::write(const void* data, std::size_t size) {
+  if (fd_ < 0) throw std::logic_error(path_ + ": AtomicFileWriter::write after commit or abort");
+  const char* bytes = static_cast<const char*>(data);
+  written_ += size;
+  if (buffer_.size() + size <= kBufferBytes) {
+    buffer_.append(bytes, size);
+    return;
+  }
+  flush_buffer();
+  if (size < kBufferBytes) {
+    buffer_.append(bytes, size);
+    return;
+  }
+  write_all(bytes, size);  // a large block (a tensor) goes straight from the caller's memory
 }
 
 void AtomicFileWriter::commit() {
-  bool ok = std::fflush(file_) == 0 && ::fsync(::fileno(file_)) == 0;
-  int err = errno;
-  ok = (std::fclose(file_) == 0) && ok;
-  file_ = nullptr;
-  if (!ok) fail(path_, std::string("write failed: ") + std::strerror(err), "check free disk space");
-  if (std::rename(temp_path_.c_str(), path_.c_str()) != 0)
-    fail(path_, std::string("cannot rename the finished file into place: ") + std::strerror(errno));
-  committed_ = true;
-  fsync_folder(path_);
+  if (fd_ < 0) throw std::logic_error(path_ + ": AtomicFileWriter::commit after commit or abort");
+  flush_buffer();
+  if (::fsync(fd_) != 0) {
+    const int err = errno;
+    abort();
+    fail_errno(path_, "cannot fsync " + tmp_path_, err);
+  }
+  if (::close(fd_) != 0) {
+    const int err = errno;
+    fd_ = -1;
+    ::unlink(tmp_path_.c_str());
+    fail_errno(path_, "cannot close " + tmp_path_, err);
+  }
+  fd_ = -1;
+  if (::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(tmp_path_.c_str());
+    fail_errno(path_, "cannot rename " + tmp_path_ + " over it", err);
+  }
+  fsync_dir(parent_dir(path_));
 }
 
-void file_write_atomic(const std::string& path, std::string_view bytes) {
+void write_file_atomic(const std::string& path, std::string_view bytes) {
   AtomicFileWriter w(path);
   w.write(bytes);
   w.commit();
 }
-
-bool file_is_atomic_leftover(const std::string& name) { return name.find(".tmp-") != std::string::npos; }
 
 }  // namespace flexcp

@@ -26,7 +26,6 @@
 #include <set>
 #include <thread>
 
-#include "core/atomic_file.h"
 #include "core/errors.h"
 #include "core/sha256.h"
 #include "core/token_shards.h"
@@ -349,10 +348,11 @@ void leftovers_remove(const fs::path& dir, const std::set<std::string>& keep) {
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     std::string name = e.path().filename().string();
-    bool ours = std::regex_match(name, shard_name_pattern()) ||
-                (file_is_atomic_leftover(name) &&
-                 (name.rfind("manifest.json.tmp-", 0) == 0 ||
-                  std::regex_match(name.substr(0, name.find(".tmp-")), shard_name_pattern())));
+    // core/atomic_file writes "<name>.tmp.<pid>" first.
+    size_t tmp = name.find(".tmp.");
+    std::string base = tmp == std::string::npos ? name : name.substr(0, tmp);
+    bool ours = (tmp == std::string::npos || tmp > 0) &&
+                (std::regex_match(base, shard_name_pattern()) || (tmp != std::string::npos && base == "manifest.json"));
     if (ours && !keep.count(name)) fs::remove(e.path(), ec);
   }
 }

@@ -270,7 +270,7 @@ Manifest manifest_read(const std::string& dir) {
 }
 
 void manifest_write(const std::string& dir, const Manifest& m) {
-  file_write_atomic(join(dir, "manifest.json"), manifest_to_json(m).dump(2) + "\n");
+  write_file_atomic(join(dir, "manifest.json"), manifest_to_json(m).dump(2) + "\n");
 }
 
 void dataset_verify(const std::string& dir, const Manifest& m, bool checksums) {

@@ -166,6 +166,18 @@ def main():
             scale = (rows[(lib, 1)][0] / sec) if t != 1 else 1.0
             print(f"{lib:<10} {t:>7} {mbs:>9.2f} {tok / sec / 1e6:>8.2f} {scale:>7.2f}x")
         result[f"{lib}_scaling"] = round(rows[(lib, 1)][0] / rows[(lib, args.threads)][0], 2)
+    # 3. prepare-data end to end (read .jsonl, tokenize, write shards + manifest)
+    jsonl = os.path.join(args.workdir, "docs.jsonl")
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    out = subprocess.run([args.bench_bin, args.tokenizer, jsonl, "--prepare", os.path.join(args.workdir, "shards"),
+                          "--threads", f"1,{args.threads}"], check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        r = json.loads(line)
+        t = r["prepare_threads"]
+        result[f"prepare_{t}t_mb_s"] = round(r["mb_per_s"], 2)
+        print(f"{'prepare':<10} {t:>7} {r['mb_per_s']:>9.2f} {r['tokens_per_s'] / 1e6:>8.2f}   (flexcp prepare-data, .jsonl in, shards out)")
     for other in ("hf", "tiktoken"):
         for t in (1, args.threads):
             ratio = rows[(other, t)][0] / rows[("flexcp", t)][0]

@@ -20,8 +20,9 @@ if ! pkg-config --exists libpcre2-8 2>/dev/null || [ ! -f /usr/include/nlohmann/
   flags=(-I"$P/include" -L"$P/lib/x86_64-linux-gnu" -Wl,-rpath,"$P/lib/x86_64-linux-gnu")
 fi
 # The flags of a CMake Release build of flexcp.
-g++ -O3 -DNDEBUG -std=c++17 -I"$root" "${flags[@]}" "$root/scripts/bench/tokenizer_bench.cpp" \
-  "$root/core/tokenizer.cpp" "$root/core/sha256.cpp" -lpcre2-8 -pthread -o "$out/tokenizer_bench"
+src=(tokenizer sha256 prepare_data token_shards atomic_file)
+g++ -O3 -DNDEBUG -std=c++17 -DFLEXCP_VERSION='"bench"' -I"$root" "${flags[@]}" "$root/scripts/bench/tokenizer_bench.cpp" \
+  $(printf "$root/core/%s.cpp " "${src[@]}") -lpcre2-8 -pthread -o "$out/tokenizer_bench"
 echo "tokenizer.sh: $(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 python3 "$root/scripts/bench/tokenizer.py" --tokenizer "$FLEXCP_TOKENIZER" --corpus "$FLEXCP_CORPUS_DIR" \
   --bench-bin "$out/tokenizer_bench" --workdir "$out" "$@"

@@ -3,7 +3,10 @@
 //   {"threads": T, "seconds": s, "bytes": B, "tokens": K, "mb_per_s": ..., "tokens_per_s": ...}
 // Used by scripts/bench/tokenizer.sh. With --ids-out FILE it also writes every document's ids
 // (uint32 count, then the ids, little-endian) for the exactness check against HF tokenizers.
+// With --prepare OUT_DIR it instead times `flexcp prepare-data` (core/prepare_data.cpp) end to end
+// on DOCS (any input prepare-data takes), once per thread count.
 //   tokenizer_bench TOKENIZER_JSON DOCS_JSON [--threads 1,16] [--repeat R] [--ids-out FILE]
+//   tokenizer_bench TOKENIZER_JSON DOCS_JSONL --prepare OUT_DIR [--threads 1,16]
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -14,6 +17,7 @@
 #include <sstream>
 #include <thread>
 
+#include "core/prepare_data.h"
 #include "core/tokenizer.h"
 
 using flexcp::Tokenizer;
@@ -25,7 +29,7 @@ int main(int argc, char** argv) {
   }
   std::vector<int> thread_counts{1, int(std::thread::hardware_concurrency())};
   int repeat = 3;
-  std::string ids_out;
+  std::string ids_out, prepare_out;
   for (int i = 3; i + 1 < argc; i += 2) {
     std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--threads") {
@@ -36,7 +40,29 @@ int main(int argc, char** argv) {
       repeat = std::stoi(value);
     } else if (flag == "--ids-out") {
       ids_out = value;
+    } else if (flag == "--prepare") {
+      prepare_out = value;
     }
+  }
+  if (!prepare_out.empty()) {
+    for (int threads : thread_counts) {
+      flexcp::PrepareDataOptions o;
+      o.inputs = {argv[2]};
+      o.out_dir = prepare_out;
+      o.tokenizer_path = argv[1];
+      o.threads = threads;
+      o.progress = false;
+      o.force = true;
+      auto s = std::chrono::steady_clock::now();
+      flexcp::PrepareDataResult r = flexcp::prepare_data(o);
+      double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - s).count();
+      int64_t tokens = r.train_tokens + r.val_tokens;
+      std::printf("{\"prepare_threads\": %d, \"seconds\": %.3f, \"bytes\": %lld, \"tokens\": %lld, \"mb_per_s\": %.2f, "
+                  "\"tokens_per_s\": %.0f}\n",
+                  threads, sec, (long long)r.input_bytes, (long long)tokens, r.input_bytes / sec / 1e6, tokens / sec);
+      std::fflush(stdout);
+    }
+    return 0;
   }
   auto t0 = std::chrono::steady_clock::now();
   Tokenizer tok = Tokenizer::load(argv[1]);
