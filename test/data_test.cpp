@@ -87,7 +87,7 @@ int run_flexcp(const std::string& args, std::string& err) {
 
 // ---------------------------------------------------------------- SHA-256
 
-TEST_CASE("sha256: FIPS 180-4 test vectors, whole and in pieces", "[data]") {
+TEST_CASE("sha256: FIPS 180-4 test vectors whole and in pieces", "[data]") {
   CHECK(sha256_hex("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
   CHECK(sha256_hex("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
   CHECK(sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") ==
@@ -140,7 +140,7 @@ TEST_CASE("shards: write and read back (Llama 3 uint32 and llm.c GPT-2 uint16)",
   CHECK(gt == std::vector<int32_t>{50256, 7, 65535});
 }
 
-TEST_CASE("shards: wrong magic, version or length is one clear error", "[data][bad-input]") {
+TEST_CASE("shards: wrong magic or version or length is one clear error", "[data][bad-input]") {
   TempDir dir;
   std::string payload(4 * 10, '\0');
   std::string magic = dir.file("magic.bin"), version = dir.file("version.bin"), length = dir.file("length.bin"),
@@ -215,7 +215,7 @@ TEST_CASE("manifest: missing or broken manifests are one clear error", "[data][b
 
 // ---------------------------------------------------------------- loader
 
-TEST_CASE("loader: permute is a bijection of [0, n)", "[data]") {
+TEST_CASE("loader: permute is a bijection on 0..n-1", "[data]") {
   for (int64_t n : {1, 2, 3, 5, 16, 17, 100, 1000, 4097}) {
     for (uint64_t key : {0ull, 1ull, 0xdeadbeefull}) {
       std::vector<int> seen(size_t(n), 0);
@@ -234,7 +234,7 @@ TEST_CASE("loader: permute is a bijection of [0, n)", "[data]") {
   CHECK(same < 50);
 }
 
-TEST_CASE("loader: windows are deterministic, cover each epoch once, and carry document starts", "[data]") {
+TEST_CASE("loader: windows are deterministic and cover each epoch once with document starts", "[data]") {
   TempDir dir;
   const int64_t seq_len = 16, bos = 128000;
   // Token value = its position in the stream (so a window names its start), with BOS every 7..19
@@ -389,7 +389,7 @@ std::vector<int32_t> split_tokens(const std::string& dir, const std::string& spl
 
 }  // namespace
 
-TEST_CASE("prepare-data: txt, jsonl and json inputs become BOS-prefixed documents, in order", "[data]") {
+TEST_CASE("prepare-data: txt and jsonl and json inputs become BOS-prefixed documents in order", "[data]") {
   const Tokenizer& tok = test::llama3();
   TempDir in, out;
   in.write("a/one.txt", "First document.\nSecond line of it.\n");
@@ -426,7 +426,7 @@ TEST_CASE("prepare-data: txt, jsonl and json inputs become BOS-prefixed document
   CHECK(loader.num_tokens() == int64_t(want.size()));
 }
 
-TEST_CASE("prepare-data: blank-line txt blocks, shards, val split, any thread count", "[data]") {
+TEST_CASE("prepare-data: blank-line txt blocks and shards and val split with any thread count", "[data]") {
   TempDir in, out1, out2;
   std::string text;
   std::vector<std::string> blocks;
@@ -481,7 +481,7 @@ TEST_CASE("prepare-data: blank-line txt blocks, shards, val split, any thread co
   CHECK(split_tokens(out1.path.string(), "val") == split_tokens(out2.path.string(), "val"));
 }
 
-TEST_CASE("prepare-data: re-runs are safe (up to date, leftovers, failures keep the old data set)", "[data]") {
+TEST_CASE("prepare-data: re-runs are safe (up to date / leftovers / failures keep the old data set)", "[data]") {
   TempDir in, out;
   in.write("docs.json", R"(["alpha beta", "gamma delta", "epsilon"])");
   PrepareDataOptions o = options({in.file("docs.json")}, out.path.string());

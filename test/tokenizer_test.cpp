@@ -104,7 +104,7 @@ TEST_CASE("tokenizer: vocabulary facts of Llama 3", "[tokenizer]") {
   CHECK_THROWS_AS(tok.token_bytes(-1), UserError);
 }
 
-TEST_CASE("tokenizer: invalid UTF-8 is replaced per maximal subpart, as Python does", "[tokenizer]") {
+TEST_CASE("tokenizer: invalid UTF-8 is replaced per maximal subpart as Python does", "[tokenizer]") {
   std::string storage;
   int64_t replaced = -1;
   std::string valid = "plain ascii and \xc3\xa9\xe6\x97\xa5\xf0\x9f\x98\x80";
