@@ -19,7 +19,9 @@
 #include <deque>
 #include <exception>
 #include <filesystem>
+#include <future>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -556,24 +558,41 @@ PrepareDataResult prepare_data(const PrepareDataOptions& opts) {
   int64_t shard_index[2] = {0, 0};
   const char* split_names[2] = {"train", "val"};
   const int32_t bos = tok.bos_id();
+  // Full shards are hashed and written by background tasks (at most two at a time) so that this
+  // thread keeps consuming results; manifest entries are added in submission order.
+  struct ShardInFlight {
+    ManifestShard entry;
+    std::future<ShardWriteResult> result;
+  };
+  std::deque<ShardInFlight> in_flight;
+  auto finish_oldest = [&] {
+    ShardInFlight f = std::move(in_flight.front());
+    in_flight.pop_front();
+    ShardWriteResult w = f.result.get();  // rethrows a write error
+    f.entry.tokens = w.tokens;
+    f.entry.max_token_id = w.max_token_id;
+    f.entry.sha256 = w.sha256;
+    manifest.shards.push_back(f.entry);
+  };
   auto write_shard = [&](int split, size_t count) {
-    std::string name = std::string(split_names[split]) + "_" + tag + "_" + [&] {
-      char b[16];
-      std::snprintf(b, sizeof b, "%06lld", (long long)shard_index[split]++);
-      return std::string(b);
-    }() + ".bin";
-    std::string path = (out_dir / name).string();
+    char index[16];
+    std::snprintf(index, sizeof index, "%06lld", (long long)shard_index[split]++);
+    ShardInFlight f;
+    f.entry.file = std::string(split_names[split]) + "_" + tag + "_" + index + ".bin";
+    f.entry.split = split_names[split];
+    std::string path = (out_dir / f.entry.file).string();
     written.push_back(path);
-    ShardWriteResult w = shard_write(path, reinterpret_cast<const uint32_t*>(pending[split].data()), int64_t(count));
-    ManifestShard ms;
-    ms.file = name;
-    ms.split = split_names[split];
-    ms.tokens = w.tokens;
-    ms.max_token_id = w.max_token_id;
-    ms.sha256 = w.sha256;
-    ms.documents = std::count(pending[split].begin(), pending[split].begin() + std::ptrdiff_t(count), bos);
-    manifest.shards.push_back(ms);
-    pending[split].erase(pending[split].begin(), pending[split].begin() + std::ptrdiff_t(count));
+    // Hand the first `count` tokens over without copying them (only the remainder is copied).
+    std::vector<int32_t> rest(pending[split].begin() + std::ptrdiff_t(count), pending[split].end());
+    pending[split].resize(count);
+    auto data = std::make_shared<std::vector<int32_t>>(std::move(pending[split]));
+    pending[split] = std::move(rest);
+    f.entry.documents = std::count(data->begin(), data->end(), bos);
+    f.result = std::async(std::launch::async, [path, data] {
+      return shard_write(path, reinterpret_cast<const uint32_t*>(data->data()), int64_t(data->size()));
+    });
+    in_flight.push_back(std::move(f));
+    while (in_flight.size() > 2) finish_oldest();
   };
   ProgressBar bar(opts.progress, total_bytes);
   int64_t bytes_done = 0, docs_done = 0, tokens_done = 0;
@@ -613,7 +632,9 @@ PrepareDataResult prepare_data(const PrepareDataOptions& opts) {
     }
     for (int split = 0; split < 2; ++split)
       if (!pending[split].empty()) write_shard(split, pending[split].size());
+    while (!in_flight.empty()) finish_oldest();
   } catch (...) {
+    for (auto& f : in_flight) f.result.wait();
     {
       std::lock_guard<std::mutex> l(mu);
       stop = true;
