@@ -49,6 +49,8 @@ struct ForwardArgs {
   TensorRef q, k, v, out;
   LseRef lse;
   float softmax_scale = 0.f;  // 0 means 1/sqrt(D)
+  // Kernel family: wgmma (sm_90a warpgroup MMA, the default) or the mma.sync fallback.
+  bool use_wgmma = true;
 };
 
 void forward(const ForwardArgs& args, const DevicePlan& plan, cudaStream_t stream);

@@ -45,7 +45,7 @@ void check_plan(const char* where, const DevicePlan& plan, const Dims& d) {
     fail(where, "plan was built for num_q=" + std::to_string(L.num_q) + ", num_k=" + std::to_string(L.num_k) +
                     " but the tensors have " + std::to_string(d.num_q) + ", " + std::to_string(d.num_k),
          "build the plan for these tensors");
-  if (L.q_tile_rows != detail::kFwdTileQ || L.q_tile_cols != detail::kFwdTileK || L.k_tile_rows != detail::kBwdTileK ||
+  if (L.q_tile_rows != detail::kFwdTileQ || L.q_tile_cols != detail::kPlanTileQCols || L.k_tile_rows != detail::kBwdTileK ||
       L.k_tile_cols != detail::kBwdTileQ)
     fail(where, "plan tile sizes do not match the kernels", "build the plan with the default PlanConfig");
 }
@@ -92,7 +92,10 @@ void forward(const ForwardArgs& a, const DevicePlan& plan, cudaStream_t stream) 
   p.heads_q = d.heads_q, p.heads_kv = d.heads_kv, p.group = d.heads_q / d.heads_kv;
   p.scale_log2 = resolve_scale(where, a.softmax_scale, d.head_dim) * kLog2e;
   p.side = q_view(plan);
-  detail::launch_forward(static_cast<int>(a.dtype), d.head_dim, p, stream);
+  if (a.use_wgmma)
+    detail::launch_forward_wgmma(static_cast<int>(a.dtype), d.head_dim, p, stream);
+  else
+    detail::launch_forward(static_cast<int>(a.dtype), d.head_dim, p, stream);
 }
 
 size_t backward_workspace_bytes(const Dims& d, bool deterministic) {

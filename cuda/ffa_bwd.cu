@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) dq_kernel(const BwdParams p) {
     const Run run = runs[run_i];
     const int k0 = run.begin + t * BN;
     int nrun = run_i, nt = t + 1;
-    if (nt >= run.tiles) {
+    if (nt >= run.tiles * (kPlanTileQCols / BN)) {
       nrun = run_i + 1;
       nt = 0;
     }

@@ -22,7 +22,7 @@ struct TileCursor {
 };
 
 __device__ __forceinline__ TileCursor cursor_next(const Run* runs, TileCursor c) {
-  if (c.t + 1 < runs[c.run].tiles) return {c.run, c.t + 1};
+  if (c.t + 1 < runs[c.run].tiles * (kPlanTileQCols / kFwdTileK)) return {c.run, c.t + 1};
   return {c.run + 1, 0};
 }
 

@@ -12,6 +12,8 @@ namespace detail {
 
 // Tile shapes of the mma.sync kernels; the plan must be built with the same (PlanConfig defaults).
 constexpr int kFwdTileQ = 128, kFwdTileK = 64, kFwdThreads = 256;
+// Key tile of the q-side plan; the mma.sync kernels walk it as kPlanTileQCols / kFwdTileK sub-tiles.
+constexpr int kPlanTileQCols = 128;
 constexpr int kBwdTileK = 64, kBwdTileQ = 64, kBwdThreads = 128;
 
 struct SideView {
@@ -56,7 +58,8 @@ struct MergeParams {
 };
 
 // T is 0 = bf16, 1 = fp16 (DType values).
-void launch_forward(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);
+void launch_forward(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);        // mma.sync
+void launch_forward_wgmma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);  // sm_90a wgmma
 void launch_backward(int dtype, int head_dim, bool deterministic, const BwdParams& p, cudaStream_t stream);
 void launch_merge(int dtype, const MergeParams& p, cudaStream_t stream);
 

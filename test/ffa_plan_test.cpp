@@ -153,9 +153,9 @@ TEST_CASE("ffa plan: causal 8192 runs mask code only on diagonal tiles", "[ffa][
   const ffa::Plan plan = ffa::plan_build(spec, 8192, 8192);
   CHECK(plan.visible_pairs == int64_t{8192} * 8193 / 2);
   CHECK(plan.q_side.items.size() == 64);
-  // Each 128-row q tile has 2 masked 64-key tiles on the diagonal; the rest are full.
-  CHECK(plan.q_side.masked_tiles == 64 * 2);
-  CHECK(plan.q_side.full_tiles == 64 * 63);  // sum over q tiles t of 2t full tiles
+  // Each 128-row q tile has one masked 128-key tile on the diagonal; the rest are full.
+  CHECK(plan.q_side.masked_tiles == 64);
+  CHECK(plan.q_side.full_tiles == 64 * 63 / 2);  // sum over q tiles t of t full tiles
   CHECK(plan.k_side.items.size() == 128);
   CHECK(plan.k_side.masked_tiles == 128);  // one 64x64 diagonal tile per key tile
   // LPT: the first item is the last q tile (the longest row of tiles).

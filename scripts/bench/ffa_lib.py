@@ -23,7 +23,7 @@ def _load():
     lib.ffa_c_plan_create.argtypes = [ctypes.POINTER(i64), i32, i64, i64, cp, i32]
     lib.ffa_c_plan_destroy.argtypes = [vp]
     lib.ffa_c_plan_stats.argtypes = [vp, ctypes.POINTER(i64)]
-    lib.ffa_c_forward.argtypes = [vp, i32, i32, i32, i32, vp, vp, vp, vp, vp, f32, vp, cp, i32]
+    lib.ffa_c_forward.argtypes = [vp, i32, i32, i32, i32, vp, vp, vp, vp, vp, f32, i32, vp, cp, i32]
     lib.ffa_c_workspace_bytes.restype = ctypes.c_size_t
     lib.ffa_c_workspace_bytes.argtypes = [i64, i32, i32, i32]
     lib.ffa_c_backward.argtypes = [vp, i32, i32, i32, i32] + [vp] * 9 + [f32, i32, vp, vp, cp, i32]
@@ -85,14 +85,14 @@ def _p(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def forward(plan, q, k, v, scale=0.0, out=None, lse=None):
+def forward(plan, q, k, v, scale=0.0, out=None, lse=None, wgmma=True):
     tq, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(tq, hq, device=q.device, dtype=torch.float32) if lse is None else lse
     err = _err()
     rc = lib().ffa_c_forward(plan.handle, _DT[q.dtype], hq, hkv, d, _p(q), _p(k), _p(v), _p(out), _p(lse),
-                             float(scale), _stream(), err, 512)
+                             float(scale), int(wgmma), _stream(), err, 512)
     _check(rc, err)
     return out, lse
 
