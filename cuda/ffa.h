@@ -49,8 +49,9 @@ struct ForwardArgs {
   TensorRef q, k, v, out;
   LseRef lse;
   float softmax_scale = 0.f;  // 0 means 1/sqrt(D)
-  // Kernel family: wgmma (sm_90a warpgroup MMA, the default) or the mma.sync fallback.
-  bool use_wgmma = true;
+  // Kernel: 0 = TMA producer + wgmma consumers (warp-specialized, the default), 1 = wgmma with cp.async
+  // loads, 2 = mma.sync (FlashAttention-2 style fallback).
+  int kernel = 0;
 };
 
 void forward(const ForwardArgs& args, const DevicePlan& plan, cudaStream_t stream);

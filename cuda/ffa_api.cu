@@ -92,10 +92,14 @@ void forward(const ForwardArgs& a, const DevicePlan& plan, cudaStream_t stream) 
   p.heads_q = d.heads_q, p.heads_kv = d.heads_kv, p.group = d.heads_q / d.heads_kv;
   p.scale_log2 = resolve_scale(where, a.softmax_scale, d.head_dim) * kLog2e;
   p.side = q_view(plan);
-  if (a.use_wgmma)
+  if (a.kernel == 0)
+    detail::launch_forward_tma(static_cast<int>(a.dtype), d.head_dim, p, stream);
+  else if (a.kernel == 1)
     detail::launch_forward_wgmma(static_cast<int>(a.dtype), d.head_dim, p, stream);
-  else
+  else if (a.kernel == 2)
     detail::launch_forward(static_cast<int>(a.dtype), d.head_dim, p, stream);
+  else
+    fail(where, "unknown forward kernel " + std::to_string(a.kernel), "use 0 (tma), 1 (wgmma) or 2 (mma.sync)");
 }
 
 size_t backward_workspace_bytes(const Dims& d, bool deterministic) {

@@ -76,7 +76,7 @@ void ffa_c_plan_stats(void* h, int64_t* stats) {
 }
 
 int ffa_c_forward(void* h, int dtype, int hq, int hkv, int d, void* q, void* k, void* v, void* out, void* lse,
-                  float scale, int use_wgmma, void* stream, char* err, int errlen) {
+                  float scale, int kernel, void* stream, char* err, int errlen) {
   try {
     auto* cp = static_cast<CPlan*>(h);
     ffa::ForwardArgs a;
@@ -85,7 +85,7 @@ int ffa_c_forward(void* h, int dtype, int hq, int hkv, int d, void* q, void* k, 
     a.q = ref(q, hq, d), a.k = ref(k, hkv, d), a.v = ref(v, hkv, d), a.out = ref(out, hq, d);
     a.lse = lref(lse, hq);
     a.softmax_scale = scale;
-    a.use_wgmma = use_wgmma != 0;
+    a.kernel = kernel;
     ffa::forward(a, cp->dev, static_cast<cudaStream_t>(stream));
     return 0;
   } catch (const std::exception& e) {

@@ -13,6 +13,7 @@
 
 #include "cuda/ffa_device.cuh"
 #include "cuda/ffa_kernels.h"
+#include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_wgmma.cuh"
 
 namespace ffa {
@@ -22,14 +23,6 @@ namespace {
 using namespace dev;
 
 constexpr int kBM = 128, kBN = kPlanTileQCols, kThreads = 256;
-
-// Byte offset of (row, col) in a tile of R rows stored as D/64 column blocks of R x 128 bytes, each
-// 8-row group a 1024-byte 128B-swizzle atom (the canonical wgmma layout: chunk ^= row % 8).
-template <int R>
-__device__ __forceinline__ uint32_t sw_off(int row, int col) {
-  return static_cast<uint32_t>((col >> 6) * (R * 128) + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) +
-                               ((col & 7) << 1));
-}
 
 template <int R, int D, typename T>
 __device__ __forceinline__ void load_sw_async(uint32_t dst, const T* base, int64_t stride_token, int row0, int limit,
@@ -46,33 +39,7 @@ __device__ __forceinline__ void load_sw_async(uint32_t dst, const T* base, int64
   }
 }
 
-// Shared-memory matrix descriptor, 128-byte swizzle. Offsets in bytes.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
-         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (static_cast<uint64_t>(1) << 62);
-}
 
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wg_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Keeps the compiler from touching accumulator registers across the asynchronous MMA boundary.
-template <int N>
-__device__ __forceinline__ void reg_fence(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-template <int N>
-__device__ __forceinline__ void reg_fence_u(uint32_t (&r)[N][4]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
-}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const FwdParams p) {

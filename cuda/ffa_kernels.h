@@ -60,6 +60,7 @@ struct MergeParams {
 // T is 0 = bf16, 1 = fp16 (DType values).
 void launch_forward(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);        // mma.sync
 void launch_forward_wgmma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);  // sm_90a wgmma
+void launch_forward_tma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);    // + TMA, warp-specialized
 void launch_backward(int dtype, int head_dim, bool deterministic, const BwdParams& p, cudaStream_t stream);
 void launch_merge(int dtype, const MergeParams& p, cudaStream_t stream);
 

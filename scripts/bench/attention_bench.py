@@ -96,7 +96,8 @@ def run_shape(sh, dtype, which):
         ffa_lib.backward(plan, dout, q, k, v, o, l, deterministic=True, grads=grads)
 
     res["ours_fwd_ms"] = bench_ms(ours_fwd)
-    res["ours_mmasync_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan, q, k, v, wgmma=False))
+    res["ours_wgmma_cpasync_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan, q, k, v, kernel=1))
+    res["ours_mmasync_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan, q, k, v, kernel=2))
     res["ours_fwdbwd_ms"] = bench_ms(ours_fwdbwd)
     if "det" in which:
         res["ours_fwdbwd_det_ms"] = bench_ms(ours_fwdbwd_det)

@@ -13,7 +13,7 @@ for f in "$root"/cuda/*.cu; do
 done
 g++ -std=c++17 -O2 -fPIC -I"$root" -c "$root/cuda/ffa_plan.cpp" -o "$out/ffa_plan.o" & pids+=($!)
 for p in "${pids[@]}"; do wait "$p"; done
-"$nvcc" -shared -gencode arch=compute_90a,code=sm_90a "$out"/*.o -o "$out/libffa.so"
+"$nvcc" -shared -gencode arch=compute_90a,code=sm_90a "$out"/*.o -o "$out/libffa.so" -lcuda
 echo "$out/libffa.so"
 # The standalone test (no LibTorch; small enough for compute-sanitizer).
 "$nvcc" "${flags[@]}" "$root/test/gpu/standalone/ffa_standalone.cu" "$out"/ffa_*.o -o "$out/ffa_standalone" -lcuda

@@ -85,14 +85,15 @@ def _p(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def forward(plan, q, k, v, scale=0.0, out=None, lse=None, wgmma=True):
+def forward(plan, q, k, v, scale=0.0, out=None, lse=None, kernel=0):
+    """kernel: 0 TMA + wgmma (default), 1 wgmma with cp.async loads, 2 mma.sync fallback."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(tq, hq, device=q.device, dtype=torch.float32) if lse is None else lse
     err = _err()
     rc = lib().ffa_c_forward(plan.handle, _DT[q.dtype], hq, hkv, d, _p(q), _p(k), _p(v), _p(out), _p(lse),
-                             float(scale), int(wgmma), _stream(), err, 512)
+                             float(scale), int(kernel), _stream(), err, 512)
     _check(rc, err)
     return out, lse
 

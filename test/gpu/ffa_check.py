@@ -191,16 +191,17 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
         errs[nm] = (e_ours, e_low)
         if not (e_ours <= 2 * e_low + atol):
             problems.append(f"{nm}: err {e_ours:.3e} > 2 * {e_low:.3e} + {atol:.1e}")
-    # The mma.sync fallback forward must agree as well.
-    o_fb = torch.full_like(q, float("nan"))
-    l_fb = torch.full((tq, hq), float("nan"), device=dev)
-    ffa_lib.forward(plan, q, k, v, scale, o_fb, l_fb, wgmma=False)
-    e_fb = maxerr(o_fb, ref[0])
-    if not e_fb <= 2 * errs["out"][1] + 1e-3 * max(1.0, ref[0].abs().max().item() if ref[0].numel() else 0.0):
-        problems.append(f"mma.sync forward out err {e_fb:.3e}")
-    if torch.isnan(o_fb).any() or torch.isnan(l_fb).any() or not torch.equal(torch.isneginf(l_fb), torch.isneginf(lse)):
-        problems.append("mma.sync forward: NaN or -inf rows differ")
-    errs["out_mma"] = (e_fb, errs["out"][1])
+    # The other forward kernels (1: wgmma with cp.async loads, 2: mma.sync fallback) must agree as well.
+    for kern in (1, 2):
+        o_fb = torch.full_like(q, float("nan"))
+        l_fb = torch.full((tq, hq), float("nan"), device=dev)
+        ffa_lib.forward(plan, q, k, v, scale, o_fb, l_fb, kernel=kern)
+        e_fb = maxerr(o_fb, ref[0])
+        if not e_fb <= 2 * errs["out"][1] + 1e-3 * max(1.0, ref[0].abs().max().item() if ref[0].numel() else 0.0):
+            problems.append(f"forward kernel {kern}: out err {e_fb:.3e}")
+        if torch.isnan(o_fb).any() or torch.isnan(l_fb).any() or not torch.equal(torch.isneginf(l_fb), torch.isneginf(lse)):
+            problems.append(f"forward kernel {kern}: NaN or -inf rows differ")
+        errs[f"out_k{kern}"] = (e_fb, errs["out"][1])
     for a, b, nm in zip(det1, det2, ["dq", "dk", "dv"]):
         if not torch.equal(a, b):
             problems.append(f"deterministic {nm} differs between two runs")

@@ -157,13 +157,14 @@ int run(int D, bool use_merge_split) {
     std::printf("  D=%d %-14s max err %.3e (|ref| %.2f) %s\n", D, name, err, mag, ok ? "ok" : "FAIL");
     failures += !ok;
   };
-  for (bool wg : {false, true}) {  // mma.sync fallback, then wgmma (whose result the backward uses)
-    fa.use_wgmma = wg;
+  for (int kern : {2, 1, 0}) {  // mma.sync, wgmma + cp.async, then TMA (whose result the backward uses)
+    fa.kernel = kern;
+    const char* names[] = {"out (tma)", "lse (tma)", "out (wgmma)", "lse (wgmma)", "out (mma)", "lse (mma)"};
     CK(cudaMemset(dout_.p, 0xff, q.size() * 2));  // poison: NaN
     ffa::forward(fa, dp, 0);
     CK(cudaDeviceSynchronize());
-    compare(wg ? "out (wgmma)" : "out (mma)", dout_.p, ro, true, 2e-2);
-    compare(wg ? "lse (wgmma)" : "lse (mma)", dlse.p, rl, false, 1e-3);
+    compare(names[2 * kern], dout_.p, ro, true, 2e-2);
+    compare(names[2 * kern + 1], dlse.p, rl, false, 1e-3);
   }
   for (int det = 0; det < 2; ++det) {
     ffa::BackwardArgs ba;
