@@ -145,7 +145,8 @@ void backward(const BackwardArgs& a, const DevicePlan& plan, cudaStream_t stream
   p.scale_log2 = p.scale * kLog2e;
   p.q_side = q_view(plan);
   p.k_side = k_view(plan);
-  detail::launch_backward(static_cast<int>(a.dtype), d.head_dim, a.deterministic, p, stream);
+  if (a.kernel != 0 && a.kernel != 2) fail(where, "unknown backward kernel " + std::to_string(a.kernel), "use 0 or 2");
+  detail::launch_backward(static_cast<int>(a.dtype), d.head_dim, a.deterministic, a.kernel, p, stream);
 }
 
 void merge(const MergeArgs& a, cudaStream_t stream) {

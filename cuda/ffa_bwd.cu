@@ -418,7 +418,7 @@ void check(cudaError_t err, const char* what) {
 }
 
 template <typename T, int D>
-void launch_bwd_t(bool deterministic, const BwdParams& p, cudaStream_t stream) {
+void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& p, cudaStream_t stream) {
   const int64_t rowheads = static_cast<int64_t>(p.num_q) * p.heads_q;
   const int64_t threads = rowheads * (D / 8);
   if (threads > 0) {
@@ -427,7 +427,9 @@ void launch_bwd_t(bool deterministic, const BwdParams& p, cudaStream_t stream) {
   }
   constexpr int kSmemKV = 6 * 64 * D * 2 + 64 * 64 * 2 + 4 * 64 * 4;
   const int64_t grid_kv = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
-  if (grid_kv > 0) {
+  if (grid_kv > 0 && dkdv == 0) {
+    launch_dkdv_wgmma(dtype, D, !deterministic, p, stream);
+  } else if (grid_kv > 0) {
     auto kernel = deterministic ? dkdv_kernel<T, D, false> : dkdv_kernel<T, D, true>;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemKV), "smem attribute");
     kernel<<<static_cast<unsigned>(grid_kv), kBwdThreads, kSmemKV, stream>>>(p);
@@ -450,11 +452,12 @@ void launch_bwd_t(bool deterministic, const BwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-void launch_backward(int dtype, int head_dim, bool deterministic, const BwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_bwd_t<__nv_bfloat16, 64>(deterministic, p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_bwd_t<__nv_bfloat16, 128>(deterministic, p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_bwd_t<__half, 64>(deterministic, p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_bwd_t<__half, 128>(deterministic, p, stream);
+void launch_backward(int dtype, int head_dim, bool deterministic, int dkdv, const BwdParams& p,
+                     cudaStream_t stream) {
+  if (dtype == 0 && head_dim == 64) return launch_bwd_t<__nv_bfloat16, 64>(dtype, deterministic, dkdv, p, stream);
+  if (dtype == 0 && head_dim == 128) return launch_bwd_t<__nv_bfloat16, 128>(dtype, deterministic, dkdv, p, stream);
+  if (dtype == 1 && head_dim == 64) return launch_bwd_t<__half, 64>(dtype, deterministic, dkdv, p, stream);
+  if (dtype == 1 && head_dim == 128) return launch_bwd_t<__half, 128>(dtype, deterministic, dkdv, p, stream);
   throw std::runtime_error("ffa backward: unsupported dtype/head_dim");
 }
 

@@ -99,8 +99,8 @@ size_t ffa_c_workspace_bytes(int64_t num_q, int hq, int d, int deterministic) {
 }
 
 int ffa_c_backward(void* h, int dtype, int hq, int hkv, int d, void* q, void* k, void* v, void* out, void* dout,
-                   void* lse, void* dq, void* dk, void* dv, float scale, int deterministic, void* workspace,
-                   void* stream, char* err, int errlen) {
+                   void* lse, void* dq, void* dk, void* dv, float scale, int deterministic, int kernel,
+                   void* workspace, void* stream, char* err, int errlen) {
   try {
     auto* cp = static_cast<CPlan*>(h);
     ffa::BackwardArgs a;
@@ -111,6 +111,7 @@ int ffa_c_backward(void* h, int dtype, int hq, int hkv, int d, void* q, void* k,
     a.dq = ref(dq, hq, d), a.dk = ref(dk, hkv, d), a.dv = ref(dv, hkv, d);
     a.softmax_scale = scale;
     a.deterministic = deterministic != 0;
+    a.kernel = kernel;
     a.workspace = workspace;
     ffa::backward(a, cp->dev, static_cast<cudaStream_t>(stream));
     return 0;

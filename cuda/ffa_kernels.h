@@ -61,7 +61,10 @@ struct MergeParams {
 void launch_forward(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);        // mma.sync
 void launch_forward_wgmma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);  // sm_90a wgmma
 void launch_forward_tma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);    // + TMA, warp-specialized
-void launch_backward(int dtype, int head_dim, bool deterministic, const BwdParams& p, cudaStream_t stream);
+// dkdv_kernel: 0 = wgmma (sm_90a), 2 = mma.sync.
+void launch_backward(int dtype, int head_dim, bool deterministic, int dkdv_kernel, const BwdParams& p,
+                     cudaStream_t stream);
+void launch_dkdv_wgmma(int dtype, int head_dim, bool atomic_dq, const BwdParams& p, cudaStream_t stream);
 void launch_merge(int dtype, const MergeParams& p, cudaStream_t stream);
 
 }  // namespace detail

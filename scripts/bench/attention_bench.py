@@ -99,6 +99,12 @@ def run_shape(sh, dtype, which):
     res["ours_wgmma_cpasync_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan, q, k, v, kernel=1))
     res["ours_mmasync_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan, q, k, v, kernel=2))
     res["ours_fwdbwd_ms"] = bench_ms(ours_fwdbwd)
+
+    def ours_fwdbwd_mma():
+        o, l = ffa_lib.forward(plan, q, k, v)
+        ffa_lib.backward(plan, dout, q, k, v, o, l, grads=grads, kernel=2)
+
+    res["ours_fwdbwd_mmasync_ms"] = bench_ms(ours_fwdbwd_mma)
     if "det" in which:
         res["ours_fwdbwd_det_ms"] = bench_ms(ours_fwdbwd_det)
 

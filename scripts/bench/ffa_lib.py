@@ -26,7 +26,7 @@ def _load():
     lib.ffa_c_forward.argtypes = [vp, i32, i32, i32, i32, vp, vp, vp, vp, vp, f32, i32, vp, cp, i32]
     lib.ffa_c_workspace_bytes.restype = ctypes.c_size_t
     lib.ffa_c_workspace_bytes.argtypes = [i64, i32, i32, i32]
-    lib.ffa_c_backward.argtypes = [vp, i32, i32, i32, i32] + [vp] * 9 + [f32, i32, vp, vp, cp, i32]
+    lib.ffa_c_backward.argtypes = [vp, i32, i32, i32, i32] + [vp] * 9 + [f32, i32, i32, vp, vp, cp, i32]
     lib.ffa_c_merge.argtypes = [i32, i64, i32, i32] + [vp] * 7 + [cp, i32]
     return lib
 
@@ -98,7 +98,8 @@ def forward(plan, q, k, v, scale=0.0, out=None, lse=None, kernel=0):
     return out, lse
 
 
-def backward(plan, dout, q, k, v, out, lse, scale=0.0, deterministic=False, grads=None):
+def backward(plan, dout, q, k, v, out, lse, scale=0.0, deterministic=False, grads=None, kernel=0):
+    """kernel: 0 wgmma dK/dV (default), 2 mma.sync fallback."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     if grads is None:
@@ -108,7 +109,7 @@ def backward(plan, dout, q, k, v, out, lse, scale=0.0, deterministic=False, grad
     ws = torch.empty(max(nbytes, 256), dtype=torch.uint8, device=q.device)
     err = _err()
     rc = lib().ffa_c_backward(plan.handle, _DT[q.dtype], hq, hkv, d, _p(q), _p(k), _p(v), _p(out), _p(dout),
-                              _p(lse), _p(dq), _p(dk), _p(dv), float(scale), int(deterministic), _p(ws),
+                              _p(lse), _p(dq), _p(dk), _p(dv), float(scale), int(deterministic), int(kernel), _p(ws),
                               _stream(), err, 512)
     _check(rc, err)
     return dq, dk, dv

@@ -2,15 +2,15 @@
 """Generates cuda/ffa_wgmma.cuh: inline-PTX wrappers for the wgmma shapes the kernels use (the operand
 lists are long and mechanical). Run: python3 scripts/dev/gen_wgmma.py > cuda/ffa_wgmma.cuh"""
 
-def ss(n, ty, tyname):
+def ss(n, ty, tyname, trans=False):
     nreg = n // 2
     acc = ", ".join(f"%{i}" for i in range(nreg))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(nreg))
     return f'''template <>
-__device__ __forceinline__ void wgmma_ss<{ty}, {n}>(float (&d)[{nreg}], uint64_t da, uint64_t db, int scale_d) {{
+__device__ __forceinline__ void wgmma_ss{"_tt" if trans else ""}<{ty}, {n}>(float (&d)[{nreg}], uint64_t da, uint64_t db, int scale_d) {{
   asm volatile(
       "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nreg + 2}, 0;\\n"
-      "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{tyname}.{tyname} {{{acc}}}, %{nreg}, %{nreg + 1}, p, 1, 1, 0, 0;\\n}}\\n"
+      "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{tyname}.{tyname} {{{acc}}}, %{nreg}, %{nreg + 1}, p, 1, 1, {1 if trans else 0}, {1 if trans else 0};\\n}}\\n"
       : {outs}
       : "l"(da), "l"(db), "r"(scale_d));
 }}
@@ -46,10 +46,14 @@ template <typename T, int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d);
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs_tb(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db);
+// wgmma_ss_tt<T, N>: as wgmma_ss with both operands transposed: A M-major, B N-major.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss_tt(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d);
 """)
 for ty, tyname in [("__nv_bfloat16", "bf16"), ("__half", "f16")]:
     for n in (64, 128):
         print(ss(n, ty, tyname))
         print(rs(n, ty, tyname))
+        print(ss(n, ty, tyname, True))
 print("""}  // namespace dev
 }  // namespace ffa""")

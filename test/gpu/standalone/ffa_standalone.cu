@@ -166,7 +166,8 @@ int run(int D, bool use_merge_split) {
     compare(names[2 * kern], dout_.p, ro, true, 2e-2);
     compare(names[2 * kern + 1], dlse.p, rl, false, 1e-3);
   }
-  for (int det = 0; det < 2; ++det) {
+  for (int variant = 0; variant < 4; ++variant) {  // {atomic, deterministic} x {wgmma, mma.sync}
+    const int det = variant & 1, kern = variant < 2 ? 0 : 2;
     ffa::BackwardArgs ba;
     ba.dims = fa.dims;
     ba.q = fa.q, ba.k = fa.k, ba.v = fa.v, ba.out = fa.out, ba.lse = fa.lse;
@@ -174,13 +175,21 @@ int run(int D, bool use_merge_split) {
     ba.dq = {gq.p, hq * D, D}, ba.dk = {gk.p, hkv * D, D}, ba.dv = {gv.p, hkv * D, D};
     ba.softmax_scale = scale;
     ba.deterministic = det;
+    ba.kernel = kern;
+    CK(cudaMemset(gq.p, 0xff, q.size() * 2));
+    CK(cudaMemset(gk.p, 0xff, k.size() * 2));
+    CK(cudaMemset(gv.p, 0xff, v.size() * 2));
     Dev ws(ffa::backward_workspace_bytes(ba.dims, det));
     ba.workspace = ws.p;
     ffa::backward(ba, dp, 0);
     CK(cudaDeviceSynchronize());
-    compare(det ? "dq (det)" : "dq", gq.p, rdq, true, 2e-2);
-    compare(det ? "dk (det)" : "dk", gk.p, rdk, true, 2e-2);
-    compare(det ? "dv (det)" : "dv", gv.p, rdv, true, 2e-2);
+    const char* nm[4][3] = {{"dq", "dk", "dv"},
+                            {"dq (det)", "dk (det)", "dv (det)"},
+                            {"dq (mma)", "dk (mma)", "dv (mma)"},
+                            {"dq (mma, det)", "dk (mma, det)", "dv (mma, det)"}};
+    compare(nm[variant][0], gq.p, rdq, true, 2e-2);
+    compare(nm[variant][1], gk.p, rdk, true, 2e-2);
+    compare(nm[variant][2], gv.p, rdv, true, 2e-2);
   }
   if (use_merge_split) {
     // Two halves of the slices, merged in place into the first: must equal the whole.
