@@ -238,6 +238,9 @@ void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = (kBM + 4 * kBN) * D * 2 + 1024 + 64;  // + alignment + mbarriers
   const int64_t grid = static_cast<int64_t>(p.side.num_items) * p.heads_q;
   if (grid == 0) return;
+  // No keys at all (e.g. a context-parallel stage with nothing to attend): every item only writes
+  // out = 0, lse = -inf, and k/v may be null, which a tensor map cannot describe.
+  if (p.num_k == 0) return launch_forward_wgmma(dtype, D, p, stream);
   const CUtensorMap tq = make_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, kBM);
   const CUtensorMap tk = make_map(p.k, dtype, p.num_k, p.heads_kv, p.k_st, p.k_sh, D, kBN);
   const CUtensorMap tv = make_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);

@@ -142,6 +142,7 @@ def cases(quick, rng):
         t = rng.randint(300, 900)
         out.append((f"cp-chunk#{r} T={t}", spec_cp_chunk(rng, t), t, t, 8, 2, d, dt))
     out.append(("no slices", [], 100, 50, 4, 4, 64, torch.bfloat16))
+    out.append(("no keys at all", [(0, 37, 0, 0, "causal")], 37, 0, 4, 2, 128, torch.bfloat16))
     return out
 
 
