@@ -225,7 +225,6 @@ TEST_CASE("errors name the file, the key and a fix", "[config]") {
   require_contains(user_error_of([] { from(kBase, {"train.beta2=1.0"}); }), {"train.beta2", "< 1.0"});
   require_contains(user_error_of([] { from(kBase, {"train.micro_batch=16"}); }),
                    {"t.yaml", "train.micro_batch (16)", "train.global_batch (8)"});
-  require_contains(user_error_of([] { from(kBase, {"train.warmup=500"}); }), {"t.yaml", "train.warmup", "train.steps"});
   require_contains(user_error_of([] { from(kBase, {"train.min_lr=1e-2", "train.lr=1e-3"}); }), {"train.min_lr", "train.lr"});
   require_contains(user_error_of([] { from(kBase, {"model.num_kv_heads=3"}); }), {"model.num_heads", "model.num_kv_heads (3)"});
   require_contains(user_error_of([] { from(kBase, {"parallel.cp=3"}); }), {"parallel.cp (3)", "power of two"});
