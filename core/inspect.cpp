@@ -278,7 +278,7 @@ std::string metrics_text(const MetricsSummary& m) {
   if (m.nonfinite_losses) out << "; " << m.nonfinite_losses << " non-finite, first at step " << m.first_nonfinite_step;
   out << "\n";
   if (m.last_val_step) out << "val loss: " << num("%.4f", m.last_val_loss) << " at step " << m.last_val_step << "\n";
-  out << "last lr " << num("%.3g", m.last_lr) << ", grad norm " << num("%.3g", m.last_grad_norm) << ", tokens "
+  out << "last lr " << num("%.3g", m.last_lr) << ", grad norm " << num("%.3g", m.last_grad_norm) << ", tokens seen "
       << (std::isnan(m.last_tokens) ? "-" : with_commas(static_cast<int64_t>(m.last_tokens))) << "\n"
       << "median tokens/s " << (std::isnan(m.median_tokens_per_s) ? "-" : human_number(m.median_tokens_per_s))
       << ", step " << num("%.1f", m.median_step_ms) << " ms, MFU " << num("%.1f%%", 100 * m.median_mfu)
