@@ -99,7 +99,7 @@ Cli run_cli(const std::string& args, const fs::path& dir, const std::string& env
 
 }  // namespace
 
-TEST_CASE("metrics_parse reads flexcp's metrics lines, merges repeated steps and sorts by step", "[compare]") {
+TEST_CASE("metrics_parse reads flexcp metrics lines and merges repeated steps in step order", "[compare]") {
   const std::string text =
       "{\"step\": 2, \"loss\": 5.5, \"tokens_per_s\": 100.0}\n"
       "\n"
@@ -130,7 +130,7 @@ TEST_CASE("metrics_parse reads flexcp's metrics lines, merges repeated steps and
   CHECK(replay.name == "m");
 }
 
-TEST_CASE("metrics_parse tolerates a torn last line and rejects malformed input with file:line", "[compare]") {
+TEST_CASE("metrics_parse tolerates a torn last line and rejects malformed input naming file and line", "[compare]") {
   const MetricsRun torn = metrics_parse("{\"step\":1,\"loss\":3}\n{\"step\":2,\"lo", "m.jsonl");
   CHECK(torn.records.size() == 1);
   REQUIRE(torn.notes.size() == 1);
@@ -214,7 +214,7 @@ TEST_CASE("align_loss pairs the runs at the steps both logged", "[compare]") {
   CHECK(s.smoothed[0] == Approx(base_loss(2) + 0.25));  // the run's first point
 }
 
-TEST_CASE("compare_runs measures deltas over the window and gates on --max-delta", "[compare]") {
+TEST_CASE("compare_runs measures deltas over the window and gates on max-delta", "[compare]") {
   // run = baseline + 0.001 * step on steps 1..100, so |delta| grows linearly and its max is at the end.
   const MetricsRun base = run_of("base", curve(1, 100, base_loss), 1000.0);
   const MetricsRun drift = run_of("drift", curve(1, 100, [](int64_t s) { return base_loss(s) + 0.001 * s; }), 1500.0);
@@ -357,7 +357,7 @@ TEST_CASE("compare_runs rejects bad options and names runs uniquely", "[compare]
   CHECK(r.rows[2].name == "x#3");
 }
 
-TEST_CASE("plot_gnuplot writes a PNG and an SVG, or says why not", "[compare]") {
+TEST_CASE("plot_gnuplot writes a PNG and an SVG or says why not", "[compare]") {
   CHECK(plot_output_paths("a/loss.png") == std::vector<std::string>{"a/loss.png", "a/loss.svg"});
   CHECK(plot_output_paths("a/loss.svg") == std::vector<std::string>{"a/loss.png", "a/loss.svg"});
   CHECK(plot_output_paths("loss") == std::vector<std::string>{"loss.png", "loss.svg"});
@@ -408,7 +408,7 @@ TEST_CASE("plot_gnuplot writes a PNG and an SVG, or says why not", "[compare]") 
         std::string::npos);
 }
 
-TEST_CASE("flexcp compare: table, exit code of the gate, JSON, plot and its fallback", "[compare][cli]") {
+TEST_CASE("flexcp compare CLI prints the table and JSON and the plot and exits 3 when the gate fails", "[compare][cli]") {
   TempDir tmp;
   const fs::path a = tmp.path / "cp1", b = tmp.path / "cp2", c = tmp.path / "cp8";
   write_text(a / "metrics.jsonl", metrics_text(curve(1, 60, base_loss), 1000));

@@ -223,7 +223,7 @@ TEST_CASE("natural_less orders numbered names by value", "[inspect]") {
   CHECK(v == std::vector<std::string>{"k", "l.0", "l.1", "l.2", "l.10"});
 }
 
-TEST_CASE("inspect_safetensors: tensor table, totals per dtype, metadata and statistics", "[inspect]") {
+TEST_CASE("inspect_safetensors gives the tensor table with totals per dtype and metadata and statistics", "[inspect]") {
   TempDir tmp;
   const fs::path file = tmp.path / "m.safetensors";
   auto tensors = small_model();
@@ -275,7 +275,7 @@ TEST_CASE("inspect_safetensors: tensor table, totals per dtype, metadata and sta
   CHECK(inspect_json(file.string(), {})["kind"] == "safetensors");
 }
 
-TEST_CASE("--brief groups layers into one row per pattern with pooled statistics", "[inspect]") {
+TEST_CASE("brief tables group layers into one row per pattern with pooled statistics", "[inspect]") {
   TempDir tmp;
   const auto tensors = small_model();
   write_safetensors(tmp.path / "m.safetensors", tensors);
@@ -329,7 +329,7 @@ TEST_CASE("inspect reads sharded HF folders through their index and checks confi
   CHECK(text.find("(the tensors hold") != std::string::npos);  // attention and MLP tensors are missing here
 }
 
-TEST_CASE("inspect summarizes checkpoints, checkpoint folders and run folders", "[inspect]") {
+TEST_CASE("inspect summarizes checkpoints and checkpoint folders and run folders", "[inspect]") {
   TempDir tmp;
   const fs::path run = tmp.path / "run";
   const fs::path ckpts = run / "checkpoints";
@@ -399,7 +399,7 @@ TEST_CASE("inspect summarizes checkpoints, checkpoint folders and run folders", 
   CHECK(msg.find("step") != std::string::npos);
 }
 
-TEST_CASE("inspect_metrics: steps, gaps, best and last loss, speed medians, validation", "[inspect]") {
+TEST_CASE("inspect_metrics reports steps and gaps and best and last loss and speed medians and validation", "[inspect]") {
   TempDir tmp;
   std::string text;
   for (int s : {1, 2, 3, 5, 6}) text += metrics_line(s, s == 3 ? 1.5 : 4.0 - 0.1 * s, s == 5 ? 3.3 : NAN);
@@ -506,7 +506,7 @@ TEST_CASE("inspect_dataset sums the manifest per split and reports missing shard
   CHECK(d.problems[0].find("train_1.bin") != std::string::npos);
 }
 
-TEST_CASE("flexcp inspect: text, JSON, several paths, and errors", "[inspect][cli]") {
+TEST_CASE("flexcp inspect CLI prints text or JSON for several paths and fails with exit 2 on bad input", "[inspect][cli]") {
   TempDir tmp;
   write_safetensors(tmp.path / "a.safetensors", small_model());
   write_bytes(tmp.path / "run" / "metrics.jsonl", metrics_line(1, 3.0) + metrics_line(2, 2.5));
