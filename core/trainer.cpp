@@ -138,7 +138,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
     spdlog::info("resumed from {} at step {}", resume_path, start_step);
   }
 
-  DataLoader loader(cfg.data, t.seq_len, cfg.model.arch.vocab_size, t.seed, "train");
+  DataLoader loader(cfg.data, t.seq_len, cfg.model.arch.vocab_size, t.seed, "train", t.global_batch);
   ValidationLoss validation(cfg, rt);
   MetricsLog metrics((run_dir / "metrics.jsonl").string(), start_step);
 
