@@ -111,19 +111,19 @@ TEST_CASE("every shipped config loads and derives for its cp", "[config]") {
   CHECK(tiny.model.arch.hidden_size == 128);
   CHECK(tiny.data.path == "data/nlp-corpus");
   CHECK(tiny.train.seq_len == 256);
-  CHECK(tiny.train.global_batch == 8);
-  CHECK(tiny.train.micro_batch == 4);
-  CHECK(tiny.train.steps == 200);
+  CHECK(tiny.train.global_batch == 4);
+  CHECK(tiny.train.micro_batch == 2);
+  CHECK(tiny.train.steps == 150);
   CHECK(tiny.train.lr == 3e-3);
   CHECK(tiny.train.min_lr == 3e-4);
-  CHECK(tiny.train.warmup == 20);
+  CHECK(tiny.train.warmup == 15);
   CHECK(tiny.parallel.attention == "torch");
   CHECK(tiny.logging.dir == "runs/tiny");
   CHECK(tiny.checkpoint.dir == "runs/tiny/checkpoints");  // default follows logging.dir
   CHECK(tiny.checkpoint.every == 100);
   const DerivedNumbers d = config_derive(tiny, 1);
   CHECK(d.grad_accum == 2);
-  CHECK(d.tokens_per_step == 8 * 256);
+  CHECK(d.tokens_per_step == 4 * 256);
 
   for (int cp : {1, 2, 4, 8}) {
     const RunConfig c = config_load(kSrc + "/configs/llama3.2-1b-cp" + std::to_string(cp) + ".yaml");
@@ -253,7 +253,7 @@ TEST_CASE("config_derive checks the world size", "[config]") {
   CHECK(d.world_size == 4);
   CHECK(d.dp == 2);
   CHECK(d.grad_accum == 2);  // 8 / (2 * 2)
-  CHECK(d.tokens_per_step == 8 * 256);
+  CHECK(d.tokens_per_step == 4 * 256);
   CHECK(d.params == llama_arch_num_params(c.model.arch));
 
   require_contains(user_error_of([&] { config_derive(c, 3); }), {"t.yaml", "parallel.cp (2)", "world size (3"});
