@@ -214,6 +214,7 @@ const std::vector<Field>& fields() {
     v.push_back(Field("logging.every", FLEXCP_REF(logging.every), "console line every N steps (metrics.jsonl gets every step)")
                     .at_least(1).alias("log_every"));
     v.push_back(Field("logging.quiet", FLEXCP_REF(logging.quiet), "no per-step console lines"));
+    v.push_back(Field("logging.csv", FLEXCP_REF(logging.csv), "also write metrics.csv (the fields of metrics.jsonl)"));
     return v;
   }();
   return f;

@@ -88,3 +88,30 @@ TEST_CASE("flexcp export writes an HF folder that reloads to the checkpoint's we
   CHECK(WEXITSTATUS(std::system(bad.c_str())) == 2);
   fs::remove_all(root);
 }
+
+TEST_CASE("metrics.csv mirrors metrics.jsonl, also across a resume", "[trainer]") {
+  const fs::path root = fs::temp_directory_path() / "flexcp_csv_test";
+  fs::remove_all(root);
+  auto cfg = tiny_config(root, 3);
+  cfg.logging.csv = true;
+  REQUIRE(train_run(cfg, {}) == 0);
+  cfg.train.steps = 4;
+  TrainOptions resume;
+  resume.resume = true;
+  REQUIRE(train_run(cfg, resume) == 0);
+  std::ifstream csv(root / "metrics.csv");
+  std::string header, row;
+  std::getline(csv, header);
+  CHECK(header.rfind("step,loss,lr,grad_norm", 0) == 0);
+  std::vector<std::string> rows;
+  while (std::getline(csv, row)) rows.push_back(row);
+  const auto losses = read_losses(root / "metrics.jsonl");
+  REQUIRE(rows.size() == 4);
+  REQUIRE(losses.size() == 4);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const auto comma = rows[i].find(',');
+    CHECK(std::stoll(rows[i].substr(0, comma)) == static_cast<long long>(i + 1));
+    CHECK(std::stod(rows[i].substr(comma + 1)) == Approx(losses[i]).epsilon(1e-12));
+  }
+  fs::remove_all(root);
+}
