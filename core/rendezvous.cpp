@@ -117,7 +117,7 @@ std::string launch_env_describe(const LaunchEnv& e) {
   std::ostringstream os;
   os << e.launcher << ": rank " << e.rank << "/" << e.world_size << ", local rank " << e.local_rank << "/"
      << e.local_world_size;
-  if (e.world_size > 1) os << ", master " << e.master_addr << ":" << e.master_port;
+  if (e.world_size > 1 && e.launcher != "mpirun") os << ", master " << e.master_addr << ":" << e.master_port;
   return os.str();
 }
 
