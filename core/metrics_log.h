@@ -1,0 +1,30 @@
+// Per-step metrics: one JSON object per line in <run>/metrics.jsonl, flushed every line, plus a
+// readable console line. On resume the file keeps the lines up to the resumed step, so a resumed
+// run's log reads like an uninterrupted one.
+#pragma once
+#include <cstdint>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace flexcp {
+
+class MetricsLog {
+ public:
+  // Opens `path` for appending; drops lines whose "step" is >= first_step (they will be redone).
+  MetricsLog(const std::string& path, int64_t first_step);
+  ~MetricsLog();
+  MetricsLog(const MetricsLog&) = delete;
+  MetricsLog& operator=(const MetricsLog&) = delete;
+  void write(const nlohmann::json& record);
+
+ private:
+  std::FILE* file_ = nullptr;
+};
+
+// "1.23k", "45.6M": for tokens/s and counts in console lines.
+std::string human_count(double x);
+// "1h02m", "3m20s", "12s"
+std::string human_duration(double seconds);
+
+}  // namespace flexcp

@@ -1,0 +1,135 @@
+#include "core/optimizer.h"
+
+#include <cmath>
+#include <unordered_set>
+
+#include "core/errors.h"
+
+namespace flexcp {
+
+namespace {
+// Element-wise passes over a 1B-parameter model go chunk by chunk so temporaries stay small.
+constexpr int64_t kStepChunk = int64_t(1) << 26;
+}  // namespace
+
+FlatAdamW::FlatAdamW(const std::vector<std::pair<std::string, at::Tensor>>& named_params, const AdamWHyper& hyper)
+    : hyper_(hyper) {
+  std::unordered_set<const void*> seen;
+  std::vector<FlatParam> decay, no_decay;
+  for (const auto& [name, p] : named_params) {
+    if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;  // tied weights: once
+    (p.dim() >= 2 ? decay : no_decay).push_back({name, p, 0, p.dim() >= 2});
+  }
+  if (decay.empty() && no_decay.empty()) fail("optimizer", "the model has no parameters");
+  params_ = std::move(decay);
+  params_.insert(params_.end(), no_decay.begin(), no_decay.end());
+  int64_t total = 0;
+  for (auto& fp : params_) {
+    fp.offset = total;
+    total += fp.param.numel();
+    if (fp.decay) decay_numel_ = total;
+  }
+  const auto& first = params_.front().param;
+  const auto fp32 = first.options().dtype(at::kFloat);
+  low_precision_ = first.scalar_type() != at::kFloat;
+  master_ = at::empty({total}, fp32);
+  grad_ = at::zeros({total}, fp32);
+  exp_avg_ = at::zeros({total}, fp32);
+  exp_avg_sq_ = at::zeros({total}, fp32);
+  if (low_precision_) {
+    model_flat_ = at::empty({total}, first.options());
+    model_grad_flat_ = at::zeros({total}, first.options());
+  }
+  at::NoGradGuard no_grad;
+  for (auto& fp : params_) {
+    const int64_t n = fp.param.numel();
+    master_.narrow(0, fp.offset, n).copy_(fp.param.reshape({-1}));
+    at::Tensor& weights = low_precision_ ? model_flat_ : master_;
+    at::Tensor& grads = low_precision_ ? model_grad_flat_ : grad_;
+    if (low_precision_) weights.narrow(0, fp.offset, n).copy_(fp.param.reshape({-1}));
+    fp.param.set_data(weights.narrow(0, fp.offset, n).view(fp.param.sizes()));
+    fp.param.mutable_grad() = grads.narrow(0, fp.offset, n).view(fp.param.sizes());
+  }
+}
+
+void FlatAdamW::zero_grad() {
+  grad_.zero_();
+  if (low_precision_) model_grad_flat_.zero_();
+}
+
+void FlatAdamW::accumulate_grads() {
+  at::NoGradGuard no_grad;
+  at::Tensor& grads = low_precision_ ? model_grad_flat_ : grad_;
+  // Autograd accumulates into the existing .grad views in place; should anything have replaced a
+  // gradient with a fresh tensor, copy it back and re-bind the view.
+  for (auto& fp : params_) {
+    const auto& g = fp.param.grad();
+    auto view = grads.narrow(0, fp.offset, fp.param.numel()).view(fp.param.sizes());
+    if (!g.defined() || g.data_ptr() == view.data_ptr()) continue;
+    view.copy_(g);
+    fp.param.mutable_grad() = view;
+  }
+  if (low_precision_) {
+    grad_.add_(model_grad_flat_);
+    model_grad_flat_.zero_();
+  }
+}
+
+at::Tensor FlatAdamW::clip_grad_norm(double max_norm) {
+  at::NoGradGuard no_grad;
+  auto norm = grad_.norm(2);
+  if (max_norm > 0) grad_.mul_((max_norm / (norm + 1e-6)).clamp_max(1.0));
+  return norm;
+}
+
+void FlatAdamW::step(double lr) {
+  at::NoGradGuard no_grad;
+  ++steps_;
+  const double b1 = hyper_.beta1, b2 = hyper_.beta2;
+  const double bias1 = 1.0 - std::pow(b1, static_cast<double>(steps_));
+  const double bias2_sqrt = std::sqrt(1.0 - std::pow(b2, static_cast<double>(steps_)));
+  const int64_t total = master_.numel();
+  for (int64_t start = 0; start < total; start += kStepChunk) {
+    const int64_t n = std::min(kStepChunk, total - start);
+    auto w = master_.narrow(0, start, n), g = grad_.narrow(0, start, n);
+    auto m = exp_avg_.narrow(0, start, n), v = exp_avg_sq_.narrow(0, start, n);
+    const int64_t decayed = std::min(n, std::max<int64_t>(0, decay_numel_ - start));
+    if (decayed > 0 && hyper_.weight_decay != 0) w.narrow(0, 0, decayed).mul_(1.0 - lr * hyper_.weight_decay);
+    m.mul_(b1).add_(g, 1.0 - b1);
+    v.mul_(b2).addcmul_(g, g, 1.0 - b2);
+    auto denom = v.sqrt().div_(bias2_sqrt).add_(hyper_.eps);
+    w.addcdiv_(m, denom, -lr / bias1);
+  }
+  refresh_model_params();
+}
+
+void FlatAdamW::refresh_model_params() {
+  if (low_precision_) model_flat_.copy_(master_);
+}
+
+std::map<std::string, at::Tensor> FlatAdamW::state_tensors() const {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& fp : params_) {
+    const int64_t n = fp.param.numel();
+    out["master." + fp.name] = master_.narrow(0, fp.offset, n).view(fp.param.sizes());
+    out["exp_avg." + fp.name] = exp_avg_.narrow(0, fp.offset, n).view(fp.param.sizes());
+    out["exp_avg_sq." + fp.name] = exp_avg_sq_.narrow(0, fp.offset, n).view(fp.param.sizes());
+  }
+  return out;
+}
+
+void FlatAdamW::load_state(const std::map<std::string, at::Tensor>& tensors, int64_t steps_taken) {
+  at::NoGradGuard no_grad;
+  auto dst = state_tensors();
+  for (auto& [name, view] : dst) {
+    auto it = tensors.find(name);
+    if (it == tensors.end()) fail("optimizer state", "missing tensor '" + name + "'", "the checkpoint does not belong to this model");
+    if (!it->second.sizes().equals(view.sizes()))
+      fail("optimizer state", "tensor '" + name + "' has the wrong shape", "the checkpoint does not belong to this model");
+    view.copy_(it->second);
+  }
+  steps_ = steps_taken;
+  refresh_model_params();
+}
+
+}  // namespace flexcp

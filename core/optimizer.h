@@ -1,0 +1,75 @@
+// AdamW over flat buffers. All parameters live in one contiguous fp32 master buffer (decayed ones
+// first), with matching flat buffers for the gradient and both moments, so a step is a handful of
+// element-wise kernels over the whole model (a multi-tensor step without a multi-tensor kernel), and
+// the gradient all-reduce is one call over one buffer.
+//
+// fp32 models: parameters become views of the master buffer and their .grad views of the gradient
+// buffer, so autograd accumulates straight into it. Lower-precision models (bf16 on GPU): parameters
+// are views of a bf16 copy that is refreshed from the master after each step; micro-batch gradients
+// are added into the fp32 gradient buffer by accumulate_grads().
+//
+// The math is PyTorch's AdamW (decoupled weight decay, bias correction), so runs match
+// torch.optim.AdamW step for step.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace flexcp {
+
+struct AdamWHyper {
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+};
+
+struct FlatParam {
+  std::string name;
+  at::Tensor param;   // the model's parameter (rebound to a view)
+  int64_t offset = 0; // into the flat buffers
+  bool decay = true;
+};
+
+class FlatAdamW {
+ public:
+  // Weight decay applies to parameters with two or more dimensions (matrices and embeddings), not to
+  // norm weights. Parameters shared under two names (tied embeddings) are counted once.
+  FlatAdamW(const std::vector<std::pair<std::string, at::Tensor>>& named_params, const AdamWHyper& hyper);
+
+  void zero_grad();
+  // After each micro-batch's backward: moves low-precision parameter gradients into the fp32
+  // buffer (nothing to do for fp32 models, whose gradients are views of it).
+  void accumulate_grads();
+  // Global L2 norm of the gradient, then scales it so the norm is at most max_norm (0: no clipping).
+  // Returns the norm before clipping, on the device (no host sync).
+  at::Tensor clip_grad_norm(double max_norm);
+  void step(double lr);
+
+  at::Tensor& grad_flat() { return grad_; }
+  at::Tensor& master_flat() { return master_; }
+  int64_t steps_taken() const { return steps_; }
+  int64_t numel() const { return master_.numel(); }
+  const std::vector<FlatParam>& params() const { return params_; }
+
+  // Checkpoint state: per-parameter views named "<kind>.<param name>" for kind in
+  // master, exp_avg, exp_avg_sq. load_state copies them back (shapes checked by the caller's reader).
+  std::map<std::string, at::Tensor> state_tensors() const;
+  void load_state(const std::map<std::string, at::Tensor>& tensors, int64_t steps_taken);
+
+ private:
+  void refresh_model_params();
+
+  AdamWHyper hyper_;
+  std::vector<FlatParam> params_;
+  int64_t decay_numel_ = 0;
+  int64_t steps_ = 0;
+  bool low_precision_ = false;
+  at::Tensor master_, grad_, exp_avg_, exp_avg_sq_;  // fp32, flat
+  at::Tensor model_flat_, model_grad_flat_;          // model dtype, flat (low precision only)
+};
+
+}  // namespace flexcp
