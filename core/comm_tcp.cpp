@@ -239,34 +239,51 @@ class TcpCommunicator final : public Communicator {
   int size() const override { return static_cast<int>(members_.size()); }
   int local_rank() const override { return local_rank_; }
 
+  // Reduce-scatter, then all-gather, each one exchange: every rank sends 2 (n-1)/n of the tensor.
+  // Rank p sums slice p in rank order and hands it to everyone, so every rank gets the same bits.
   void all_reduce_sum(at::Tensor& t) override {
     TORCH_CHECK(t.is_contiguous(), "all_reduce_sum: tensor must be contiguous");
-    if (size() == 1) return;
+    const int n = size();
+    if (n == 1) return;
     const bool low = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-    at::Tensor mine = (low ? t.to(at::kFloat) : t).to(at::kCPU).contiguous();
-    const uint64_t bytes = static_cast<uint64_t>(mine.numel()) * mine.element_size();
-    std::vector<at::Tensor> parts(static_cast<size_t>(size()));
+    at::Tensor mine = (low ? t.to(at::kFloat) : t).to(at::kCPU).contiguous().view({-1});
+    const int64_t N = mine.numel(), esz = static_cast<int64_t>(mine.element_size());
+    auto lo = [&](int p) { return N * p / n; };
+    auto bytes_of = [&](int p) { return static_cast<uint64_t>((lo(p + 1) - lo(p)) * esz); };
+    auto* base = static_cast<uint8_t*>(mine.data_ptr());
+    std::vector<at::Tensor> parts(static_cast<size_t>(n));
     std::vector<Transfer> xs;
-    for (int p = 0; p < size(); ++p) {
-      if (p == rank_) {
-        parts[p] = mine;
-        continue;
-      }
-      parts[p] = at::empty_like(mine);
+    for (int p = 0; p < n; ++p) {
+      if (p == rank_) continue;
+      parts[p] = at::empty({lo(rank_ + 1) - lo(rank_)}, mine.options());
       Transfer x;
       x.peer = members_[p];
-      x.send = static_cast<const uint8_t*>(mine.data_ptr());
-      x.send_len = bytes;
+      x.send = base + lo(p) * esz;
+      x.send_len = bytes_of(p);
       x.recv = static_cast<uint8_t*>(parts[p].data_ptr());
-      x.recv_len = bytes;
+      x.recv_len = bytes_of(rank_);
       x.do_send = x.do_recv = true;
       xs.push_back(x);
     }
     mesh_->exchange(xs);
-    // The same order on every rank, so every rank gets the same bits.
+    parts[rank_] = mine.narrow(0, lo(rank_), lo(rank_ + 1) - lo(rank_));
     at::Tensor acc = parts[0].clone();
-    for (int p = 1; p < size(); ++p) acc.add_(parts[p]);
-    t.copy_(acc);
+    for (int p = 1; p < n; ++p) acc.add_(parts[p]);
+    xs.clear();
+    for (int p = 0; p < n; ++p) {
+      if (p == rank_) continue;
+      Transfer x;
+      x.peer = members_[p];
+      x.send = static_cast<const uint8_t*>(acc.data_ptr());
+      x.send_len = bytes_of(rank_);
+      x.recv = base + lo(p) * esz;
+      x.recv_len = bytes_of(p);
+      x.do_send = x.do_recv = true;
+      xs.push_back(x);
+    }
+    mesh_->exchange(xs);
+    mine.narrow(0, lo(rank_), lo(rank_ + 1) - lo(rank_)).copy_(acc);
+    if (low || !t.device().is_cpu() || mine.data_ptr() != t.data_ptr()) t.copy_(mine.view(t.sizes()));
   }
 
   at::Tensor all_to_all_v(const at::Tensor& send_in, const std::vector<int64_t>& send_counts,
