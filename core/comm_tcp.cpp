@@ -120,12 +120,12 @@ class Mesh {
         }
       }
       if (pfds.empty()) return;
-      const int n = ::poll(pfds.data(), pfds.size(), 600 * 1000);
+      const int n = ::poll(pfds.data(), pfds.size(), 1800 * 1000);
       if (n < 0) {
         if (errno == EINTR) continue;
         sys_fail("poll");
       }
-      TORCH_CHECK(n > 0, "tcp communicator: no progress for 10 minutes (a rank died or the ranks disagree on the call order)");
+      TORCH_CHECK(n > 0, "tcp communicator: no progress for 30 minutes (a rank died or the ranks disagree on the call order)");
       for (size_t i = 0; i < pfds.size(); ++i) {
         Transfer& x = *owners[i];
         if (pfds[i].revents & (POLLERR | POLLNVAL))
