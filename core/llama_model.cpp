@@ -1,0 +1,308 @@
+#include "core/llama_model.h"
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/nn/init.h>
+
+#include <cmath>
+
+#include "core/errors.h"
+
+namespace flexcp {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+void arch_validate(const LlamaArch& a) {
+  auto positive = [](const char* key, int64_t v) {
+    if (v <= 0) fail(std::string("model.") + key, "must be positive, got " + std::to_string(v));
+  };
+  positive("vocab_size", a.vocab_size);
+  positive("hidden_size", a.hidden_size);
+  positive("intermediate_size", a.intermediate_size);
+  positive("num_layers", a.num_layers);
+  positive("num_heads", a.num_heads);
+  positive("num_kv_heads", a.num_kv_heads);
+  positive("head_dim", a.head_dim);
+  if (a.num_heads % a.num_kv_heads != 0)
+    fail("model.num_kv_heads", "num_heads " + std::to_string(a.num_heads) + " is not a multiple of num_kv_heads " +
+                                   std::to_string(a.num_kv_heads),
+         "grouped-query attention needs num_heads % num_kv_heads == 0");
+  if (!(a.rms_norm_eps > 0)) fail("model.rms_norm_eps", "must be positive");
+}
+
+torch::nn::Linear linear(int64_t in, int64_t out) { return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)); }
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// Modules
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
+  weight = register_parameter("weight", at::ones({dim}));
+}
+
+at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
+  at::Tensor h = x.to(at::kFloat);
+  at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
+  h = h * at::rsqrt(variance + eps);
+  return weight * h.to(x.scalar_type());
+}
+
+LlamaAttentionImpl::LlamaAttentionImpl(const LlamaArch& a)
+    : num_heads(a.num_heads), num_kv_heads(a.num_kv_heads), head_dim(a.head_dim) {
+  q_proj = register_module("q_proj", linear(a.hidden_size, a.num_heads * a.head_dim));
+  k_proj = register_module("k_proj", linear(a.hidden_size, a.num_kv_heads * a.head_dim));
+  v_proj = register_module("v_proj", linear(a.hidden_size, a.num_kv_heads * a.head_dim));
+  o_proj = register_module("o_proj", linear(a.num_heads * a.head_dim, a.hidden_size));
+}
+
+at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const RopeCosSin& rope, const AttentionSpec& spec,
+                                       AttentionBackend& backend) {
+  const int64_t T = x.size(0);
+  at::Tensor q = q_proj->forward(x).view({T, num_heads, head_dim});
+  at::Tensor k = k_proj->forward(x).view({T, num_kv_heads, head_dim});
+  at::Tensor v = v_proj->forward(x).view({T, num_kv_heads, head_dim});
+  q = rope_apply(q, rope);
+  k = rope_apply(k, rope);
+  at::Tensor out = backend.attend(q, k, v, spec, 1.0 / std::sqrt(static_cast<double>(head_dim)));
+  return o_proj->forward(out.reshape({T, num_heads * head_dim}));
+}
+
+LlamaMLPImpl::LlamaMLPImpl(const LlamaArch& a) {
+  gate_proj = register_module("gate_proj", linear(a.hidden_size, a.intermediate_size));
+  up_proj = register_module("up_proj", linear(a.hidden_size, a.intermediate_size));
+  down_proj = register_module("down_proj", linear(a.intermediate_size, a.hidden_size));
+}
+
+at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
+  return down_proj->forward(at::silu(gate_proj->forward(x)) * up_proj->forward(x));
+}
+
+LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaArch& a) {
+  self_attn = register_module("self_attn", LlamaAttention(a));
+  mlp = register_module("mlp", LlamaMLP(a));
+  input_layernorm = register_module("input_layernorm", RMSNorm(a.hidden_size, a.rms_norm_eps));
+  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(a.hidden_size, a.rms_norm_eps));
+}
+
+at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& x, const RopeCosSin& rope, const AttentionSpec& spec,
+                                          AttentionBackend& backend) {
+  at::Tensor h = x + self_attn->forward(input_layernorm->forward(x), rope, spec, backend);
+  return h + mlp->forward(post_attention_layernorm->forward(h));
+}
+
+LlamaBackboneImpl::LlamaBackboneImpl(const LlamaArch& a) {
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(a.vocab_size, a.hidden_size));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < a.num_layers; ++i) layers->push_back(LlamaDecoderLayer(a));
+  norm = register_module("norm", RMSNorm(a.hidden_size, a.rms_norm_eps));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Activation checkpointing: a layer's forward runs without a graph; the backward pass runs it
+// again with one and differentiates that. Recomputation must give the same values: Llama layers
+// have no dropout and the attention backends are deterministic in the forward.
+
+namespace {
+
+struct CheckpointState : torch::CustomClassHolder {
+  LlamaDecoderLayerImpl* layer = nullptr;  // owned by the model, which outlives its graphs
+  RopeCosSin rope_copy;
+  AttentionSpec spec;
+  std::shared_ptr<AttentionBackend> backend;
+};
+
+struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList params,
+                            c10::intrusive_ptr<CheckpointState> state) {
+    ctx->save_for_backward({x});
+    ctx->saved_data["state"] = c10::IValue::make_capsule(state);
+    ctx->saved_data["num_params"] = static_cast<int64_t>(params.size());
+    return state->layer->forward(x, state->rope_copy, state->spec, *state->backend);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    auto state = c10::static_intrusive_pointer_cast<CheckpointState>(ctx->saved_data["state"].toCapsule());
+    const int64_t num_params = ctx->saved_data["num_params"].toInt();
+    at::Tensor x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+    std::vector<at::Tensor> params = state->layer->parameters();
+    variable_list inputs{x};
+    inputs.insert(inputs.end(), params.begin(), params.end());
+    at::Tensor out;
+    {
+      torch::AutoGradMode grad_on(true);
+      out = state->layer->forward(x, state->rope_copy, state->spec, *state->backend);
+    }
+    variable_list grads = torch::autograd::grad({out}, inputs, {grad_out[0]}, /*retain_graph=*/false,
+                                                /*create_graph=*/false, /*allow_unused=*/true);
+    TORCH_CHECK(static_cast<int64_t>(params.size()) == num_params, "checkpoint: layer parameters changed");
+    grads.push_back(at::Tensor());  // for the state argument
+    return grads;
+  }
+};
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// The whole model
+
+LlamaModelImpl::LlamaModelImpl(const LlamaArch& arch, double init_std) : arch_(arch) {
+  arch_validate(arch_);
+  model = register_module("model", LlamaBackbone(arch_));
+  if (!arch_.tie_embeddings) lm_head = register_module("lm_head", linear(arch_.hidden_size, arch_.vocab_size));
+  inv_freq_ = rope_inv_freq(arch_);
+  reset_parameters_normal(init_std);
+}
+
+void LlamaModelImpl::reset_parameters_normal(double init_std) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : named_parameters(/*recurse=*/true)) {
+    if (p.key().size() >= 11 && p.key().compare(p.key().size() - 11, 11, "norm.weight") == 0)
+      p.value().fill_(1.0);
+    else
+      torch::nn::init::normal_(p.value(), 0.0, init_std);
+  }
+}
+
+at::Tensor LlamaModelImpl::forward_hidden(const at::Tensor& tokens, const at::Tensor& positions,
+                                          const AttentionSpec& spec) {
+  if (!backend_)
+    fail("model", "no attention backend set", "call set_attention_backend (parallel.attention picks one)");
+  return forward_hidden(tokens, positions, spec, *backend_);
+}
+
+at::Tensor LlamaModelImpl::forward_hidden(const at::Tensor& tokens, const at::Tensor& positions,
+                                          const AttentionSpec& spec, AttentionBackend& backend) {
+  TORCH_CHECK(tokens.dim() == 1 && positions.dim() == 1 && tokens.size(0) == positions.size(0),
+              "forward_hidden: tokens and positions must both be (T,)");
+  RopeCosSin rope = rope_cos_sin(inv_freq_, positions);
+  at::Tensor x = model->embed_tokens->forward(tokens);
+  const bool checkpoint = checkpointing_ && torch::GradMode::is_enabled();
+  std::shared_ptr<AttentionBackend> backend_ref;
+  if (checkpoint) {
+    // The recomputation in the backward pass must reach the backend after this call returns; a
+    // backend passed by reference is only borrowed, so checkpointing needs the owned one.
+    if (backend_ && backend_.get() == &backend)
+      backend_ref = backend_;
+    else
+      fail("model", "activation checkpointing needs the attention backend set with set_attention_backend");
+  }
+  for (const auto& m : *model->layers) {
+    auto* layer = m->as<LlamaDecoderLayerImpl>();
+    if (checkpoint) {
+      auto state = c10::make_intrusive<CheckpointState>();
+      state->layer = layer;
+      state->rope_copy = rope;
+      state->spec = spec;
+      state->backend = backend_ref;
+      std::vector<at::Tensor> params = layer->parameters();
+      x = CheckpointedLayer::apply(x, at::TensorList(params), state);
+    } else {
+      x = layer->forward(x, rope, spec, backend);
+    }
+  }
+  return model->norm->forward(x);
+}
+
+at::Tensor LlamaModelImpl::lm_head_weight() const {
+  return arch_.tie_embeddings ? model->embed_tokens->weight : lm_head->weight;
+}
+
+at::Tensor LlamaModelImpl::logits(const at::Tensor& hidden) const { return at::matmul(hidden, lm_head_weight().t()); }
+
+// ------------------------------------------------------------------------------------------------
+// Chunked cross-entropy
+
+namespace {
+
+struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntropy> {
+  // Returns the scalar fp32 sum of -log softmax(hidden @ weight^T)[label] over non-ignored tokens.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                            const at::Tensor& labels, int64_t chunk, int64_t ignore_index) {
+    const int64_t T = hidden.size(0);
+    at::Tensor lse_all = at::empty({T}, hidden.options().dtype(at::kFloat));
+    at::Tensor total = at::zeros({}, hidden.options().dtype(at::kFloat));
+    for (int64_t s = 0; s < T; s += chunk) {
+      const int64_t n = std::min(chunk, T - s);
+      at::Tensor logits = at::matmul(hidden.narrow(0, s, n), weight.t()).to(at::kFloat);  // (n, V)
+      at::Tensor lse = at::logsumexp(logits, {1});
+      at::Tensor lab = labels.narrow(0, s, n);
+      at::Tensor valid = lab.ne(ignore_index);
+      at::Tensor safe = at::where(valid, lab, at::zeros_like(lab));
+      at::Tensor picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1);
+      total += ((lse - picked) * valid.to(at::kFloat)).sum();
+      lse_all.narrow(0, s, n).copy_(lse);
+    }
+    ctx->save_for_backward({hidden, weight, labels, lse_all});
+    ctx->saved_data["chunk"] = chunk;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    return total;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &hidden = saved[0], &weight = saved[1], &labels = saved[2], &lse_all = saved[3];
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const at::Tensor g = grad_out[0].to(at::kFloat);
+    const int64_t T = hidden.size(0);
+    at::Tensor dhidden = at::empty_like(hidden);
+    at::Tensor dweight = at::zeros(weight.sizes(), weight.options().dtype(at::kFloat));
+    for (int64_t s = 0; s < T; s += chunk) {
+      const int64_t n = std::min(chunk, T - s);
+      at::Tensor h = hidden.narrow(0, s, n);
+      at::Tensor logits = at::matmul(h, weight.t()).to(at::kFloat);
+      at::Tensor lab = labels.narrow(0, s, n);
+      at::Tensor valid = lab.ne(ignore_index).to(at::kFloat);
+      at::Tensor safe = at::where(lab.ne(ignore_index), lab, at::zeros_like(lab));
+      // d(lse - logit[label]) / dlogits = softmax - onehot(label), zero for ignored rows.
+      at::Tensor d = at::exp(logits - lse_all.narrow(0, s, n).unsqueeze(1));
+      d.scatter_add_(1, safe.unsqueeze(1), -at::ones({n, 1}, d.options()));
+      d.mul_((valid * g).unsqueeze(1));
+      at::Tensor dl = d.to(hidden.scalar_type());
+      dhidden.narrow(0, s, n).copy_(at::matmul(dl, weight));
+      dweight.add_(at::matmul(dl.t(), h).to(at::kFloat));
+    }
+    return {dhidden, dweight.to(weight.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+LossResult chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                                 const LossOptions& opts) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "chunked_cross_entropy: hidden (T, H) and weight (V, H) expected");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "chunked_cross_entropy: labels must be (T,)");
+  const int64_t V = weight.size(0);
+  at::Tensor lab = labels.to(hidden.device(), at::kLong);
+  at::Tensor valid = lab.ne(opts.ignore_index);
+  // One host sync for both numbers: the count, and how many labels are out of range.
+  at::Tensor bad = (valid & (lab.lt(0) | lab.ge(V))).sum();
+  at::Tensor both = at::stack({valid.sum(), bad}).to(at::kCPU);
+  const int64_t count = both[0].item<int64_t>();
+  if (both[1].item<int64_t>() > 0)
+    fail("labels", std::to_string(both[1].item<int64_t>()) + " label(s) outside [0, " + std::to_string(V) +
+                       ") and not ignore_index " + std::to_string(opts.ignore_index),
+         "the data's token ids must be below the model's vocab_size");
+  int64_t chunk = opts.chunk_tokens;
+  if (chunk <= 0) chunk = std::max<int64_t>(1, (int64_t(256) << 20) / (V * 4));
+  LossResult r;
+  r.count = count;
+  if (hidden.size(0) == 0) {
+    r.sum = (hidden.sum() * 0).to(at::kFloat) + (weight.sum() * 0).to(at::kFloat);
+    return r;
+  }
+  r.sum = ChunkedCrossEntropy::apply(hidden, weight, lab, chunk, opts.ignore_index);
+  return r;
+}
+
+LossResult llama_loss(LlamaModelImpl& model, const at::Tensor& hidden, const at::Tensor& labels,
+                      const LossOptions& opts) {
+  return chunked_cross_entropy(hidden, model.lm_head_weight(), labels, opts);
+}
+
+}  // namespace flexcp
