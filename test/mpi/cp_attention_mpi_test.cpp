@@ -41,6 +41,7 @@ std::vector<Named> specs(int64_t T) {
   return {{"causal", spec_causal(T)},
           {"full", AttentionSpec{{{{0, T}, {0, T}, MaskType::Full}}, T, T}},
           {"documents", spec_documents({0, 5, 37, 40, 90, 91, 150}, T)},
+          {"one-token documents", spec_documents({0, 1, 2, 3, 17, 18, 96, 97, 99, 100, 101, 190, 191}, T)},
           {"mixed", mixed_spec(T / 2)}};
 }
 
