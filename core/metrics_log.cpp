@@ -9,14 +9,14 @@
 
 namespace flexcp {
 
-MetricsLog::MetricsLog(const std::string& path, int64_t first_step) {
+MetricsLog::MetricsLog(const std::string& path, int64_t steps_done) {
   std::vector<std::string> kept;
   {
     std::ifstream in(path);
     std::string line;
     while (std::getline(in, line)) {
       auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-      if (j.is_object() && j.contains("step") && j["step"].get<int64_t>() < first_step) kept.push_back(line);
+      if (j.is_object() && j.contains("step") && j["step"].get<int64_t>() <= steps_done) kept.push_back(line);
     }
   }
   const auto parent = std::filesystem::path(path).parent_path();

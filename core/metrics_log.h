@@ -11,8 +11,9 @@ namespace flexcp {
 
 class MetricsLog {
  public:
-  // Opens `path` for appending; drops lines whose "step" is >= first_step (they will be redone).
-  MetricsLog(const std::string& path, int64_t first_step);
+  // Opens `path` for appending, keeping the lines of the first `steps_done` steps ("step" is
+  // 1-based) and dropping later ones, which the resumed run will write again.
+  MetricsLog(const std::string& path, int64_t steps_done);
   ~MetricsLog();
   MetricsLog(const MetricsLog&) = delete;
   MetricsLog& operator=(const MetricsLog&) = delete;

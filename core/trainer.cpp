@@ -1,0 +1,213 @@
+// The training loop. One optimizer step = grad_accum micro-batches per rank, gradients summed over
+// all ranks, the loss normalized by the global token count (so dp and cp layouts give the same
+// update), clipping, AdamW, then metrics, validation and checkpoints.
+#include "core/trainer.h"
+
+#include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+
+#include "core/atomic_file.h"
+#include "core/attention_backend.h"
+#include "core/checkpoint.h"
+#include "core/data_loader.h"
+#include "core/device_info.h"
+#include "core/errors.h"
+#include "core/hf_weights.h"
+#include "core/llama_model.h"
+#include "core/lr_schedule.h"
+#include "core/metrics_log.h"
+#include "core/micro_batch.h"
+#include "core/optimizer.h"
+
+namespace flexcp {
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Runtime {
+  at::Device device = at::kCPU;
+  at::ScalarType dtype = at::kFloat;
+  int64_t world = 1, rank = 0;
+};
+
+Runtime runtime_resolve(const RunConfig& cfg) {
+  Runtime rt;
+  const auto& t = cfg.train;
+  const bool cuda = device_cuda_available();
+  if (t.device == "cuda" && !cuda)
+    fail(cfg.source, "train.device: cuda, but this build or machine has no CUDA GPU", "set train.device: cpu (or auto)");
+  if (t.device == "cuda" || (t.device == "auto" && cuda)) rt.device = at::Device(at::kCUDA, 0);
+  if (t.dtype == "bf16" || (t.dtype == "auto" && rt.device.is_cuda())) rt.dtype = at::kBFloat16;
+  return rt;
+}
+
+// FLOPs per token for MFU: 6N for the dense parts plus causal attention (6 * layers * S * Hq * D),
+// the convention of the anchors (../shared/anchors) and the issue tracker.
+double flops_per_token(const LlamaArch& a, int64_t params, int64_t seq_len) {
+  return 6.0 * static_cast<double>(params) +
+         6.0 * static_cast<double>(a.num_layers * seq_len * a.num_heads * a.head_dim);
+}
+
+class ValidationLoss {
+ public:
+  ValidationLoss(const RunConfig& cfg, const Runtime& rt) : cfg_(cfg), rt_(rt) {
+    if (cfg.train.val_every > 0 && (cfg.data.synthetic || !cfg.data.path.empty()))
+      loader_ = std::make_unique<DataLoader>(cfg.data, cfg.train.seq_len, cfg.model.arch.vocab_size, cfg.train.seed, "val");
+  }
+  bool due(int64_t step_done) const { return loader_ && cfg_.train.val_every > 0 && step_done % cfg_.train.val_every == 0; }
+  double run(LlamaModel& model) {
+    at::NoGradGuard no_grad;
+    model->eval();
+    double sum = 0;
+    int64_t count = 0;
+    for (int64_t b = 0; b < cfg_.train.val_batches; ++b) {
+      std::vector<TokenWindow> windows;
+      for (int64_t s = 0; s < cfg_.train.micro_batch; ++s) windows.push_back(loader_->window(b, s));
+      auto mb = micro_batch_build(windows, cfg_.data.document_mask, rt_.device);
+      auto hidden = model->forward_hidden(mb.tokens, mb.positions, mb.spec);
+      auto loss = llama_loss(*model, hidden, mb.labels);
+      sum += loss.sum.item<double>();
+      count += loss.count;
+    }
+    model->train();
+    return sum / std::max<int64_t>(1, count);
+  }
+
+ private:
+  const RunConfig& cfg_;
+  const Runtime& rt_;
+  std::unique_ptr<DataLoader> loader_;
+};
+
+bool hf_folder_has_weights(const std::string& folder) {
+  return fs::exists(fs::path(folder) / "model.safetensors") || fs::exists(fs::path(folder) / "model.safetensors.index.json");
+}
+
+NamedTensors model_tensors_for_checkpoint(const FlatAdamW& opt) {
+  NamedTensors out;
+  auto state = opt.state_tensors();
+  for (const auto& fp : opt.params()) out.push_back({fp.name, state.at("master." + fp.name)});
+  return out;
+}
+
+NamedTensors optimizer_tensors_for_checkpoint(const FlatAdamW& opt) {
+  NamedTensors out;
+  for (auto& [name, t] : opt.state_tensors())
+    if (name.rfind("master.", 0) != 0) out.push_back({name, t});
+  return out;
+}
+
+}  // namespace
+
+int train_run(const RunConfig& cfg, const TrainOptions& opts) {
+  const Runtime rt = runtime_resolve(cfg);
+  const DerivedNumbers dn = config_derive(cfg, rt.world);
+  const auto& t = cfg.train;
+  const fs::path run_dir = cfg.logging.dir;
+  const std::string ckpt_dir = cfg.checkpoint.dir.empty() ? (run_dir / "checkpoints").string() : cfg.checkpoint.dir;
+  fs::create_directories(run_dir);
+  if (!opts.config_text.empty()) write_file_atomic((run_dir / "config.yaml").string(), opts.config_text);
+
+  // Model: fresh weights from the seed, or an HF folder's weights.
+  at::manual_seed(static_cast<uint64_t>(t.seed));
+  LlamaModel model(cfg.model.arch, cfg.model.init_std);
+  if (!cfg.model.from.empty() && hf_folder_has_weights(cfg.model.from)) hf_load_weights(*model, cfg.model.from);
+  model->to(rt.device, rt.dtype);
+  model->set_activation_checkpointing(t.activation_checkpointing);
+  model->set_attention_backend(make_attention_backend(cfg.parallel.attention));
+  model->train();
+  FlatAdamW opt(model->named_parameters().pairs(), {t.beta1, t.beta2, t.eps, t.weight_decay});
+
+  // Resume: weights (fp32 master), moments and the step; the data order is a function of the step.
+  int64_t start_step = 0;
+  std::string resume_path = opts.resume_from;
+  if (opts.resume && resume_path.empty()) {
+    resume_path = checkpoint_find_latest(ckpt_dir);
+    if (resume_path.empty()) spdlog::warn("--resume: no checkpoint in {}, starting from step 0", ckpt_dir);
+  }
+  if (!resume_path.empty()) {
+    auto ck = checkpoint_load(resume_path);
+    std::map<std::string, at::Tensor> state = ck.optimizer;
+    for (auto& [name, tensor] : ck.model) state["master." + name] = tensor;
+    opt.load_state(state, ck.state.value("optimizer_steps", ck.step));
+    start_step = ck.step;
+    spdlog::info("resumed from {} at step {}", resume_path, start_step);
+  }
+
+  DataLoader loader(cfg.data, t.seq_len, cfg.model.arch.vocab_size, t.seed, "train");
+  ValidationLoss validation(cfg, rt);
+  MetricsLog metrics((run_dir / "metrics.jsonl").string(), start_step);
+
+  const int64_t per_rank = t.global_batch / dn.dp;
+  const int64_t dp_rank = rt.rank / cfg.parallel.cp;
+  const double total_tokens = static_cast<double>(t.global_batch * t.seq_len);
+  const double flops_tok = flops_per_token(cfg.model.arch, dn.params, t.seq_len);
+  const double peak_flops = device_peak_bf16_flops(rt.device);
+  if (!cfg.logging.quiet)
+    spdlog::info("training {} params on {} ({}), {} steps x {} tokens, grad accum {}, attention {}",
+                 human_count(static_cast<double>(dn.params)), rt.device.str(), at::toString(rt.dtype), t.steps,
+                 dn.tokens_per_step, dn.grad_accum, cfg.parallel.attention);
+
+  const auto run_start = std::chrono::steady_clock::now();
+  for (int64_t step = start_step; step < t.steps; ++step) {
+    device_reset_peak_memory(rt.device);
+    const auto step_start = std::chrono::steady_clock::now();
+    opt.zero_grad();
+    auto loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(rt.device));
+    for (int64_t micro = 0; micro < dn.grad_accum; ++micro) {
+      std::vector<TokenWindow> windows;
+      for (int64_t s = 0; s < t.micro_batch; ++s)
+        windows.push_back(loader.window(step, dp_rank * per_rank + micro * t.micro_batch + s));
+      auto mb = micro_batch_build(windows, cfg.data.document_mask, rt.device);
+      auto hidden = model->forward_hidden(mb.tokens, mb.positions, mb.spec);
+      auto loss = llama_loss(*model, hidden, mb.labels);
+      (loss.sum / total_tokens).backward();
+      opt.accumulate_grads();
+      loss_sum += loss.sum.detach().to(at::kDouble);
+    }
+    auto grad_norm = opt.clip_grad_norm(t.grad_clip);
+    const double lr = lr_at(t, step);
+    opt.step(lr);
+
+    // One host sync per step, after the optimizer: the loss and norm for the log.
+    const double loss = loss_sum.item<double>() / total_tokens;
+    const double gnorm = grad_norm.item<double>();
+    device_synchronize(rt.device);
+    const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+    const double tok_s = static_cast<double>(dn.tokens_per_step) / step_s;
+    const double mfu = peak_flops > 0 ? flops_tok * tok_s / (peak_flops * static_cast<double>(rt.world)) : 0.0;
+    const double mem_gib = device_peak_memory_bytes(rt.device) / double(1 << 30);
+    nlohmann::json rec = {{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", gnorm},
+                          {"tokens", (step + 1) * dn.tokens_per_step}, {"tokens_per_s", tok_s},
+                          {"step_ms", step_s * 1e3}, {"mfu", mfu}, {"peak_mem_gib", mem_gib}};
+    if (!std::isfinite(loss)) spdlog::warn("step {}: the loss is not finite ({})", step + 1, loss);
+    if (validation.due(step + 1)) rec["val_loss"] = validation.run(model);
+    if (rt.rank == 0) metrics.write(rec);
+    if (rt.rank == 0 && !cfg.logging.quiet && ((step + 1) % cfg.logging.every == 0 || step + 1 == t.steps)) {
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
+      const double eta = elapsed / static_cast<double>(step + 1 - start_step) * static_cast<double>(t.steps - step - 1);
+      std::string line = fmt::format("step {:>5}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | {} tok/s", step + 1,
+                                     t.steps, loss, lr, gnorm, human_count(tok_s));
+      if (mfu > 0) line += fmt::format(" | mfu {:.1f}%", 100 * mfu);
+      if (mem_gib > 0) line += fmt::format(" | {:.1f} GiB", mem_gib);
+      if (rec.contains("val_loss")) line += fmt::format(" | val {:.4f}", rec["val_loss"].get<double>());
+      line += " | eta " + human_duration(eta);
+      spdlog::info("{}", line);
+    }
+    const bool last = step + 1 == t.steps;
+    if (rt.rank == 0 && (last || (cfg.checkpoint.every > 0 && (step + 1) % cfg.checkpoint.every == 0))) {
+      nlohmann::json state = {{"optimizer_steps", opt.steps_taken()}, {"loss", loss}, {"seed", t.seed},
+                              {"data_cursor", {{"step", step + 1}}}};
+      auto path = checkpoint_save(ckpt_dir, step + 1, model_tensors_for_checkpoint(opt),
+                                  optimizer_tensors_for_checkpoint(opt), state, cfg.checkpoint.keep_last);
+      if (!cfg.logging.quiet) spdlog::info("saved checkpoint {}", path);
+    }
+  }
+  return 0;
+}
+
+}  // namespace flexcp

@@ -1,0 +1,95 @@
+// Flexible flash attention on Hopper: a plain C++ API over raw device pointers, strides and a stream
+// (no LibTorch), so the kernels can be tested and benchmarked on their own.
+//
+// Layout (docs/attention-spec.md): q (Tq, Hq, D), k and v (Tk, Hkv, D), out (Tq, Hq, D) in the input
+// dtype, lse (Tq, Hq) fp32 natural log. The last dimension must be contiguous; token and head strides
+// are free (in elements, multiples of 8, base pointers 16-byte aligned). D is 64 or 128.
+//
+// Use: build a Plan on the host (cuda/ffa_plan.h), serialize it, copy the int32 array to the device
+// (the caller owns that memory, so it can cache it per spec), then call forward / backward.
+// Errors in arguments throw flexcp::UserError; CUDA launch errors throw std::runtime_error.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/ffa_plan.h"
+
+namespace ffa {
+
+enum class DType : int32_t { BF16 = 0, FP16 = 1, FP32 = 2 };
+
+struct TensorRef {
+  void* data = nullptr;
+  int64_t stride_token = 0;  // elements
+  int64_t stride_head = 0;   // elements
+};
+
+struct LseRef {
+  float* data = nullptr;
+  int64_t stride_token = 0;
+  int64_t stride_head = 0;
+};
+
+struct Dims {
+  int64_t num_q = 0, num_k = 0;
+  int32_t heads_q = 0, heads_kv = 0, head_dim = 0;
+};
+
+// The serialized plan on the device.
+struct DevicePlan {
+  const int32_t* data = nullptr;  // device copy of plan_serialize(...)
+  PlanLayout layout;
+};
+
+struct ForwardArgs {
+  Dims dims;
+  DType dtype = DType::BF16;
+  TensorRef q, k, v, out;
+  LseRef lse;
+  float softmax_scale = 0.f;  // 0 means 1/sqrt(D)
+  // Kernel: 0 = TMA producer + wgmma consumers (warp-specialized, the default), 1 = wgmma with cp.async
+  // loads, 2 = mma.sync (FlashAttention-2 style fallback).
+  int kernel = 0;
+};
+
+void forward(const ForwardArgs& args, const DevicePlan& plan, cudaStream_t stream);
+
+struct BackwardArgs {
+  Dims dims;
+  DType dtype = DType::BF16;
+  TensorRef q, k, v, out, dout;
+  LseRef lse;
+  TensorRef dq, dk, dv;  // outputs, overwritten
+  float softmax_scale = 0.f;
+  // Fixed reduction order: dQ is computed by its own pass over the query-side work list instead of
+  // fp32 atomics from the key-side pass (about 1.4x the backward FLOPs, bitwise reproducible).
+  bool deterministic = false;
+  void* workspace = nullptr;  // backward_workspace_bytes(dims, deterministic), 256-byte aligned
+  // dK/dV kernel: 0 = wgmma (sm_90a, the default), 2 = mma.sync (FlashAttention-2 style fallback).
+  int kernel = 0;
+};
+
+size_t backward_workspace_bytes(const Dims& dims, bool deterministic);
+void backward(const BackwardArgs& args, const DevicePlan& plan, cudaStream_t stream);
+
+// Merge of two partial results for the same rows (attention-spec.md, "Merging"), in fp32:
+//   lse = logaddexp(lse1, lse2); out = exp(lse1 - lse) * o1 + exp(lse2 - lse) * o2
+// A part with lse -inf contributes nothing; two empty parts give out 0, lse -inf. out/lse may alias
+// o1/lse1 (in-place accumulation). o1, o2 and out share `dtype` (BF16, FP16 or FP32).
+struct MergeArgs {
+  int64_t num_tokens = 0;
+  int32_t heads = 0, head_dim = 0;
+  DType dtype = DType::BF16;
+  TensorRef o1, o2, out;
+  LseRef lse1, lse2, lse;
+};
+void merge(const MergeArgs& args, cudaStream_t stream);
+
+// FLOPs of the forward pass by the spec's convention: 4 * D * Hq * visible pairs (backward = 2.5x).
+inline double forward_flops(const Plan& plan, const Dims& d) {
+  return 4.0 * d.head_dim * d.heads_q * static_cast<double>(plan.visible_pairs);
+}
+
+}  // namespace ffa

@@ -1,0 +1,262 @@
+// dK/dV (and atomic dQ) pass of the backward on Hopper wgmma: one warpgroup per CTA owns a 64-key tile
+// of one kv head, loops over the query heads of its GQA group and over the item's 64-query tiles.
+// All operands sit in 128B-swizzled shared memory loaded by cp.async (two stages for Q, dO):
+//   S^T  = K Q^T          SS-wgmma (both K-major)          -> P^T = exp2(S^T * scale * log2e - lse)
+//   dP^T = V dO^T         SS-wgmma                         -> dS^T = P^T * (dP^T - delta)
+//   dV  += P^T dO         RS-wgmma (P^T from registers, dO N-major)
+//   dK  += dS^T Q         RS-wgmma
+//   dQ   = dS K           SS-wgmma, dS^T staged in shared memory read M-major, K N-major; fp32 atomics
+// dK, dV stay in fp32 registers across the whole item (slices sharing keys and GQA heads add there).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cuda/ffa_device.cuh"
+#include "cuda/ffa_hopper.cuh"
+#include "cuda/ffa_kernels.h"
+#include "cuda/ffa_wgmma.cuh"
+
+namespace ffa {
+namespace detail {
+namespace {
+
+using namespace dev;
+
+constexpr int kBN = kBwdTileK, kBM = kBwdTileQ, kThreads = 128;
+static_assert(kBN == 64 && kBM == 64, "one warpgroup: 64 keys x 64 queries");
+
+template <int R, int D, typename T>
+__device__ __forceinline__ void load_sw(uint32_t dst, const T* base, int64_t stride_token, int row0, int limit,
+                                        int tid) {
+  constexpr int kChunksPerRow = D / 8, kChunks = R * kChunksPerRow;
+#pragma unroll
+  for (int n = 0; n < kChunks / kThreads; ++n) {
+    const int idx = tid + n * kThreads;
+    const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+    const bool valid = row0 + r < limit;
+    const T* src = valid ? base + static_cast<int64_t>(row0 + r) * stride_token + c : base;
+    cp_async16(dst + sw_off<R>(r, c), src, valid);
+  }
+}
+
+template <typename T, int D, bool kAtomicDq>
+__global__ void __launch_bounds__(kThreads, 1) dkdv_wgmma_kernel(const BwdParams p) {
+  constexpr uint32_t kTile = 64 * D * 2;  // one 64-row tile
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t sK = (raw + 1023u) & ~1023u;
+  unsigned char* smem = smem_raw + (sK - raw);
+  const uint32_t sV = sK + kTile, sQ = sV + kTile, sdO = sQ + 2 * kTile, sdS = sdO + 2 * kTile;
+  float* sLse = reinterpret_cast<float*>(smem + (sdS - sK) + 64 * 64 * 2);  // [2][64]
+  float* sDelta = sLse + 2 * kBM;                                         // [2][64]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int item_idx = blockIdx.x / p.heads_kv;
+  const int hk = blockIdx.x % p.heads_kv;
+  const Item it = p.k_side.items[item_idx];
+  const Run* runs = p.k_side.runs;
+  const int c0 = it.row_begin;
+
+  load_sw<64, D>(sK, static_cast<const T*>(p.k) + hk * p.k_sh, p.k_st, c0, p.num_k, tid);
+  load_sw<64, D>(sV, static_cast<const T*>(p.v) + hk * p.v_sh, p.v_st, c0, p.num_k, tid);
+  cp_async_commit();
+
+  struct Cursor {
+    int g, run, t;
+  };
+  const bool has_runs = it.run_begin < it.run_end;
+  auto next = [&](Cursor c) -> Cursor {
+    if (c.t + 1 < runs[c.run].tiles) return {c.g, c.run, c.t + 1};
+    if (c.run + 1 < it.run_end) return {c.g, c.run + 1, 0};
+    return {c.g + 1, it.run_begin, 0};
+  };
+  auto issue = [&](Cursor c, int stage) {
+    const int h = hk * p.group + c.g;
+    const int q0 = runs[c.run].begin + c.t * kBM;
+    load_sw<64, D>(sQ + stage * kTile, static_cast<const T*>(p.q) + h * p.q_sh, p.q_st, q0, p.num_q, tid);
+    load_sw<64, D>(sdO + stage * kTile, static_cast<const T*>(p.dout) + h * p.do_sh, p.do_st, q0, p.num_q, tid);
+    cp_async_commit();
+    if (tid < kBM) {
+      const int row = q0 + tid;
+      float lse2 = INFINITY, dl = 0.f;
+      if (row < p.num_q) {
+        const float lse = p.lse[row * p.lse_st + h * p.lse_sh];
+        lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;  // empty rows: P = 0, never NaN
+        dl = p.delta[static_cast<int64_t>(row) * p.heads_q + h];
+      }
+      sLse[stage * kBM + tid] = lse2;
+      sDelta[stage * kBM + tid] = dl;
+    }
+  };
+
+  float dk[D / 2], dv[D / 2];
+#pragma unroll
+  for (int n = 0; n < D / 2; ++n) dk[n] = dv[n] = 0.f;
+
+  Cursor cur{0, it.run_begin, 0};
+  if (has_runs) issue(cur, 0);
+  int stage = 0;
+  const int key_lo = c0 + warp * 16 + (lane >> 2);  // this thread's keys: key_lo, key_lo + 8
+  while (has_runs && cur.g < p.group) {
+    cp_async_wait<0>();
+    fence_async_smem();
+    __syncthreads();
+    const Run run = runs[cur.run];
+    const int q0 = run.begin + cur.t * kBM;
+    const int h = hk * p.group + cur.g;
+    const Cursor nxt = next(cur);
+    if (nxt.g < p.group) issue(nxt, stage ^ 1);
+    const uint32_t q_st = sQ + stage * kTile, do_st = sdO + stage * kTile;
+    const float* lse2 = sLse + stage * kBM;
+    const float* dlt = sDelta + stage * kBM;
+
+    float s[kBM / 2], dp[kBM / 2];
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+      wgmma_ss<T, kBM>(s, smem_desc(sK + off, 16, 1024), smem_desc(q_st + off, 16, 1024), kk > 0 ? 1 : 0);
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
+      wgmma_ss<T, kBM>(dp, smem_desc(sV + off, 16, 1024), smem_desc(do_st + off, 16, 1024), kk > 0 ? 1 : 0);
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(s);
+    reg_fence(dp);
+
+    const bool masked = run.masked;
+    CutSlice cut{};
+    if (masked) cut = p.k_side.cuts[run.cut];
+#pragma unroll
+    for (int j = 0; j < kBM / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = j * 8 + (lane & 3) * 2 + (e & 1);
+        float pr = exp2f(fmaf(s[4 * j + e], p.scale_log2, -lse2[col]));
+        if (masked && !cut_visible(cut, q0 + col, key_lo + (e >> 1) * 8)) pr = 0.f;
+        s[4 * j + e] = pr;
+        dp[4 * j + e] = pr * (dp[4 * j + e] - dlt[col]);
+      }
+    uint32_t pa[kBM / 16][4], da[kBM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        pa[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+        da[kk][r] = pack2<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
+      }
+    if (kAtomicDq) {
+      // dS^T (keys x queries) to shared memory for the dQ GEMM, in the swizzled layout wgmma reads.
+#pragma unroll
+      for (int kk = 0; kk < kBM / 16; ++kk) {
+        const int r = warp * 16 + (lane >> 2), cq = kk * 16 + (lane & 3) * 2;
+        *reinterpret_cast<uint32_t*>(smem + (sdS - sK) + sw_off<64>(r, cq)) = da[kk][0];
+        *reinterpret_cast<uint32_t*>(smem + (sdS - sK) + sw_off<64>(r + 8, cq)) = da[kk][1];
+        *reinterpret_cast<uint32_t*>(smem + (sdS - sK) + sw_off<64>(r, cq + 8)) = da[kk][2];
+        *reinterpret_cast<uint32_t*>(smem + (sdS - sK) + sw_off<64>(r + 8, cq + 8)) = da[kk][3];
+      }
+    }
+    reg_fence(dv);
+    reg_fence(dk);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      // dO and Q are [query][d]: as B (queries x d) they are N-major; 16 queries = two 8-row groups.
+      wgmma_rs_tb<T, D>(dv, pa[kk], smem_desc(do_st + kk * 16 * 128, 64 * 128, 1024));
+      wgmma_rs_tb<T, D>(dk, da[kk], smem_desc(q_st + kk * 16 * 128, 64 * 128, 1024));
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(dv);
+    reg_fence(dk);
+    reg_fence_u(pa);
+    reg_fence_u(da);
+    if (kAtomicDq) {
+      fence_async_smem();  // dS^T was written with ordinary stores; wgmma reads it through the async proxy
+      __syncthreads();
+      // dQ (64 queries x D) = dS K: A = dS^T read M-major (queries contiguous), B = K read N-major.
+      float dq[D / 2];
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_ss_tt<T, D>(dq, smem_desc(sdS + kk * 16 * 128, 64 * 128, 1024),
+                          smem_desc(sK + kk * 16 * 128, 64 * 128, 1024), kk > 0 ? 1 : 0);
+      wg_commit();
+      wg_wait<0>();
+      reg_fence(dq);
+      const int qrow = q0 + warp * 16 + (lane >> 2);
+      float* dqa = p.dq_accum + (static_cast<int64_t>(qrow) * p.heads_q + h) * D;
+      const int64_t row8 = static_cast<int64_t>(8) * p.heads_q * D;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        const int col = j * 8 + (lane & 3) * 2;
+        if (qrow < p.num_q) atomicAdd(reinterpret_cast<float2*>(dqa + col), make_float2(dq[4 * j], dq[4 * j + 1]));
+        if (qrow + 8 < p.num_q)
+          atomicAdd(reinterpret_cast<float2*>(dqa + row8 + col), make_float2(dq[4 * j + 2], dq[4 * j + 3]));
+      }
+    }
+    cur = nxt;
+    stage ^= 1;
+  }
+
+  // Epilogue: dK (times the softmax scale) and dV through this warp's rows of the K / V tiles.
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    const int row = warp * 16 + (lane >> 2), col = j * 8 + (lane & 3) * 2;
+    *reinterpret_cast<uint32_t*>(smem + sw_off<64>(row, col)) = pack2<T>(dk[4 * j] * p.scale, dk[4 * j + 1] * p.scale);
+    *reinterpret_cast<uint32_t*>(smem + sw_off<64>(row + 8, col)) =
+        pack2<T>(dk[4 * j + 2] * p.scale, dk[4 * j + 3] * p.scale);
+    *reinterpret_cast<uint32_t*>(smem + kTile + sw_off<64>(row, col)) = pack2<T>(dv[4 * j], dv[4 * j + 1]);
+    *reinterpret_cast<uint32_t*>(smem + kTile + sw_off<64>(row + 8, col)) = pack2<T>(dv[4 * j + 2], dv[4 * j + 3]);
+  }
+  __syncwarp();
+  constexpr int kChunksPerRow = D / 8;
+  T* dkg = static_cast<T*>(p.dk) + hk * p.dk_sh;
+  T* dvg = static_cast<T*>(p.dv) + hk * p.dv_sh;
+#pragma unroll
+  for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
+    const int idx = lane + k * 32;
+    const int r = warp * 16 + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+    const int grow = c0 + r;
+    if (grow < it.row_end) {
+      *reinterpret_cast<uint4*>(dkg + static_cast<int64_t>(grow) * p.dk_st + c) =
+          *reinterpret_cast<const uint4*>(smem + sw_off<64>(r, c));
+      *reinterpret_cast<uint4*>(dvg + static_cast<int64_t>(grow) * p.dv_st + c) =
+          *reinterpret_cast<const uint4*>(smem + kTile + sw_off<64>(r, c));
+    }
+  }
+}
+
+template <typename T, int D>
+void launch_t(bool atomic_dq, const BwdParams& p, cudaStream_t stream) {
+  constexpr int kSmem = 6 * 64 * D * 2 + 64 * 64 * 2 + 4 * 64 * 4 + 1024;
+  const int64_t grid = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
+  if (grid == 0) return;
+  auto kernel = atomic_dq ? dkdv_wgmma_kernel<T, D, true> : dkdv_wgmma_kernel<T, D, false>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward (wgmma): ") + cudaGetErrorString(err));
+  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("ffa backward (wgmma) launch: ") + cudaGetErrorString(err));
+}
+
+}  // namespace
+
+void launch_dkdv_wgmma(int dtype, int head_dim, bool atomic_dq, const BwdParams& p, cudaStream_t stream) {
+  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(atomic_dq, p, stream);
+  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(atomic_dq, p, stream);
+  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(atomic_dq, p, stream);
+  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(atomic_dq, p, stream);
+  throw std::runtime_error("ffa backward (wgmma): unsupported dtype/head_dim");
+}
+
+}  // namespace detail
+}  // namespace ffa

@@ -1,0 +1,71 @@
+// Internal: kernel parameter blocks and launchers behind cuda/ffa.h (argument checks live in
+// ffa_api.cu; the launchers trust their inputs).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/ffa_plan.h"
+
+namespace ffa {
+namespace detail {
+
+// Tile shapes of the mma.sync kernels; the plan must be built with the same (PlanConfig defaults).
+constexpr int kFwdTileQ = 128, kFwdTileK = 64, kFwdThreads = 256;
+// Key tile of the q-side plan; the mma.sync kernels walk it as kPlanTileQCols / kFwdTileK sub-tiles.
+constexpr int kPlanTileQCols = 128;
+constexpr int kBwdTileK = 64, kBwdTileQ = 64, kBwdThreads = 128;
+
+struct SideView {
+  const Item* items;
+  const Run* runs;
+  const CutSlice* cuts;
+  int num_items;
+};
+
+struct FwdParams {
+  const void *q, *k, *v;
+  void* out;
+  float* lse;
+  int64_t q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st, o_sh, lse_st, lse_sh;
+  int num_q, num_k, heads_q, heads_kv, group;
+  float scale_log2;  // softmax scale * log2(e)
+  SideView side;
+};
+
+struct BwdParams {
+  const void *q, *k, *v, *out, *dout;
+  const float* lse;
+  void *dq, *dk, *dv;
+  float* dq_accum;  // (Tq, Hq, D) fp32, atomic path only
+  float* delta;     // (Tq, Hq) fp32: rowsum(dout * out)
+  int64_t q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st, o_sh, do_st, do_sh, lse_st, lse_sh;
+  int64_t dq_st, dq_sh, dk_st, dk_sh, dv_st, dv_sh;
+  int num_q, num_k, heads_q, heads_kv, group;
+  float scale, scale_log2;
+  SideView q_side, k_side;
+};
+
+struct MergeParams {
+  const void *o1, *o2;
+  void* out;
+  const float *lse1, *lse2;
+  float* lse;
+  int64_t o1_st, o1_sh, o2_st, o2_sh, out_st, out_sh;
+  int64_t l1_st, l1_sh, l2_st, l2_sh, l_st, l_sh;
+  int64_t num_tokens;
+  int heads, head_dim;
+};
+
+// T is 0 = bf16, 1 = fp16 (DType values).
+void launch_forward(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);        // mma.sync
+void launch_forward_wgmma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);  // sm_90a wgmma
+void launch_forward_tma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);    // + TMA, warp-specialized
+// dkdv_kernel: 0 = wgmma (sm_90a), 2 = mma.sync.
+void launch_backward(int dtype, int head_dim, bool deterministic, int dkdv_kernel, const BwdParams& p,
+                     cudaStream_t stream);
+void launch_dkdv_wgmma(int dtype, int head_dim, bool atomic_dq, const BwdParams& p, cudaStream_t stream);
+void launch_merge(int dtype, const MergeParams& p, cudaStream_t stream);
+
+}  // namespace detail
+}  // namespace ffa

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds cuda/ (our attention kernels + the C ABI in ffa_capi.cu) into build-ffa/libffa.so for the
+# Python tests and benchmarks (test/gpu/ffa_check.py, scripts/bench/attention_bench.py). No LibTorch.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+out=${1:-$root/build-ffa}
+mkdir -p "$out"
+nvcc=${NVCC:-nvcc}
+flags=(-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I"$root" -Xcompiler -fPIC --expt-relaxed-constexpr -lineinfo)
+pids=()
+for f in "$root"/cuda/*.cu; do
+  "$nvcc" "${flags[@]}" -c "$f" -o "$out/$(basename "$f" .cu).o" & pids+=($!)
+done
+g++ -std=c++17 -O2 -fPIC -I"$root" -c "$root/cuda/ffa_plan.cpp" -o "$out/ffa_plan.o" & pids+=($!)
+for p in "${pids[@]}"; do wait "$p"; done
+"$nvcc" -shared -gencode arch=compute_90a,code=sm_90a "$out"/*.o -o "$out/libffa.so" -lcuda
+echo "$out/libffa.so"
+# The standalone test (no LibTorch; small enough for compute-sanitizer).
+"$nvcc" "${flags[@]}" "$root/test/gpu/standalone/ffa_standalone.cu" "$out"/ffa_*.o -o "$out/ffa_standalone" -lcuda

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Nsight Compute snapshot of one forward kernel (GPU machine): speed of light, warp stalls, instruction mix.
+#   FFA_LIB=... scripts/bench/profile_fwd.sh "b: S=8192 Hq=Hkv=16 D=128 full" fwd_wgmma
+set -euo pipefail
+shape=${1:-full}
+kernel=${2:-fwd_wgmma}
+cd "$(dirname "$0")/../.."
+ncu --kernel-name "regex:${kernel}" --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+    python3 scripts/bench/attention_bench.py --which ours --only "$shape"

@@ -1,0 +1,234 @@
+// Standalone GPU test of cuda/ffa.h with no LibTorch, small enough to run under compute-sanitizer
+// (memcheck, racecheck): a few slices of every mask type over lengths that are not tile multiples,
+// GQA 2, D 64 and 128, bf16; forward, backward (atomic and deterministic) and merge, checked against a
+// float64 CPU reference. Exit code 0 when every check passes.
+//   scripts/bench/build_ffa_lib.sh && nvcc ... (see scripts/bench/build_ffa_lib.sh) && ./ffa_standalone
+//   compute-sanitizer --tool racecheck ./ffa_standalone
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "cuda/ffa.h"
+
+#define CK(x)                                                                                   \
+  do {                                                                                          \
+    cudaError_t e_ = (x);                                                                       \
+    if (e_ != cudaSuccess) {                                                                    \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__);    \
+      std::exit(2);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+struct Dev {
+  void* p = nullptr;
+  explicit Dev(size_t bytes) { CK(cudaMalloc(&p, bytes ? bytes : 16)); }
+  ~Dev() { cudaFree(p); }
+};
+
+std::vector<float> round_bf16(std::vector<float> v) {
+  for (auto& x : v) x = __bfloat162float(__float2bfloat16(x));
+  return v;
+}
+
+bool visible(const std::vector<ffa::Slice>& sl, int i, int j) {
+  for (const auto& s : sl) {
+    if (i < s.q_start || i >= s.q_end || j < s.k_start || j >= s.k_end) continue;
+    const int64_t a = i - s.q_start, b = j - s.k_start, d = (s.k_end - s.k_start) - (s.q_end - s.q_start);
+    switch (s.mask) {
+      case ffa::Mask::Full: return true;
+      case ffa::Mask::Causal: return b <= a + d;
+      case ffa::Mask::InvCausal: return b >= a;
+      case ffa::Mask::BiCausal: return b >= a && b <= a + d;
+    }
+  }
+  return false;
+}
+
+int run(int D, bool use_merge_split) {
+  const int tq = 150, tk = 133, hq = 4, hkv = 2, g = hq / hkv;
+  const std::vector<ffa::Slice> slices = {{0, 70, 0, 60, ffa::Mask::Causal},
+                                          {0, 150, 60, 133, ffa::Mask::InvCausal},
+                                          {70, 150, 0, 40, ffa::Mask::Full},
+                                          {70, 150, 40, 60, ffa::Mask::BiCausal}};
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  std::mt19937 rng(42 + D);
+  std::normal_distribution<float> nd;
+  auto randv = [&](size_t n) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = nd(rng);
+    return round_bf16(v);
+  };
+  auto q = randv(size_t(tq) * hq * D), k = randv(size_t(tk) * hkv * D), v = randv(size_t(tk) * hkv * D),
+       dout = randv(size_t(tq) * hq * D);
+  auto to_bf = [](const std::vector<float>& f) {
+    std::vector<bf16> b(f.size());
+    for (size_t n = 0; n < f.size(); ++n) b[n] = __float2bfloat16(f[n]);
+    return b;
+  };
+  // float64 reference
+  std::vector<double> ro(q.size()), rl(size_t(tq) * hq), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0);
+  for (int h = 0; h < hq; ++h) {
+    const int hk = h / g;
+    for (int i = 0; i < tq; ++i) {
+      std::vector<double> s(tk, -INFINITY);
+      double mx = -INFINITY;
+      for (int j = 0; j < tk; ++j)
+        if (visible(slices, i, j)) {
+          double acc = 0;
+          for (int d = 0; d < D; ++d) acc += double(q[(size_t(i) * hq + h) * D + d]) * k[(size_t(j) * hkv + hk) * D + d];
+          s[j] = acc * scale;
+          mx = std::max(mx, s[j]);
+        }
+      double sum = 0;
+      for (int j = 0; j < tk; ++j) sum += s[j] == -INFINITY ? 0 : std::exp(s[j] - mx);
+      rl[size_t(i) * hq + h] = sum > 0 ? mx + std::log(sum) : -INFINITY;
+      std::vector<double> p(tk, 0);
+      for (int j = 0; j < tk; ++j) p[j] = s[j] == -INFINITY ? 0 : std::exp(s[j] - mx) / sum;
+      double delta = 0;
+      for (int d = 0; d < D; ++d) {
+        double o = 0;
+        for (int j = 0; j < tk; ++j) o += p[j] * v[(size_t(j) * hkv + hk) * D + d];
+        ro[(size_t(i) * hq + h) * D + d] = o;
+        delta += o * dout[(size_t(i) * hq + h) * D + d];
+      }
+      for (int j = 0; j < tk; ++j) {
+        if (p[j] == 0) continue;
+        double dp = 0;
+        for (int d = 0; d < D; ++d) dp += double(dout[(size_t(i) * hq + h) * D + d]) * v[(size_t(j) * hkv + hk) * D + d];
+        const double ds = p[j] * (dp - delta) * scale;
+        for (int d = 0; d < D; ++d) {
+          rdv[(size_t(j) * hkv + hk) * D + d] += p[j] * dout[(size_t(i) * hq + h) * D + d];
+          rdq[(size_t(i) * hq + h) * D + d] += ds * k[(size_t(j) * hkv + hk) * D + d];
+          rdk[(size_t(j) * hkv + hk) * D + d] += ds * q[(size_t(i) * hq + h) * D + d];
+        }
+      }
+    }
+  }
+
+  Dev dq_(q.size() * 2), dk_(k.size() * 2), dv_(v.size() * 2), ddo(q.size() * 2), dout_(q.size() * 2),
+      dlse(rl.size() * 4), gq(q.size() * 2), gk(k.size() * 2), gv(v.size() * 2);
+  CK(cudaMemcpy(dq_.p, to_bf(q).data(), q.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dk_.p, to_bf(k).data(), k.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dv_.p, to_bf(v).data(), v.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(ddo.p, to_bf(dout).data(), q.size() * 2, cudaMemcpyHostToDevice));
+
+  ffa::Plan plan = ffa::plan_build(slices, tq, tk);
+  ffa::DevicePlan dp;
+  const auto blob = ffa::plan_serialize(plan, &dp.layout);
+  Dev dblob(blob.size() * 4);
+  CK(cudaMemcpy(dblob.p, blob.data(), blob.size() * 4, cudaMemcpyHostToDevice));
+  dp.data = static_cast<const int32_t*>(dblob.p);
+
+  ffa::ForwardArgs fa;
+  fa.dims = {tq, tk, hq, hkv, D};
+  fa.q = {dq_.p, hq * D, D}, fa.k = {dk_.p, hkv * D, D}, fa.v = {dv_.p, hkv * D, D};
+  fa.out = {dout_.p, hq * D, D};
+  fa.lse = {static_cast<float*>(dlse.p), hq, 1};
+  fa.softmax_scale = scale;
+
+  int failures = 0;
+  auto compare = [&](const char* name, const void* dptr, const std::vector<double>& ref, bool is_bf16, double tol) {
+    std::vector<float> got(ref.size());
+    if (is_bf16) {
+      std::vector<bf16> b(ref.size());
+      CK(cudaMemcpy(b.data(), dptr, b.size() * 2, cudaMemcpyDeviceToHost));
+      for (size_t n = 0; n < b.size(); ++n) got[n] = __bfloat162float(b[n]);
+    } else {
+      CK(cudaMemcpy(got.data(), dptr, got.size() * 4, cudaMemcpyDeviceToHost));
+    }
+    double err = 0, mag = 0;
+    for (size_t n = 0; n < ref.size(); ++n) {
+      if (std::isinf(ref[n])) {
+        if (!(std::isinf(got[n]) && got[n] < 0)) err = INFINITY;
+        continue;
+      }
+      if (std::isnan(got[n])) err = INFINITY;  // unwritten (poisoned) or NaN math
+      err = std::max(err, std::fabs(got[n] - ref[n]));
+      mag = std::max(mag, std::fabs(ref[n]));
+    }
+    const bool ok = err <= tol * std::max(1.0, mag);
+    std::printf("  D=%d %-14s max err %.3e (|ref| %.2f) %s\n", D, name, err, mag, ok ? "ok" : "FAIL");
+    failures += !ok;
+  };
+  for (int kern : {2, 1, 0}) {  // mma.sync, wgmma + cp.async, then TMA (whose result the backward uses)
+    fa.kernel = kern;
+    const char* names[] = {"out (tma)", "lse (tma)", "out (wgmma)", "lse (wgmma)", "out (mma)", "lse (mma)"};
+    CK(cudaMemset(dout_.p, 0xff, q.size() * 2));  // poison: NaN
+    ffa::forward(fa, dp, 0);
+    CK(cudaDeviceSynchronize());
+    compare(names[2 * kern], dout_.p, ro, true, 2e-2);
+    compare(names[2 * kern + 1], dlse.p, rl, false, 1e-3);
+  }
+  for (int variant = 0; variant < 4; ++variant) {  // {atomic, deterministic} x {wgmma, mma.sync}
+    const int det = variant & 1, kern = variant < 2 ? 0 : 2;
+    ffa::BackwardArgs ba;
+    ba.dims = fa.dims;
+    ba.q = fa.q, ba.k = fa.k, ba.v = fa.v, ba.out = fa.out, ba.lse = fa.lse;
+    ba.dout = {ddo.p, hq * D, D};
+    ba.dq = {gq.p, hq * D, D}, ba.dk = {gk.p, hkv * D, D}, ba.dv = {gv.p, hkv * D, D};
+    ba.softmax_scale = scale;
+    ba.deterministic = det;
+    ba.kernel = kern;
+    CK(cudaMemset(gq.p, 0xff, q.size() * 2));
+    CK(cudaMemset(gk.p, 0xff, k.size() * 2));
+    CK(cudaMemset(gv.p, 0xff, v.size() * 2));
+    Dev ws(ffa::backward_workspace_bytes(ba.dims, det));
+    ba.workspace = ws.p;
+    ffa::backward(ba, dp, 0);
+    CK(cudaDeviceSynchronize());
+    const char* nm[4][3] = {{"dq", "dk", "dv"},
+                            {"dq (det)", "dk (det)", "dv (det)"},
+                            {"dq (mma)", "dk (mma)", "dv (mma)"},
+                            {"dq (mma, det)", "dk (mma, det)", "dv (mma, det)"}};
+    compare(nm[variant][0], gq.p, rdq, true, 2e-2);
+    compare(nm[variant][1], gk.p, rdk, true, 2e-2);
+    compare(nm[variant][2], gv.p, rdv, true, 2e-2);
+  }
+  if (use_merge_split) {
+    // Two halves of the slices, merged in place into the first: must equal the whole.
+    const std::vector<ffa::Slice> s1 = {slices[0], slices[2]}, s2 = {slices[1], slices[3]};
+    ffa::DevicePlan p1, p2;
+    const auto b1 = ffa::plan_serialize(ffa::plan_build(s1, tq, tk), &p1.layout);
+    const auto b2 = ffa::plan_serialize(ffa::plan_build(s2, tq, tk), &p2.layout);
+    Dev db1(b1.size() * 4), db2(b2.size() * 4), o2(q.size() * 2), l2(rl.size() * 4);
+    CK(cudaMemcpy(db1.p, b1.data(), b1.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(db2.p, b2.data(), b2.size() * 4, cudaMemcpyHostToDevice));
+    p1.data = static_cast<const int32_t*>(db1.p);
+    p2.data = static_cast<const int32_t*>(db2.p);
+    ffa::forward(fa, p1, 0);
+    ffa::ForwardArgs fb = fa;
+    fb.out = {o2.p, hq * D, D};
+    fb.lse = {static_cast<float*>(l2.p), hq, 1};
+    ffa::forward(fb, p2, 0);
+    ffa::MergeArgs ma;
+    ma.num_tokens = tq, ma.heads = hq, ma.head_dim = D, ma.dtype = ffa::DType::BF16;
+    ma.o1 = fa.out, ma.o2 = fb.out, ma.out = fa.out, ma.lse1 = fa.lse, ma.lse2 = fb.lse, ma.lse = fa.lse;
+    ffa::merge(ma, 0);
+    CK(cudaDeviceSynchronize());
+    compare("merged out", dout_.p, ro, true, 3e-2);
+    compare("merged lse", dlse.p, rl, false, 1e-3);
+  }
+  return failures;
+}
+
+}  // namespace
+
+int main() {
+  int failures = 0;
+  try {
+    failures += run(64, true);
+    failures += run(128, false);
+  } catch (const std::exception& e) {
+    std::printf("exception: %s\n", e.what());
+    return 1;
+  }
+  std::printf("%s (%d failures)\n", failures ? "FAILED" : "PASSED", failures);
+  return failures ? 1 : 0;
+}
