@@ -198,8 +198,9 @@ const std::vector<Field>& fields() {
                       "dispatch chunk in tokens; 0 = ceil(seq_len / (8 * cp))")
                     .at_least(0).alias("chunk_size"));
     v.push_back(Field("parallel.communicator", FLEXCP_REF(parallel.communicator),
-                      "collectives between ranks; auto = nccl on GPU, mpi on CPU, none for one process")
-                    .one_of({"auto", "mpi", "nccl", "none"}));
+                      "collectives between ranks; auto = nccl on GPU, mpi under mpirun on CPU, tcp (sockets) under "
+                      "flexcp launch / torchrun / Slurm on CPU, none for one process")
+                    .one_of({"auto", "mpi", "tcp", "nccl", "none"}));
     v.push_back(Field("parallel.deterministic", FLEXCP_REF(parallel.deterministic),
                       "fixed reduction order in the attention backward (bitwise-reproducible, slower)"));
     // checkpoint
@@ -597,7 +598,7 @@ void validate(const RunConfig& c) {
     fail(src, "parallel.attention: ffa runs on CUDA only, but train.device is cpu",
          "use attention: torch or reference on CPU, or device: cuda");
   if (c.parallel.communicator == "nccl" && t.device == "cpu")
-    fail(src, "parallel.communicator: nccl needs CUDA, but train.device is cpu", "use communicator: mpi (or auto) on CPU");
+    fail(src, "parallel.communicator: nccl needs CUDA, but train.device is cpu", "use communicator: auto (mpi or tcp) on CPU");
   if (c.data.path.empty() && !c.data.synthetic)
     fail(src, "data.path is empty", "point it at a folder made by `flexcp prepare-data`, or set data.synthetic: true");
   if (c.logging.dir.empty()) fail(src, "logging.dir is empty", "name a run folder, e.g. dir: runs/my-run");
@@ -671,7 +672,7 @@ DerivedNumbers config_derive(const RunConfig& cfg, int64_t world_size) {
          "launch a multiple of " + num(cp) + " processes or change parallel.cp");
   if (world_size > 1 && cfg.parallel.communicator == "none")
     fail(src, "parallel.communicator is none but " + num(world_size) + " processes were launched",
-         "use communicator: auto, mpi or nccl");
+         "use communicator: auto, mpi, tcp or nccl");
   DerivedNumbers d;
   d.params = llama_arch_num_params(cfg.model.arch);
   d.world_size = world_size;

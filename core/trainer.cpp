@@ -13,6 +13,7 @@
 #include "core/atomic_file.h"
 #include "core/attention_backend.h"
 #include "core/checkpoint.h"
+#include "core/cp_run.h"
 #include "core/data_loader.h"
 #include "core/device_info.h"
 #include "core/errors.h"
@@ -22,6 +23,7 @@
 #include "core/metrics_log.h"
 #include "core/micro_batch.h"
 #include "core/optimizer.h"
+#include "core/rendezvous.h"
 
 namespace flexcp {
 namespace fs = std::filesystem;
@@ -32,6 +34,9 @@ struct Runtime {
   at::Device device = at::kCPU;
   at::ScalarType dtype = at::kFloat;
   int64_t world = 1, rank = 0;
+  std::shared_ptr<Communicator> comm;  // every rank: gradients and the logged loss
+  std::shared_ptr<CpContext> cp;       // cp groups, dispatch planner, CP traffic counters
+  bool cp_on() const { return cp && cp->cp > 1; }
 };
 
 Runtime runtime_resolve(const RunConfig& cfg) {
@@ -42,6 +47,15 @@ Runtime runtime_resolve(const RunConfig& cfg) {
     fail(cfg.source, "train.device: cuda, but this build or machine has no CUDA GPU", "set train.device: cpu (or auto)");
   if (t.device == "cuda" || (t.device == "auto" && cuda)) rt.device = at::Device(at::kCUDA, 0);
   if (t.dtype == "bf16" || (t.dtype == "auto" && rt.device.is_cuda())) rt.dtype = at::kBFloat16;
+  // Ranks: from the launcher (mpirun, torchrun, flexcp launch, Slurm); parallel settings are checked
+  // before any collective, so a bad config fails fast with one line on every rank.
+  const LaunchEnv env = launch_env_detect();
+  cp_config_check(cfg, env.world_size, rt.device.is_cuda());
+  if (rt.device.is_cuda()) rt.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
+  rt.comm = communicator_create(cfg.parallel.communicator, rt.device.is_cuda(), env);
+  rt.world = rt.comm->size();
+  rt.rank = rt.comm->rank();
+  rt.cp = cp_context_for_run(cfg, rt.comm);
   return rt;
 }
 
@@ -68,10 +82,23 @@ class ValidationLoss {
       std::vector<TokenWindow> windows;
       for (int64_t s = 0; s < cfg_.train.micro_batch; ++s) windows.push_back(loader_->window(b, s));
       auto mb = micro_batch_build(windows, cfg_.data.document_mask, rt_.device);
+      if (rt_.cp_on()) {  // this rank's tokens; the sum and count come from the whole cp group below
+        const CpBatch cb = cp_dispatch_batch(*rt_.cp, mb.spec, mb.tokens, mb.labels, mb.positions);
+        mb.tokens = cb.tokens;
+        mb.labels = cb.labels;
+        mb.positions = cb.positions;
+      }
       auto hidden = model->forward_hidden(mb.tokens, mb.positions, mb.spec);
       auto loss = llama_loss(*model, hidden, mb.labels);
       sum += loss.sum.item<double>();
       count += loss.count;
+    }
+    if (rt_.cp_on()) {
+      at::Tensor both = at::tensor({sum, static_cast<double>(count)}, at::kDouble).to(rt_.device);
+      rt_.cp->group->all_reduce_sum(both);
+      both = both.to(at::kCPU);
+      sum = both[0].item<double>();
+      count = static_cast<int64_t>(both[1].item<double>());
     }
     model->train();
     return sum / std::max<int64_t>(1, count);
@@ -118,7 +145,13 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
   if (!cfg.model.from.empty() && hf_folder_has_weights(cfg.model.from)) hf_load_weights(*model, cfg.model.from);
   model->to(rt.device, rt.dtype);
   model->set_activation_checkpointing(t.activation_checkpointing);
-  model->set_attention_backend(make_attention_backend(cfg.parallel.attention));
+  // With cp > 1 the kernel of parallel.attention runs inside the CP kernel (group-cast of K/V,
+  // staged merge, group-reduce of dK/dV); the model passes its local tokens and the global spec.
+  if (rt.cp_on())
+    model->set_attention_backend(
+        backend_from_kernel(make_cp_attention_kernel(make_attention_kernel(cfg.parallel.attention), rt.cp)));
+  else
+    model->set_attention_backend(make_attention_backend(cfg.parallel.attention));
   model->train();
   FlatAdamW opt(model->named_parameters().pairs(), {t.beta1, t.beta2, t.eps, t.weight_decay});
 
@@ -164,11 +197,26 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
       for (int64_t s = 0; s < t.micro_batch; ++s)
         windows.push_back(loader.window(step, dp_rank * per_rank + micro * t.micro_batch + s));
       auto mb = micro_batch_build(windows, cfg.data.document_mask, rt.device);
+      if (rt.cp_on()) {
+        const CpBatch cb = cp_dispatch_batch(*rt.cp, mb.spec, mb.tokens, mb.labels, mb.positions);
+        if (step == start_step && micro == 0 && rt.rank == 0 && !cfg.logging.quiet)
+          spdlog::info("{}", cp_comm_report(*cb.plan, cfg.model.arch.num_kv_heads, cfg.model.arch.head_dim,
+                                            static_cast<int64_t>(at::elementSize(rt.dtype))));
+        mb.tokens = cb.tokens;
+        mb.labels = cb.labels;
+        mb.positions = cb.positions;
+      }
       auto hidden = model->forward_hidden(mb.tokens, mb.positions, mb.spec);
       auto loss = llama_loss(*model, hidden, mb.labels);
       (loss.sum / total_tokens).backward();
       opt.accumulate_grads();
       loss_sum += loss.sum.detach().to(at::kDouble);
+    }
+    // Each rank's gradient covers its tokens over the global token count: the sum over all ranks
+    // is the no-CP, no-DP gradient of the global batch.
+    if (rt.world > 1) {
+      rt.comm->all_reduce_sum(opt.grad_flat());
+      rt.comm->all_reduce_sum(loss_sum);
     }
     auto grad_norm = opt.clip_grad_norm(t.grad_clip);
     const double lr = lr_at(t, step);
@@ -209,6 +257,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
       if (!cfg.logging.quiet) spdlog::info("saved checkpoint {}", path);
     }
   }
+  if (rt.cp_on() && !cfg.logging.quiet) spdlog::info("{}", cp_stats_report(*rt.cp));
   return 0;
 }
 
