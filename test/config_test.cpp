@@ -253,7 +253,7 @@ TEST_CASE("config_derive checks the world size", "[config]") {
   CHECK(d.world_size == 4);
   CHECK(d.dp == 2);
   CHECK(d.grad_accum == 2);  // 8 / (2 * 2)
-  CHECK(d.tokens_per_step == 4 * 256);
+  CHECK(d.tokens_per_step == 8 * 256);
   CHECK(d.params == llama_arch_num_params(c.model.arch));
 
   require_contains(user_error_of([&] { config_derive(c, 3); }), {"t.yaml", "parallel.cp (2)", "world size (3"});
@@ -519,7 +519,7 @@ TEST_CASE("flexcp train --dry-run prints a reusable config and the derived numbe
   CHECK(r.err.empty());
   CHECK(r.output.find("grad_accum:      2") != std::string::npos);
   CHECK(r.output.find("dp:              1") != std::string::npos);
-  CHECK(r.output.find("tokens_per_step: 2048") != std::string::npos);
+  CHECK(r.output.find("tokens_per_step: 1024") != std::string::npos);
   const RunConfig tiny = config_load(kSrc + "/configs/tiny.yaml");
   CHECK(r.output.find("parameters:      " + std::to_string(llama_arch_num_params(tiny.model.arch))) != std::string::npos);
   // The printed text is itself a config equal to the resolved one.

@@ -154,7 +154,10 @@ TEST_CASE("cp training: 20 steps of the tiny model give the losses of cp = 1", "
                   << base.first_grad.abs().max().item<double>() << ")\n";
       CHECK(grad_diff <= 1e-6);
       if (!docs) {
-        CHECK(worst <= 1e-5);
+        // Exact regime first; later steps carry AdamW-amplified fp32 summation-order noise: measured
+        // 1.5e-6 (cp 2) and 2.4e-5 (cp 4, world 4) by step 20 on 2026-11-25. See the docs case below.
+        CHECK(worst5 <= 1e-5);
+        CHECK(worst <= 1e-4);
       } else {
         // Document masks start many rows that see only themselves, whose q/k gradients are exactly
         // zero in math and rounding noise in practice; AdamW divides those by sqrt(v) + eps, so
