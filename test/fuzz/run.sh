@@ -49,6 +49,7 @@ for t in "${targets[@]}"; do
   [ "$t" = safetensors ] && asan="$asan:detect_leaks=0"
   export ASAN_OPTIONS=$asan
   opts=(-max_len=65536 -timeout=10 -rss_limit_mb=2048 -artifact_prefix="$scratch/" -print_final_stats=1)
+  case "$t" in safetensors|manifest|tokenizer_json) opts+=(-dict="$here/json.dict") ;; esac
   if [ -d "$here/regressions/$t" ] && [ -n "$(ls -A "$here/regressions/$t")" ]; then
     echo "== fuzz_$t: replaying $(ls "$here/regressions/$t" | wc -l) regression inputs"
     if ! "$exe" "${opts[@]}" "$here/regressions/$t"/* >"$scratch/replay.log" 2>&1; then
@@ -57,12 +58,16 @@ for t in "${targets[@]}"; do
   fi
   echo "== fuzz_$t: ${seconds}s from $(ls "$here/corpus/$t" | wc -l) corpus inputs"
   set +e
-  "$exe" "${opts[@]}" -max_total_time="$seconds" "$scratch" "$here/corpus/$t" >"$scratch/fuzz.log" 2>&1
+  corpora=("$scratch" "$here/corpus/$t")
+  [ -d "$here/regressions/$t" ] && corpora+=("$here/regressions/$t")
+  "$exe" "${opts[@]}" -max_total_time="$seconds" "${corpora[@]}" >"$scratch/fuzz.log" 2>&1
   rc=$?
   set -e
   grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|#[0-9]+ *DONE)' "$scratch/fuzz.log" | tr '\n' ' '; echo
   if [ $rc -eq 3 ] && grep -q "tokenizer file not found" "$scratch/fuzz.log"; then
-    echo "fuzz_$t: skipped (no Llama 3 tokenizer.json; run scripts/fetch-data.sh)"; continue
+    echo "fuzz_$t: skipped (no Llama 3 tokenizer.json; run scripts/fetch-data.sh)"
+    [ ${#targets[@]} -eq 1 ] && exit 77
+    continue
   fi
   if [ $rc -ne 0 ]; then
     tail -60 "$scratch/fuzz.log"; echo "fuzz_$t: FAILED (rc $rc); inputs in $scratch"; status=1; continue
