@@ -8,8 +8,10 @@
 #include "app/command_registry.h"
 #include "core/atomic_file.h"
 #include "core/config.h"
+#include "core/device_info.h"
 #include "core/metrics_log.h"
 #include "core/errors.h"
+#include "core/resource_errors.h"
 #include "core/trainer.h"
 
 namespace flexcp {
@@ -65,7 +67,15 @@ void run_train(const TrainArgs& a) {
   opts.resume = a.resume;
   opts.resume_from = a.resume_from;
   opts.config_text = yaml;
-  command_exit_code() = train_run(cfg, opts);
+  check_runtime_resources(cfg, world, device_cuda_available());
+  try {
+    command_exit_code() = train_run(cfg, opts);
+  } catch (const UserError&) {
+    throw;
+  } catch (const std::exception& e) {
+    if (!is_out_of_memory(e)) throw;
+    fail(cfg.source, out_of_memory_message(cfg, world, e.what()));
+  }
 }
 
 void setup_train(CLI::App& sub) {

@@ -71,7 +71,8 @@ void spec_validate(const AttentionSpec& spec) {
     const auto& s = sl[n];
     const int m = static_cast<int>(s.mask);
     if (m < 0 || m > 3) fail("attention spec", slice_str(n, s) + " has an unknown mask type " + std::to_string(m));
-    if (s.q.size() < 0 || s.k.size() < 0)
+    // Compared, not subtracted: a range from bad input may span more than int64 (found by fuzzing).
+    if (s.q.end < s.q.start || s.k.end < s.k.start)
       fail("attention spec", slice_str(n, s) + " has a negative length", "ranges are half-open [start, end)");
     if (s.q.empty() || s.k.empty()) continue;
     if (s.q.start < 0 || s.q.end > spec.num_q)

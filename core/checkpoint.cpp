@@ -54,34 +54,51 @@ std::vector<fs::path> list_checkpoints(const std::string& dir) {
   return out;
 }
 
+// Deletes a checkpoint folder so that no crash can leave a half-deleted folder that still looks
+// complete: it is first renamed out of the step_* namespace (one atomic rename), then removed.
+void retire(const fs::path& p) {
+  const fs::path doomed = p.string() + ".deleting";
+  fs::remove_all(doomed);
+  fs::rename(p, doomed);
+  fsync_path(p.parent_path());
+  fs::remove_all(doomed);
+}
+
 }  // namespace
 
 std::string checkpoint_save(const std::string& dir, int64_t step, const NamedTensors& model,
                             const NamedTensors& optimizer, const nlohmann::json& state, int64_t keep_last) {
-  fs::create_directories(dir);
-  // Leftovers of an interrupted save are never loaded; clear them before writing a new one.
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.path().filename().string().find(".partial") != std::string::npos) fs::remove_all(e.path());
   const fs::path final_dir = fs::path(dir) / step_folder_name(step);
   const fs::path tmp_dir = fs::path(dir) / (step_folder_name(step) + ".partial");
-  fs::create_directories(tmp_dir);
   try {
+    fs::create_directories(dir);
+    // Leftovers of an interrupted save or prune are never loaded; clear them before writing a new one.
+    for (const auto& e : fs::directory_iterator(dir)) {
+      const auto name = e.path().filename().string();
+      if (name.find(".partial") != std::string::npos || name.find(".deleting") != std::string::npos) fs::remove_all(e.path());
+    }
+    fs::create_directories(tmp_dir);
     safetensors_save((tmp_dir / "model.safetensors").string(), model);
     safetensors_save((tmp_dir / "optimizer.safetensors").string(), optimizer);
     nlohmann::json st = state;
     st["step"] = step;
     write_text_synced(tmp_dir / "state.json", st.dump(1));
     fsync_path(tmp_dir);
-    if (fs::exists(final_dir)) fs::remove_all(final_dir);  // re-saving a step replaces it whole
+    if (fs::exists(final_dir)) retire(final_dir);  // re-saving a step replaces it whole
     fs::rename(tmp_dir, final_dir);
     fsync_path(dir);
-  } catch (const fs::filesystem_error& e) {
-    fail(final_dir.string(), std::string("could not write the checkpoint: ") + e.what(),
-         "check free disk space; the previous checkpoint is intact");
+  } catch (const std::exception& e) {
+    // A full disk, a quota, a file size limit: drop the partial copy (best effort, it may be what
+    // filled the disk) and say so; the newest complete checkpoint is untouched.
+    std::error_code ec;
+    fs::remove_all(tmp_dir, ec);
+    fail(final_dir.string(), std::string("could not write the checkpoint (") + e.what() + ")",
+         "free disk space or raise the limit; the previous checkpoint (" +
+             (checkpoint_find_latest(dir).empty() ? std::string("none") : checkpoint_find_latest(dir)) + ") is intact");
   }
   if (keep_last > 0) {
     auto all = list_checkpoints(dir);
-    for (size_t n = 0; n + keep_last < all.size(); ++n) fs::remove_all(all[n]);
+    for (size_t n = 0; n + keep_last < all.size(); ++n) retire(all[n]);
   }
   return final_dir.string();
 }

@@ -187,6 +187,15 @@ const std::vector<Field>& fields() {
     v.push_back(Field("train.val_every", FLEXCP_REF(train.val_every), "steps between validation passes; 0 disables")
                     .at_least(0).alias("eval_every"));
     v.push_back(Field("train.val_batches", FLEXCP_REF(train.val_batches), "micro-batches per validation pass").at_least(1));
+    v.push_back(Field("train.on_nonfinite", FLEXCP_REF(train.on_nonfinite),
+                      "a step whose loss or gradient norm is NaN/inf: stop (dump batch ids and norms, exit) or skip its update")
+                    .one_of({"stop", "skip"}));
+    v.push_back(Field("train.max_skipped_steps", FLEXCP_REF(train.max_skipped_steps),
+                      "with on_nonfinite: skip, the run stops after skipping more than this many steps")
+                    .at_least(0));
+    v.push_back(Field("train.spike_factor", FLEXCP_REF(train.spike_factor),
+                      "log a loss spike when the loss exceeds this multiple of its running mean; 0 disables")
+                    .at_least(0));
     // parallel
     v.push_back(Field("parallel.cp", FLEXCP_REF(parallel.cp),
                       "context-parallel size (power of two); data-parallel size = world size / cp")

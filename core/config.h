@@ -43,6 +43,11 @@ struct TrainConfig {
   bool activation_checkpointing = false;
   int64_t val_every = 0;    // steps between validation passes; 0 disables
   int64_t val_batches = 4;  // micro-batches per validation pass
+  // Non-finite loss or gradient norm (core/numerics_guard.h): "stop" writes a dump and ends the run;
+  // "skip" drops the step's update (counted; more than max_skipped_steps in a run stops it).
+  std::string on_nonfinite = "stop";
+  int64_t max_skipped_steps = 10;
+  double spike_factor = 0;  // log a loss spike when loss > spike_factor * running mean; 0 disables
 };
 
 struct ParallelConfig {

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <vector>
 
+#include "core/atomic_file.h"
 #include "core/errors.h"
 
 namespace flexcp {
@@ -29,10 +30,12 @@ MetricsLog::MetricsLog(const std::string& path, int64_t steps_done, bool csv) {
   }
   const auto parent = std::filesystem::path(path).parent_path();
   if (!parent.empty()) std::filesystem::create_directories(parent);
-  file_ = std::fopen(path.c_str(), "w");
+  // Rewritten atomically: a crash here must not lose the records of the steps before the checkpoint.
+  std::string text;
+  for (const auto& l : kept) text += l + "\n";
+  write_file_atomic(path, text);
+  file_ = std::fopen(path.c_str(), "a");
   if (!file_) fail(path, "cannot open the metrics file for writing", "check logging.dir and its permissions");
-  for (const auto& l : kept) std::fprintf(file_, "%s\n", l.c_str());
-  std::fflush(file_);
   if (csv) {
     const auto csv_path = std::filesystem::path(path).replace_extension(".csv");
     csv_ = std::fopen(csv_path.c_str(), "w");

@@ -78,7 +78,9 @@ void FlatAdamW::accumulate_grads() {
 at::Tensor FlatAdamW::clip_grad_norm(double max_norm) {
   at::NoGradGuard no_grad;
   auto norm = grad_.norm(2);
-  if (max_norm > 0) grad_.mul_((max_norm / (norm + 1e-6)).clamp_max(1.0));
+  // A non-finite norm leaves the gradient as it is (no host sync to test it): scaling by NaN or 0
+  // would hide which parameters went bad, and the trainer's numerics guard drops such a step anyway.
+  if (max_norm > 0) grad_.mul_(at::where(at::isfinite(norm), (max_norm / (norm + 1e-6)).clamp_max(1.0), at::ones_like(norm)));
   return norm;
 }
 

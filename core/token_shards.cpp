@@ -207,7 +207,8 @@ T field(const nlohmann::json& j, const char* key, const std::string& where, cons
 
 }  // namespace
 
-Manifest manifest_from_json(const nlohmann::json& j, const std::string& where) {
+namespace {
+Manifest manifest_from_json_unchecked(const nlohmann::json& j, const std::string& where) {
   Manifest m;
   if (!j.is_object() || j.value("format", std::string()) != "flexcp-token-shards")
     fail(where, "not a flexcp data set manifest (no \"format\": \"flexcp-token-shards\")",
@@ -247,6 +248,16 @@ Manifest manifest_from_json(const nlohmann::json& j, const std::string& where) {
   }
   m.prepare = j.contains("prepare") ? j["prepare"] : nlohmann::json::object();
   return m;
+}
+}  // namespace
+
+Manifest manifest_from_json(const nlohmann::json& j, const std::string& where) {
+  try {
+    return manifest_from_json_unchecked(j, where);
+  } catch (const nlohmann::json::exception& e) {
+    // A field of the wrong JSON type (j.value() and get<>() throw type_error; found by fuzzing).
+    fail(where, std::string("malformed manifest: ") + e.what(), "run flexcp prepare-data again");
+  }
 }
 
 Manifest manifest_read(const std::string& dir) {

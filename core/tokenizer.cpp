@@ -602,6 +602,9 @@ Tokenizer Tokenizer::load(const std::string& path) {
   }
   text.clear();
   text.shrink_to_fit();
+  // Every field below is read with nlohmann's typed accessors; a value of the wrong JSON type
+  // throws json::type_error, turned into a UserError at the end (found by fuzzing).
+  try {
   if (!j.is_object() || !j.contains("model") || !j["model"].is_object())
     fail_kind(path, "no `model` object: not an HF tokenizer.json");
   const auto& model = j["model"];
@@ -654,6 +657,8 @@ Tokenizer Tokenizer::load(const std::string& path) {
   if (j.contains("added_tokens") && j["added_tokens"].is_array())
     for (const auto& a : j["added_tokens"]) max_id = std::max(max_id, a.value("id", -1));
   if (max_id < 255) fail_kind(path, "model.vocab has fewer than 256 entries");
+  // Ids index dense tables: a stray huge id would allocate gigabytes (found by fuzzing).
+  if (max_id >= (1 << 22)) fail_kind(path, "token id " + std::to_string(max_id) + " is over 4M; ids must be dense");
   impl->tokens.assign(size_t(max_id) + 1, std::string());
   impl->is_added.assign(size_t(max_id) + 1, 0);
   std::vector<char> present(size_t(max_id) + 1, 0);
@@ -753,6 +758,9 @@ Tokenizer Tokenizer::load(const std::string& path) {
     int rc = pcre2_match(impl->code, reinterpret_cast<PCRE2_SPTR>(""), 0, 0, 0, md, nullptr);
     pcre2_match_data_free(md);
     if (rc >= 0) fail_kind(path, "pre_tokenizer regex matches the empty string");
+  }
+  } catch (const nlohmann::json::exception& e) {
+    fail_kind(path, std::string("a field has the wrong JSON type (") + e.what() + ")");
   }
 
   Tokenizer t;

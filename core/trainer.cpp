@@ -22,6 +22,7 @@
 #include "core/lr_schedule.h"
 #include "core/metrics_log.h"
 #include "core/micro_batch.h"
+#include "core/numerics_guard.h"
 #include "core/optimizer.h"
 #include "core/rendezvous.h"
 
@@ -157,6 +158,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
 
   // Resume: weights (fp32 master), moments and the step; the data order is a function of the step.
   int64_t start_step = 0;
+  NumericsGuard guard(t, run_dir.string(), cfg.source);
   std::string resume_path = opts.resume_from;
   if (opts.resume && resume_path.empty()) {
     resume_path = checkpoint_find_latest(ckpt_dir);
@@ -168,6 +170,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
     for (auto& [name, tensor] : ck.model) state["master." + name] = tensor;
     opt.load_state(state, ck.state.value("optimizer_steps", ck.step));
     start_step = ck.step;
+    guard.set_skipped(ck.state.value("skipped_steps", int64_t(0)));
     spdlog::info("resumed from {} at step {}", resume_path, start_step);
   }
 
@@ -218,13 +221,18 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
       rt.comm->all_reduce_sum(opt.grad_flat());
       rt.comm->all_reduce_sum(loss_sum);
     }
+    if (guard.inject_due(step + 1)) guard.inject(opt);  // test hook (FLEXCP_INJECT_NONFINITE)
     auto grad_norm = opt.clip_grad_norm(t.grad_clip);
     const double lr = lr_at(t, step);
-    opt.step(lr);
 
-    // One host sync per step, after the optimizer: the loss and norm for the log.
+    // One host sync per step, before the optimizer: the loss and norm for the log and for the
+    // numerics guard, which may skip the update of a non-finite step or stop the run.
     const double loss = loss_sum.item<double>() / total_tokens;
     const double gnorm = grad_norm.item<double>();
+    std::vector<std::pair<int64_t, int64_t>> samples;
+    for (int64_t s = 0; s < per_rank; ++s) samples.push_back({step, dp_rank * per_rank + s});
+    const NumericsVerdict verdict = guard.check(step + 1, loss, gnorm, samples, opt);
+    if (verdict.apply_update) opt.step(lr);
     device_synchronize(rt.device);
     const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     const double tok_s = static_cast<double>(dn.tokens_per_step) / step_s;
@@ -233,7 +241,8 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
     nlohmann::json rec = {{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", gnorm},
                           {"tokens", (step + 1) * dn.tokens_per_step}, {"tokens_per_s", tok_s},
                           {"step_ms", step_s * 1e3}, {"mfu", mfu}, {"peak_mem_gib", mem_gib}};
-    if (!std::isfinite(loss)) spdlog::warn("step {}: the loss is not finite ({})", step + 1, loss);
+    if (!verdict.apply_update) rec["skipped"] = true;
+    if (verdict.spike) rec["loss_spike"] = true;
     if (validation.due(step + 1)) rec["val_loss"] = validation.run(model);
     if (rt.rank == 0) metrics.write(rec);
     if (rt.rank == 0) {
@@ -251,7 +260,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
     const bool last = step + 1 == t.steps;
     if (rt.rank == 0 && (last || (cfg.checkpoint.every > 0 && (step + 1) % cfg.checkpoint.every == 0))) {
       nlohmann::json state = {{"optimizer_steps", opt.steps_taken()}, {"loss", loss}, {"seed", t.seed},
-                              {"data_cursor", {{"step", step + 1}}}};
+                              {"data_cursor", {{"step", step + 1}}}, {"skipped_steps", guard.skipped()}};
       auto path = checkpoint_save(ckpt_dir, step + 1, model_tensors_for_checkpoint(opt),
                                   optimizer_tensors_for_checkpoint(opt), state, cfg.checkpoint.keep_last);
       if (!cfg.logging.quiet) spdlog::info("saved checkpoint {}", path);
