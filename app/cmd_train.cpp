@@ -8,6 +8,7 @@
 #include "app/command_registry.h"
 #include "core/atomic_file.h"
 #include "core/config.h"
+#include "core/metrics_log.h"
 #include "core/errors.h"
 #include "core/trainer.h"
 
@@ -19,6 +20,7 @@ struct TrainArgs {
   std::vector<std::string> sets;
   bool dry_run = false;
   bool resume = false;
+  bool quiet = false;
   std::string resume_from;
   int64_t world_size = 0;  // 0 = from the launcher's environment
 };
@@ -39,17 +41,10 @@ int64_t world_size_from_env(std::string& from) {
   return 1;
 }
 
-std::string human_count(int64_t n) {
-  char buf[32];
-  if (n >= 1000000000) std::snprintf(buf, sizeof(buf), "%.2fB", n / 1e9);
-  else if (n >= 1000000) std::snprintf(buf, sizeof(buf), "%.2fM", n / 1e6);
-  else if (n >= 1000) std::snprintf(buf, sizeof(buf), "%.1fK", n / 1e3);
-  else std::snprintf(buf, sizeof(buf), "%lld", static_cast<long long>(n));
-  return buf;
-}
-
 void run_train(const TrainArgs& a) {
-  const RunConfig cfg = config_load(a.config, a.sets);
+  std::vector<std::string> sets = a.sets;
+  if (a.quiet) sets.push_back("logging.quiet=true");
+  const RunConfig cfg = config_load(a.config, sets);
   std::string ws_from = "--world-size";
   const int64_t world = a.world_size > 0 ? a.world_size : world_size_from_env(ws_from);
   const DerivedNumbers d = config_derive(cfg, world);
@@ -58,7 +53,7 @@ void run_train(const TrainArgs& a) {
     // The whole output is valid YAML (derived numbers are comments), so it can be saved and reused.
     std::cout << "# flexcp resolved config from " << cfg.source << "\n" << yaml << "\n"
               << "# derived (world size from " << ws_from << "):\n"
-              << "#   parameters:      " << d.params << " (" << human_count(d.params) << ")\n"
+              << "#   parameters:      " << d.params << " (" << human_count(static_cast<double>(d.params)) << ")\n"
               << "#   world_size:      " << d.world_size << "\n"
               << "#   cp:              " << cfg.parallel.cp << "\n"
               << "#   dp:              " << d.dp << "\n"
@@ -79,6 +74,7 @@ void setup_train(CLI::App& sub) {
   sub.add_option("--set", a->sets, "override one key, e.g. --set train.lr=1e-4 (repeatable; value read as YAML)")
       ->type_name("KEY=VALUE")
       ->allow_extra_args(false);
+  sub.add_flag("--quiet", a->quiet, "no per-step console output (metrics.jsonl is still written)");
   sub.add_flag("--dry-run", a->dry_run, "print the resolved config and derived numbers, then exit without training");
   auto* resume = sub.add_flag("--resume", a->resume, "continue from the newest complete checkpoint in checkpoint.dir");
   sub.add_option("--resume-from", a->resume_from, "continue from this checkpoint folder")->excludes(resume);

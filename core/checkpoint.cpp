@@ -91,20 +91,33 @@ std::string checkpoint_find_latest(const std::string& dir) {
   return all.empty() ? std::string() : all.back().string();
 }
 
-CheckpointContents checkpoint_load(const std::string& path) {
-  CheckpointContents c;
-  c.path = path;
+namespace {
+nlohmann::json read_state(const std::string& path, int64_t& step) {
   const fs::path state_path = fs::path(path) / "state.json";
   std::ifstream f(state_path);
   if (!f) fail(state_path.string(), "not found", "give a checkpoint folder (step_*) written by flexcp train");
   std::stringstream ss;
   ss << f.rdbuf();
   try {
-    c.state = nlohmann::json::parse(ss.str());
-    c.step = c.state.at("step").get<int64_t>();
+    auto state = nlohmann::json::parse(ss.str());
+    step = state.at("step").get<int64_t>();
+    return state;
   } catch (const std::exception& e) {
     fail(state_path.string(), std::string("unreadable checkpoint state: ") + e.what(), "use an older checkpoint");
   }
+}
+}  // namespace
+
+int64_t checkpoint_load_step(const std::string& path) {
+  int64_t step = 0;
+  read_state(path, step);
+  return step;
+}
+
+CheckpointContents checkpoint_load(const std::string& path) {
+  CheckpointContents c;
+  c.path = path;
+  c.state = read_state(path, c.step);
   for (auto [file, target] : {std::pair{"model.safetensors", &c.model}, std::pair{"optimizer.safetensors", &c.optimizer}}) {
     auto st = SafetensorsFile::open((fs::path(path) / file).string());
     for (const auto& name : st->names()) (*target)[name] = st->copy(name);

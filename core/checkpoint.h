@@ -35,6 +35,9 @@ std::string checkpoint_save(const std::string& dir, int64_t step, const NamedTen
 // Newest complete checkpoint folder in `dir`, or "" when there is none.
 std::string checkpoint_find_latest(const std::string& dir);
 
+// The step recorded in a checkpoint folder's state.json (reads nothing else).
+int64_t checkpoint_load_step(const std::string& path);
+
 // Loads a checkpoint folder; throws UserError naming the file when anything is missing or corrupt.
 CheckpointContents checkpoint_load(const std::string& path);
 

@@ -215,6 +215,7 @@ const std::vector<Field>& fields() {
     v.push_back(Field("logging.every", FLEXCP_REF(logging.every), "console line every N steps (metrics.jsonl gets every step)")
                     .at_least(1).alias("log_every"));
     v.push_back(Field("logging.quiet", FLEXCP_REF(logging.quiet), "no per-step console lines"));
+    v.push_back(Field("logging.csv", FLEXCP_REF(logging.csv), "also write metrics.csv (the fields of metrics.jsonl)"));
     return v;
   }();
   return f;
@@ -575,9 +576,6 @@ void validate(const RunConfig& c) {
   if (t.micro_batch > t.global_batch)
     fail(src, "train.micro_batch (" + num(t.micro_batch) + ") is larger than train.global_batch (" + num(t.global_batch) + ")",
          "lower micro_batch or raise global_batch");
-  if (t.warmup > t.steps)
-    fail(src, "train.warmup (" + num(t.warmup) + ") is longer than train.steps (" + num(t.steps) + ")",
-         "lower warmup or raise steps");
   if (t.min_lr > t.lr)
     fail(src, "train.min_lr (" + format_double(t.min_lr) + ") is above train.lr (" + format_double(t.lr) + ")",
          "min_lr is where the schedule decays to: make it <= lr");
@@ -604,9 +602,6 @@ void validate(const RunConfig& c) {
   if (c.data.path.empty() && !c.data.synthetic)
     fail(src, "data.path is empty", "point it at a folder made by `flexcp prepare-data`, or set data.synthetic: true");
   if (c.logging.dir.empty()) fail(src, "logging.dir is empty", "name a run folder, e.g. dir: runs/my-run");
-  if (c.checkpoint.every > t.steps)
-    fail(src, "checkpoint.every (" + num(c.checkpoint.every) + ") is larger than train.steps (" + num(t.steps) + ")",
-         "use 0 to save only at the end");
 }
 
 RunConfig resolve(const YAML::Node& root, const std::string& source, bool with_lines,

@@ -63,6 +63,7 @@ struct LoggingConfig {
   std::string dir = "runs/default";  // run folder: metrics.jsonl, config.yaml, checkpoints/
   int64_t every = 1;                 // console line every N steps (metrics.jsonl gets every step)
   bool quiet = false;
+  bool csv = false;                  // also write metrics.csv (same fields as metrics.jsonl)
 };
 
 struct RunConfig {

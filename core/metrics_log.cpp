@@ -1,6 +1,9 @@
 #include "core/metrics_log.h"
 
+#include <unistd.h>
+
 #include <cmath>
+#include <iterator>
 #include <filesystem>
 #include <fstream>
 #include <vector>
@@ -9,7 +12,12 @@
 
 namespace flexcp {
 
-MetricsLog::MetricsLog(const std::string& path, int64_t steps_done) {
+namespace {
+const char* const kCsvColumns[] = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
+                                   "step_ms", "mfu", "peak_mem_gib", "val_loss"};
+}  // namespace
+
+MetricsLog::MetricsLog(const std::string& path, int64_t steps_done, bool csv) {
   std::vector<std::string> kept;
   {
     std::ifstream in(path);
@@ -25,16 +33,56 @@ MetricsLog::MetricsLog(const std::string& path, int64_t steps_done) {
   if (!file_) fail(path, "cannot open the metrics file for writing", "check logging.dir and its permissions");
   for (const auto& l : kept) std::fprintf(file_, "%s\n", l.c_str());
   std::fflush(file_);
+  if (csv) {
+    const auto csv_path = std::filesystem::path(path).replace_extension(".csv");
+    csv_ = std::fopen(csv_path.c_str(), "w");
+    if (!csv_) fail(csv_path.string(), "cannot open the CSV metrics file for writing", "check logging.dir and its permissions");
+    for (size_t c = 0; c < std::size(kCsvColumns); ++c) std::fprintf(csv_, "%s%s", c ? "," : "", kCsvColumns[c]);
+    std::fprintf(csv_, "\n");
+    for (const auto& l : kept) write_csv_row(nlohmann::json::parse(l));
+  }
 }
 
 MetricsLog::~MetricsLog() {
   if (file_) std::fclose(file_);
+  if (csv_) std::fclose(csv_);
 }
 
 void MetricsLog::write(const nlohmann::json& record) {
   const std::string s = record.dump();
   std::fprintf(file_, "%s\n", s.c_str());
   std::fflush(file_);
+  if (csv_) write_csv_row(record);
+}
+
+void MetricsLog::write_csv_row(const nlohmann::json& record) {
+  for (size_t c = 0; c < std::size(kCsvColumns); ++c) {
+    if (c) std::fputc(',', csv_);
+    if (record.contains(kCsvColumns[c])) std::fprintf(csv_, "%s", record[kCsvColumns[c]].dump().c_str());
+  }
+  std::fputc('\n', csv_);
+  std::fflush(csv_);
+}
+
+ConsoleProgress::ConsoleProgress(bool quiet) : quiet_(quiet), tty_(::isatty(STDOUT_FILENO) != 0) {}
+
+ConsoleProgress::~ConsoleProgress() {
+  if (live_shown_) std::printf("\n");
+}
+
+void ConsoleProgress::live(const std::string& status) {
+  if (quiet_ || !tty_) return;
+  std::printf("\r\033[K%s", status.c_str());
+  std::fflush(stdout);
+  live_shown_ = true;
+}
+
+void ConsoleProgress::line(const std::string& text) {
+  if (quiet_) return;
+  if (live_shown_) std::printf("\r\033[K");
+  std::printf("%s\n", text.c_str());
+  live_shown_ = false;
+  std::fflush(stdout);
 }
 
 std::string human_count(double x) {

@@ -13,14 +13,29 @@ class MetricsLog {
  public:
   // Opens `path` for appending, keeping the lines of the first `steps_done` steps ("step" is
   // 1-based) and dropping later ones, which the resumed run will write again.
-  MetricsLog(const std::string& path, int64_t steps_done);
+  // With `csv`, metrics.csv beside it gets the same records (fixed columns, rebuilt from the kept lines).
+  MetricsLog(const std::string& path, int64_t steps_done, bool csv = false);
   ~MetricsLog();
   MetricsLog(const MetricsLog&) = delete;
   MetricsLog& operator=(const MetricsLog&) = delete;
   void write(const nlohmann::json& record);
 
  private:
+  void write_csv_row(const nlohmann::json& record);
   std::FILE* file_ = nullptr;
+  std::FILE* csv_ = nullptr;
+};
+
+// A terminal gets one live status line, redrawn each step, with permanent log lines scrolling
+// above it; a pipe or file gets the permanent lines only. Quiet prints nothing.
+class ConsoleProgress {
+ public:
+  explicit ConsoleProgress(bool quiet);
+  ~ConsoleProgress();
+  void live(const std::string& status);  // replaces the status line (terminals only)
+  void line(const std::string& text);    // a permanent line
+ private:
+  bool quiet_ = false, tty_ = false, live_shown_ = false;
 };
 
 // "1.23k", "45.6M": for tokens/s and counts in console lines.

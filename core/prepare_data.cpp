@@ -1,5 +1,5 @@
 // The pipeline: one reader thread cuts the inputs into units (a whole .json file, a whole .txt
-// file, or ~4 MiB of .jsonl lines / blank-line-separated .txt blocks), N workers parse and
+// file, or ~1 MiB of .jsonl lines / blank-line-separated .txt blocks), N workers parse and
 // tokenize units, and the calling thread consumes the results in input order, filling a train and
 // a val buffer and writing a shard whenever one is full. The number of units in flight is bounded,
 // so memory stays at a few MiB per thread whatever the input size.
@@ -61,7 +61,7 @@ struct UnitResult {
   int64_t bytes = 0;
 };
 
-constexpr size_t kUnitBytes = size_t(4) << 20;
+constexpr size_t kUnitBytes = size_t(1) << 20;
 
 bool has_glob_chars(const std::string& s) { return s.find_first_of("*?[") != std::string::npos; }
 

@@ -171,9 +171,10 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
     spdlog::info("resumed from {} at step {}", resume_path, start_step);
   }
 
-  DataLoader loader(cfg.data, t.seq_len, cfg.model.arch.vocab_size, t.seed, "train");
+  DataLoader loader(cfg.data, t.seq_len, cfg.model.arch.vocab_size, t.seed, "train", t.global_batch);
   ValidationLoss validation(cfg, rt);
-  MetricsLog metrics((run_dir / "metrics.jsonl").string(), start_step);
+  MetricsLog metrics((run_dir / "metrics.jsonl").string(), start_step, cfg.logging.csv);
+  ConsoleProgress console(cfg.logging.quiet || rt.rank != 0);
 
   const int64_t per_rank = t.global_batch / dn.dp;
   const int64_t dp_rank = rt.rank / cfg.parallel.cp;
@@ -235,7 +236,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
     if (!std::isfinite(loss)) spdlog::warn("step {}: the loss is not finite ({})", step + 1, loss);
     if (validation.due(step + 1)) rec["val_loss"] = validation.run(model);
     if (rt.rank == 0) metrics.write(rec);
-    if (rt.rank == 0 && !cfg.logging.quiet && ((step + 1) % cfg.logging.every == 0 || step + 1 == t.steps)) {
+    if (rt.rank == 0) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
       const double eta = elapsed / static_cast<double>(step + 1 - start_step) * static_cast<double>(t.steps - step - 1);
       std::string line = fmt::format("step {:>5}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | {} tok/s", step + 1,
@@ -244,7 +245,8 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
       if (mem_gib > 0) line += fmt::format(" | {:.1f} GiB", mem_gib);
       if (rec.contains("val_loss")) line += fmt::format(" | val {:.4f}", rec["val_loss"].get<double>());
       line += " | eta " + human_duration(eta);
-      spdlog::info("{}", line);
+      if ((step + 1) % cfg.logging.every == 0 || step + 1 == t.steps || rec.contains("val_loss")) console.line(line);
+      else console.live(line);
     }
     const bool last = step + 1 == t.steps;
     if (rt.rank == 0 && (last || (cfg.checkpoint.every > 0 && (step + 1) % cfg.checkpoint.every == 0))) {

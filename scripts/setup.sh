@@ -5,7 +5,8 @@ set -euo pipefail
 
 PKGS=(build-essential cmake ninja-build ccache pkg-config git
       libtorch-dev catch2 libcli11-dev libyaml-cpp-dev libspdlog-dev libfmt-dev
-      nlohmann-json3-dev libpcre2-dev libopenmpi-dev openmpi-bin gnuplot-nox nodejs npm)
+      nlohmann-json3-dev libpcre2-dev libopenmpi-dev openmpi-bin gnuplot-nox nodejs npm
+      libopenblas0-pthread)  # LibTorch on CPU calls BLAS: OpenBLAS is ~20x the reference libblas
 
 missing=()
 for p in "${PKGS[@]}"; do

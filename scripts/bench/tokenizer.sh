@@ -19,10 +19,16 @@ if ! pkg-config --exists libpcre2-8 2>/dev/null || [ ! -f /usr/include/nlohmann/
   P=$(bash "$deps/unpack.sh" "$out/pfx")
   flags=(-I"$P/include" -L"$P/lib/x86_64-linux-gnu" -Wl,-rpath,"$P/lib/x86_64-linux-gnu")
 fi
-# The flags of a CMake Release build of flexcp.
-src=(tokenizer sha256 prepare_data token_shards atomic_file)
-g++ -O3 -DNDEBUG -std=c++17 -DFLEXCP_VERSION='"bench"' -I"$root" "${flags[@]}" "$root/scripts/bench/tokenizer_bench.cpp" \
-  $(printf "$root/core/%s.cpp " "${src[@]}") -lpcre2-8 -pthread -o "$out/tokenizer_bench"
+# The flags of a CMake Release build of flexcp; the translation units compile in parallel.
+cxx=(g++ -O3 -DNDEBUG -std=c++17 -DFLEXCP_VERSION='"bench"' -I"$root" "${flags[@]}")
+objs=()
+for src in scripts/bench/tokenizer_bench core/tokenizer core/sha256 core/prepare_data core/token_shards core/atomic_file; do
+  obj=$out/$(basename "$src").o
+  "${cxx[@]}" -c "$root/$src.cpp" -o "$obj" &
+  objs+=("$obj")
+done
+wait
+"${cxx[@]}" "${objs[@]}" -lpcre2-8 -pthread -o "$out/tokenizer_bench"
 echo "tokenizer.sh: $(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 python3 "$root/scripts/bench/tokenizer.py" --tokenizer "$FLEXCP_TOKENIZER" --corpus "$FLEXCP_CORPUS_DIR" \
   --bench-bin "$out/tokenizer_bench" --workdir "$out" "$@"
