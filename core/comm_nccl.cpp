@@ -42,8 +42,10 @@ ncclDataType_t nccl_type(at::ScalarType t) {
     case at::kInt: return ncclInt32;
     case at::kByte: return ncclUint8;
     case at::kChar: return ncclInt8;
-    default: TORCH_CHECK(false, "NCCL: unsupported dtype ", t);
+    default: break;
   }
+  TORCH_CHECK(false, "NCCL: unsupported dtype ", t);
+  return ncclFloat32;
 }
 
 // Issues the grouped sends and receives of an all-to-all-v on `stream`.
