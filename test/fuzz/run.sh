@@ -48,7 +48,7 @@ for t in "${targets[@]}"; do
   asan="abort_on_error=1:detect_stack_use_after_return=1"
   [ "$t" = safetensors ] && asan="$asan:detect_leaks=0"
   export ASAN_OPTIONS=$asan
-  opts=(-max_len=65536 -timeout=10 -rss_limit_mb=2048 -artifact_prefix="$scratch/" -print_final_stats=1)
+  opts=(-max_len=65536 -timeout=60 -rss_limit_mb=2048 -artifact_prefix="$scratch/" -print_final_stats=1)
   case "$t" in safetensors|manifest|tokenizer_json) opts+=(-dict="$here/json.dict") ;; esac
   if [ -d "$here/regressions/$t" ] && [ -n "$(ls -A "$here/regressions/$t")" ]; then
     echo "== fuzz_$t: replaying $(ls "$here/regressions/$t" | wc -l) regression inputs"
