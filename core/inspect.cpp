@@ -17,6 +17,7 @@
 #include "core/hf_config.h"
 #include "core/llama_arch.h"
 #include "core/metrics_compare.h"
+#include "core/metrics_log.h"
 #include "core/safetensors.h"
 
 namespace flexcp {
@@ -30,18 +31,6 @@ std::string with_commas(int64_t n) {
   std::string s = std::to_string(n < 0 ? -n : n);
   for (int i = static_cast<int>(s.size()) - 3; i > 0; i -= 3) s.insert(static_cast<size_t>(i), ",");
   return n < 0 ? "-" + s : s;
-}
-
-std::string human_number(double x) {
-  const char* units[] = {"", "K", "M", "B", "T"};
-  int u = 0;
-  while (std::fabs(x) >= 1000.0 && u < 4) {
-    x /= 1000.0;
-    ++u;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), u ? "%.2f%s" : "%.0f%s", x, units[u]);
-  return buf;
 }
 
 std::string human_bytes(double b) {
@@ -207,7 +196,7 @@ std::string tensor_table(const std::vector<TensorInfo>& rows, bool with_stats, b
   }
   cells.push_back(head);
   for (const auto& t : rows) {
-    std::vector<std::string> c = {t.name, t.dtype, shape_text(t.shape), human_number(static_cast<double>(t.numel)),
+    std::vector<std::string> c = {t.name, t.dtype, shape_text(t.shape), human_count(static_cast<double>(t.numel)),
                                   human_bytes(static_cast<double>(t.bytes))};
     if (with_count) c.insert(c.begin() + 1, "x" + std::to_string(t.count));
     if (with_stats) {
@@ -248,8 +237,8 @@ std::string safetensors_text(const SafetensorsSummary& s, const InspectOptions& 
     out << "\n";
   }
   out << "tensors: " << s.num_tensors << ", parameters: " << with_commas(s.num_params) << " ("
-      << human_number(static_cast<double>(s.num_params)) << "), bytes: " << human_bytes(static_cast<double>(s.num_bytes));
-  for (const auto& [dt, n] : s.params_by_dtype) out << "; " << dt << " " << human_number(static_cast<double>(n));
+      << human_count(static_cast<double>(s.num_params)) << "), bytes: " << human_bytes(static_cast<double>(s.num_bytes));
+  for (const auto& [dt, n] : s.params_by_dtype) out << "; " << dt << " " << human_count(static_cast<double>(n));
   out << "\n";
   if (o.stats) out << "non-finite values: " << s.nonfinite << (s.nonfinite ? "  <-- NaN or inf in the weights" : "") << "\n";
   out << "\n" << tensor_table(o.brief ? tensor_rows_grouped(s.tensors) : s.tensors, o.stats, o.brief);
@@ -280,7 +269,7 @@ std::string metrics_text(const MetricsSummary& m) {
   if (m.last_val_step) out << "val loss: " << num("%.4f", m.last_val_loss) << " at step " << m.last_val_step << "\n";
   out << "last lr " << num("%.3g", m.last_lr) << ", grad norm " << num("%.3g", m.last_grad_norm) << ", tokens seen "
       << (std::isnan(m.last_tokens) ? "-" : with_commas(static_cast<int64_t>(m.last_tokens))) << "\n"
-      << "median tokens/s " << (std::isnan(m.median_tokens_per_s) ? "-" : human_number(m.median_tokens_per_s))
+      << "median tokens/s " << (std::isnan(m.median_tokens_per_s) ? "-" : human_count(m.median_tokens_per_s))
       << ", step " << num("%.1f", m.median_step_ms) << " ms, MFU " << num("%.1f%%", 100 * m.median_mfu)
       << "; peak memory " << num("%.2f", m.max_peak_mem_gib) << " GiB\n";
   for (const auto& n : m.notes) out << "note: " << n << "\n";

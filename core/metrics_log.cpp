@@ -89,7 +89,7 @@ void ConsoleProgress::line(const std::string& text) {
 }
 
 std::string human_count(double x) {
-  const char* units[] = {"", "k", "M", "G", "T"};
+  const char* units[] = {"", "K", "M", "B", "T"};
   int u = 0;
   while (std::fabs(x) >= 1000.0 && u < 4) {
     x /= 1000.0;

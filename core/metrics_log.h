@@ -38,7 +38,7 @@ class ConsoleProgress {
   bool quiet_ = false, tty_ = false, live_shown_ = false;
 };
 
-// "1.23k", "45.6M": for tokens/s and counts in console lines.
+// "1.23K", "45.60M", "1.24B": for tokens/s, parameter and tensor counts in console lines.
 std::string human_count(double x);
 // "1h02m", "3m20s", "12s"
 std::string human_duration(double seconds);

@@ -138,7 +138,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
   const fs::path run_dir = cfg.logging.dir;
   const std::string ckpt_dir = cfg.checkpoint.dir.empty() ? (run_dir / "checkpoints").string() : cfg.checkpoint.dir;
   fs::create_directories(run_dir);
-  if (!opts.config_text.empty()) write_file_atomic((run_dir / "config.yaml").string(), opts.config_text);
+  if (rt.rank == 0 && !opts.config_text.empty()) write_file_atomic((run_dir / "config.yaml").string(), opts.config_text);
 
   // Model: fresh weights from the seed, or an HF folder's weights.
   at::manual_seed(static_cast<uint64_t>(t.seed));
@@ -176,7 +176,10 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
 
   DataLoader loader(cfg.data, t.seq_len, cfg.model.arch.vocab_size, t.seed, "train", t.global_batch);
   ValidationLoss validation(cfg, rt);
-  MetricsLog metrics((run_dir / "metrics.jsonl").string(), start_step, cfg.logging.csv);
+  // Rank 0 alone owns the run folder's logs: another rank opening (and rewriting) the same file
+  // would race with rank 0's writes.
+  std::unique_ptr<MetricsLog> metrics;
+  if (rt.rank == 0) metrics = std::make_unique<MetricsLog>((run_dir / "metrics.jsonl").string(), start_step, cfg.logging.csv);
   ConsoleProgress console(cfg.logging.quiet || rt.rank != 0);
 
   const int64_t per_rank = t.global_batch / dn.dp;
@@ -184,7 +187,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
   const double total_tokens = static_cast<double>(t.global_batch * t.seq_len);
   const double flops_tok = flops_per_token(cfg.model.arch, dn.params, t.seq_len);
   const double peak_flops = device_peak_bf16_flops(rt.device);
-  if (!cfg.logging.quiet)
+  if (rt.rank == 0 && !cfg.logging.quiet)
     spdlog::info("training {} params on {} ({}), {} steps x {} tokens, grad accum {}, attention {}",
                  human_count(static_cast<double>(dn.params)), rt.device.str(), at::toString(rt.dtype), t.steps,
                  dn.tokens_per_step, dn.grad_accum, cfg.parallel.attention);
@@ -244,7 +247,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
     if (!verdict.apply_update) rec["skipped"] = true;
     if (verdict.spike) rec["loss_spike"] = true;
     if (validation.due(step + 1)) rec["val_loss"] = validation.run(model);
-    if (rt.rank == 0) metrics.write(rec);
+    if (metrics) metrics->write(rec);
     if (rt.rank == 0) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
       const double eta = elapsed / static_cast<double>(step + 1 - start_step) * static_cast<double>(t.steps - step - 1);
