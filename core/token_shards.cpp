@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <limits>
+#include <type_traits>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -197,8 +199,26 @@ T field(const nlohmann::json& j, const char* key, const std::string& where, cons
   std::string name = path.empty() ? key : path + "." + key;
   if (!j.is_object() || !j.contains(key))
     fail(where, "missing field `" + name + "`", "the manifest is incomplete or not from flexcp: run flexcp prepare-data again");
+  const auto& v = j.at(key);
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    // nlohmann converts a float or an out-of-range integer with a plain cast (undefined behaviour):
+    // accept only integers that fit T.
+    bool fits = false;
+    if (v.is_number_unsigned()) {
+      fits = v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+    } else if (v.is_number_integer()) {
+      const int64_t x = v.get<int64_t>();
+      fits = std::is_signed_v<T> ? x >= static_cast<int64_t>(std::numeric_limits<T>::min()) &&
+                                       x <= static_cast<int64_t>(std::numeric_limits<T>::max())
+                                 : x >= 0 && static_cast<uint64_t>(x) <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+    }
+    if (!fits)
+      fail(where, "field `" + name + "` has the wrong type (want an integer in range, got " + v.dump().substr(0, 40) + ")",
+           "run flexcp prepare-data again");
+    return v.get<T>();
+  }
   try {
-    return j.at(key).get<T>();
+    return v.get<T>();
   } catch (const nlohmann::json::exception&) {
     fail(where, "field `" + name + "` has the wrong type (" + j.at(key).dump().substr(0, 40) + ")",
          "run flexcp prepare-data again");
