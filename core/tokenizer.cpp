@@ -15,6 +15,7 @@
 #include <pcre2.h>
 
 #include <algorithm>
+#include <limits>
 #include <atomic>
 #include <climits>
 #include <cstdlib>
@@ -653,9 +654,17 @@ Tokenizer Tokenizer::load(const std::string& path) {
   // Vocabulary: byte-level spellings -> raw bytes.
   static const std::vector<int> cp_to_byte = byte_level_codepoint_to_byte();
   int32_t max_id = -1;
-  for (const auto& [tok, idj] : model["vocab"].items()) max_id = std::max(max_id, idj.get<int32_t>());
+  // nlohmann casts a float or an out-of-range integer to int32 with undefined behaviour (found by
+  // fuzzing): ids must be integers in [0, 2^31).
+  auto id_of = [&](const nlohmann::json& v, const std::string& what) -> int32_t {
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > std::numeric_limits<int32_t>::max())
+      fail_kind(path, what + " has an id that is not an integer in [0, 2^31): " + v.dump().substr(0, 40));
+    return v.get<int32_t>();
+  };
+  for (const auto& [tok, idj] : model["vocab"].items()) max_id = std::max(max_id, id_of(idj, "model.vocab"));
   if (j.contains("added_tokens") && j["added_tokens"].is_array())
-    for (const auto& a : j["added_tokens"]) max_id = std::max(max_id, a.value("id", -1));
+    for (const auto& a : j["added_tokens"])
+      if (a.is_object() && a.contains("id")) max_id = std::max(max_id, id_of(a["id"], "added_tokens"));
   if (max_id < 255) fail_kind(path, "model.vocab has fewer than 256 entries");
   // Ids index dense tables: a stray huge id would allocate gigabytes (found by fuzzing).
   if (max_id >= (1 << 22)) fail_kind(path, "token id " + std::to_string(max_id) + " is over 4M; ids must be dense");

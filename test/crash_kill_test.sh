@@ -71,7 +71,7 @@ echo "one uninterrupted run: ${ref_s}s, of which start-up and one step ${start_s
 run="$work/killed"
 in_ckpt=0; loads_ok=0; load_fail=0; done_early=0; no_ckpt=0
 delivered=0
-for ((k = 1; delivered < kills && k <= 3 * kills; k++)); do
+for ((k = 1; delivered < kills && k <= 6 * kills; k++)); do
   "$flexcp" train "$cfg" "${common[@]}" --set logging.dir="$run" --set train.steps=$steps --resume >>"$run.log" 2>&1 &
   pid=$!
   if [ $((k % 2)) -eq 0 ]; then
