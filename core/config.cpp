@@ -606,6 +606,9 @@ void validate(const RunConfig& c) {
   if (c.parallel.attention == "ffa" && t.device == "cpu")
     fail(src, "parallel.attention: ffa runs on CUDA only, but train.device is cpu",
          "use attention: torch or reference on CPU, or device: cuda");
+  if (c.parallel.attention == "ffa" && a.head_dim != 64 && a.head_dim != 128)
+    fail(src, "parallel.attention: ffa supports model.head_dim 64 or 128, but head_dim is " + num(a.head_dim),
+         "use attention: torch for this model, or a head_dim of 64 or 128");
   if (c.parallel.communicator == "nccl" && t.device == "cpu")
     fail(src, "parallel.communicator: nccl needs CUDA, but train.device is cpu", "use communicator: auto (mpi or tcp) on CPU");
   if (c.data.path.empty() && !c.data.synthetic)

@@ -231,6 +231,9 @@ TEST_CASE("errors name the file, the key and a fix", "[config]") {
   require_contains(user_error_of([] { from(kBase, {"parallel.cp=6"}); }), {"parallel.cp (6)", "power of two"});
   require_contains(user_error_of([] { from(kBase, {"parallel.attention=ffa", "train.device=cpu"}); }),
                    {"parallel.attention", "ffa", "cpu"});
+  require_contains(user_error_of([] { from(kBase, {"parallel.attention=ffa", "train.device=cuda", "model.head_dim=32"}); }),
+                   {"parallel.attention: ffa", "head_dim 64 or 128", "is 32"});
+  CHECK_NOTHROW(from(kBase, {"parallel.attention=ffa", "train.device=cuda", "model.head_dim=64"}));
   require_contains(user_error_of([] { from("model:\n  preset: tiny\n"); }), {"t.yaml", "data.path", "data.synthetic"});
   require_contains(user_error_of([] { from(kBase, {"train.seq_len=200000"}); }), {"train.seq_len", "max_position_embeddings"});
   // bf16 on CPU is allowed (slow but valid).
