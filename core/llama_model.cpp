@@ -279,15 +279,18 @@ LossResult chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& wei
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "chunked_cross_entropy: labels must be (T,)");
   const int64_t V = weight.size(0);
   at::Tensor lab = labels.to(hidden.device(), at::kLong);
-  at::Tensor valid = lab.ne(opts.ignore_index);
-  // One host sync for both numbers: the count, and how many labels are out of range.
-  at::Tensor bad = (valid & (lab.lt(0) | lab.ge(V))).sum();
-  at::Tensor both = at::stack({valid.sum(), bad}).to(at::kCPU);
-  const int64_t count = both[0].item<int64_t>();
-  if (both[1].item<int64_t>() > 0)
-    fail("labels", std::to_string(both[1].item<int64_t>()) + " label(s) outside [0, " + std::to_string(V) +
-                       ") and not ignore_index " + std::to_string(opts.ignore_index),
-         "the data's token ids must be below the model's vocab_size");
+  int64_t count = -1;
+  if (opts.check_labels) {
+    at::Tensor valid = lab.ne(opts.ignore_index);
+    // One host sync for both numbers: the count, and how many labels are out of range.
+    at::Tensor bad = (valid & (lab.lt(0) | lab.ge(V))).sum();
+    at::Tensor both = at::stack({valid.sum(), bad}).to(at::kCPU);
+    count = both[0].item<int64_t>();
+    if (both[1].item<int64_t>() > 0)
+      fail("labels", std::to_string(both[1].item<int64_t>()) + " label(s) outside [0, " + std::to_string(V) +
+                         ") and not ignore_index " + std::to_string(opts.ignore_index),
+           "the data's token ids must be below the model's vocab_size");
+  }
   int64_t chunk = opts.chunk_tokens;
   if (chunk <= 0) chunk = std::max<int64_t>(1, (int64_t(256) << 20) / (V * 4));
   LossResult r;

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <stdexcept>
 
 #include "core/atomic_file.h"
 #include "core/attention_backend.h"
@@ -192,6 +193,8 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
                  human_count(static_cast<double>(dn.params)), rt.device.str(), at::toString(rt.dtype), t.steps,
                  dn.tokens_per_step, dn.grad_accum, cfg.parallel.attention);
 
+  LossOptions loss_opts;
+  loss_opts.check_labels = false;  // no host sync mid-step: the data loader checked every token id
   const auto run_start = std::chrono::steady_clock::now();
   for (int64_t step = start_step; step < t.steps; ++step) {
     device_reset_peak_memory(rt.device);
@@ -213,7 +216,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
         mb.positions = cb.positions;
       }
       auto hidden = model->forward_hidden(mb.tokens, mb.positions, mb.spec);
-      auto loss = llama_loss(*model, hidden, mb.labels);
+      auto loss = llama_loss(*model, hidden, mb.labels, loss_opts);
       (loss.sum / total_tokens).backward();
       opt.accumulate_grads();
       loss_sum += loss.sum.detach().to(at::kDouble);
@@ -228,14 +231,21 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
     auto grad_norm = opt.clip_grad_norm(t.grad_clip);
     const double lr = lr_at(t, step);
 
-    // One host sync per step, before the optimizer: the loss and norm for the log and for the
-    // numerics guard, which may skip the update of a non-finite step or stop the run.
-    const double loss = loss_sum.item<double>() / total_tokens;
-    const double gnorm = grad_norm.item<double>();
+    // No host sync before the update: the device drops it when the loss or the gradient norm is not
+    // finite (the numerics guard's skip), and the host reads loss, norm and that flag afterwards, in
+    // one copy, for the guard (skip counter, stop with dump, spikes) and the log.
+    const at::Tensor nonfinite = NumericsGuard::nonfinite_flag(loss_sum, grad_norm);
+    opt.step(lr, nonfinite);
+    const at::Tensor read = at::stack({loss_sum, grad_norm.to(at::kDouble), nonfinite.to(at::kDouble)}).to(at::kCPU);
+    const double loss = read[0].item<double>() / total_tokens;
+    const double gnorm = read[1].item<double>();
+    const bool dropped = read[2].item<double>() != 0;
     std::vector<std::pair<int64_t, int64_t>> samples;
     for (int64_t s = 0; s < per_rank; ++s) samples.push_back({step, dp_rank * per_rank + s});
     const NumericsVerdict verdict = guard.check(step + 1, loss, gnorm, samples, opt);
-    if (verdict.apply_update) opt.step(lr);
+    if (verdict.apply_update == dropped)
+      throw std::logic_error("numerics guard and device flag disagree on step " + std::to_string(step + 1));
+    if (dropped) opt.uncount_step();
     device_synchronize(rt.device);
     const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     const double tok_s = static_cast<double>(dn.tokens_per_step) / step_s;
