@@ -69,8 +69,7 @@ struct BackwardArgs {
   void* workspace = nullptr;  // backward_workspace_bytes(dims, deterministic), 256-byte aligned
   // dK/dV kernel: 0 = TMA producer + two wgmma consumer warpgroups (sm_90a, the default; the
   // deterministic mode runs 1 instead), 1 = wgmma with cp.async loads, 2 = mma.sync (FlashAttention-2
-  // style fallback), 3 = as 0 but at D=64 each warpgroup reduces its own dQ partial (no cross-warpgroup
-  // barrier per q tile, twice the dQ reduction traffic; an experiment kept for benchmarking).
+  // style fallback).
   int kernel = 0;
 };
 

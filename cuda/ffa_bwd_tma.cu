@@ -49,7 +49,7 @@ struct BwdSmem {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     bwd_tma_kernel(const BwdParams p, const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_do,
-                   const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v, bool split_dq) {
+                   const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
   using L = BwdSmem<D>;
   constexpr int kCB = D / 64;  // 64-column (128-byte) blocks
   extern __shared__ unsigned char smem_raw[];
@@ -214,25 +214,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_rs_tb<T, D>(dk, da[kk], smem_desc(q_st + kk * 16 * 128, kBM * 128, 1024));
         }
         wg_commit();
-        // dQ job: 64 queries x 64 columns (column block `job` of D). Shared (default): over all 128 keys,
-        // after both warpgroups wrote dS^T. Split (D=64 only): each warpgroup reduces its own partial over
-        // its 64 keys, so the warpgroups never wait for each other (twice the bulk-reduce traffic).
-        const bool split = D == 64 && split_dq;
-        if (split)
-          named_bar_sync(3 + cw, 128);  // this warpgroup's dS^T rows are in the buffer
-        else
-          named_bar_sync(1, 256);  // dS^T of both warpgroups is in the buffer
-        const bool has_job = D == 128 || split || (n & 1) == cw;
+        named_bar_sync(1, 256);  // dS^T of both warpgroups is in the buffer
+
+        // dQ job: 64 queries x 64 columns (column block `job` of D) over all 128 keys.
+        const bool has_job = D == 128 || (n & 1) == cw;
         const int job = D == 128 ? cw : 0;
         float dq[32];
-        if (split) {
-          wg_fence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk)
-            wgmma_ss_tt<T, 64>(dq, smem_desc(ds_buf + cw * 64 * 128 + kk * 16 * 128, kBN * 128, 1024),
-                               smem_desc(k_wg + kk * 16 * 128, kBN * 128, 1024), kk > 0 ? 1 : 0);
-          wg_commit();
-        } else if (has_job) {
+        if (has_job) {
           wg_fence();
 #pragma unroll
           for (int kk = 0; kk < kBN / 16; ++kk)
@@ -307,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <typename T, int D>
-void launch_t(int dtype, bool split_dq, const BwdParams& p, cudaStream_t stream) {
+void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   const int64_t grid = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
   if (grid == 0) return;
   const CUtensorMap tq = make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, kBM);
@@ -318,7 +306,7 @@ void launch_t(int dtype, bool split_dq, const BwdParams& p, cudaStream_t stream)
   auto kernel = bwd_tma_kernel<T, D>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward (tma): ") + cudaGetErrorString(err));
-  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tdo, tk, tv, split_dq);
+  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tdo, tk, tv);
   err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward (tma) launch: ") + cudaGetErrorString(err));
 }
@@ -327,11 +315,11 @@ void launch_t(int dtype, bool split_dq, const BwdParams& p, cudaStream_t stream)
 
 bool dkdv_tma_supported(const BwdParams& p) { return p.num_q > 0 && p.num_k > 0 && p.dq_accum != nullptr; }
 
-void launch_dkdv_tma(int dtype, int head_dim, bool split_dq, const BwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(dtype, split_dq, p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(dtype, split_dq, p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(dtype, split_dq, p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(dtype, split_dq, p, stream);
+void launch_dkdv_tma(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
+  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(dtype, p, stream);
+  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(dtype, p, stream);
   throw std::runtime_error("ffa backward (tma): unsupported dtype/head_dim");
 }
 
