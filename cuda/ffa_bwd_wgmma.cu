@@ -1,5 +1,6 @@
-// dK/dV (and atomic dQ) pass of the backward on Hopper wgmma: one warpgroup per CTA owns a 64-key tile
-// of one kv head, loops over the query heads of its GQA group and over the item's 64-query tiles.
+// dK/dV (and atomic dQ) pass of the backward on Hopper wgmma (backward kernel 1; the deterministic mode's
+// dK/dV pass): one warpgroup per CTA owns a 64-key tile (half of a 128-key plan item) of one kv head,
+// loops over the query heads of its GQA group and over the item's 64-query tiles.
 // All operands sit in 128B-swizzled shared memory loaded by cp.async (two stages for Q, dO):
 //   S^T  = K Q^T          SS-wgmma (both K-major)          -> P^T = exp2(S^T * scale * log2e - lse)
 //   dP^T = V dO^T         SS-wgmma                         -> dS^T = P^T * (dP^T - delta)
