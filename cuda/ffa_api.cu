@@ -45,7 +45,7 @@ void check_plan(const char* where, const DevicePlan& plan, const Dims& d) {
     fail(where, "plan was built for num_q=" + std::to_string(L.num_q) + ", num_k=" + std::to_string(L.num_k) +
                     " but the tensors have " + std::to_string(d.num_q) + ", " + std::to_string(d.num_k),
          "build the plan for these tensors");
-  if (L.q_tile_rows != detail::kFwdTileQ || L.q_tile_cols != detail::kPlanTileQCols || L.k_tile_rows != detail::kBwdTileK ||
+  if (L.q_tile_rows != detail::kFwdTileQ || L.q_tile_cols != detail::kPlanTileQCols || L.k_tile_rows != detail::kPlanTileK ||
       L.k_tile_cols != detail::kBwdTileQ)
     fail(where, "plan tile sizes do not match the kernels", "build the plan with the default PlanConfig");
 }
@@ -145,7 +145,8 @@ void backward(const BackwardArgs& a, const DevicePlan& plan, cudaStream_t stream
   p.scale_log2 = p.scale * kLog2e;
   p.q_side = q_view(plan);
   p.k_side = k_view(plan);
-  if (a.kernel != 0 && a.kernel != 2) fail(where, "unknown backward kernel " + std::to_string(a.kernel), "use 0 or 2");
+  if (a.kernel < 0 || a.kernel > 2)
+    fail(where, "unknown backward kernel " + std::to_string(a.kernel), "use 0 (tma), 1 (wgmma) or 2 (mma.sync)");
   detail::launch_backward(static_cast<int>(a.dtype), d.head_dim, a.deterministic, a.kernel, p, stream);
 }
 
