@@ -163,10 +163,11 @@ struct HasAddmmOutDtype<T, std::void_t<decltype(at::addmm_out(std::declval<T&>()
                                                               at::ScalarType::Float, at::Scalar(1), at::Scalar(1)))>>
     : std::true_type {};
 
+// acc = beta * acc + a @ b; beta 0 ignores acc's old content.
 template <typename T>
-bool addmm_fp32_accumulate(T& acc, const T& a, const T& b) {
+bool addmm_fp32_accumulate(T& acc, const T& a, const T& b, double beta) {
   if constexpr (HasAddmmOutDtype<T>::value) {
-    at::addmm_out(acc, acc, a, b, at::ScalarType::Float, at::Scalar(1), at::Scalar(1));
+    at::addmm_out(acc, acc, a, b, at::ScalarType::Float, at::Scalar(beta), at::Scalar(1));
     return true;
   } else {
     return false;
@@ -182,11 +183,11 @@ bool fp32_gemm_accumulation_works(const at::Device& device) {
       at::Tensor acc = at::ones({2, 3}, at::TensorOptions().device(device).dtype(at::kFloat));
       const at::Tensor a = at::ones({2, 4}, acc.options().dtype(at::kBFloat16));
       const at::Tensor b = at::ones({4, 3}, acc.options().dtype(at::kBFloat16));
-      ok = addmm_fp32_accumulate(acc, a, b) && acc.eq(5.f).all().item<bool>();
+      ok = addmm_fp32_accumulate(acc, a, b, 1.0) && acc.eq(5.f).all().item<bool>();
     } catch (const c10::Error&) {
       ok = false;
     }
-    spdlog::debug("fused cross-entropy: dW accumulation by {}", ok ? "fp32-output GEMM" : "bf16 GEMM + fp32 add");
+    spdlog::info("fused cross-entropy: dW accumulated in fp32 by {}", ok ? "fp32-output GEMM" : "bf16 GEMM + fp32 add");
     return ok;
   }();
   return works;
@@ -209,8 +210,7 @@ CeChunks cross_entropy_chunks(const at::Tensor& hidden, const at::Tensor& weight
   const bool one_gemm = need_dw && fp32_gemm_accumulation_works(h.device());
   at::Tensor dw_chunk;  // bf16 (V, H), the two-pass accumulation's GEMM output
   if (need_dw) {
-    r.dweight = one_gemm ? at::zeros(w.sizes(), w.options().dtype(at::kFloat))
-                         : at::empty(w.sizes(), w.options().dtype(at::kFloat));
+    r.dweight = at::empty(w.sizes(), w.options().dtype(at::kFloat));  // the first chunk overwrites it
     if (!one_gemm) dw_chunk = at::empty(w.sizes(), w.options());
   }
   for (int64_t s = 0; s < T; s += chunk) {
@@ -225,7 +225,7 @@ CeChunks cross_entropy_chunks(const at::Tensor& hidden, const at::Tensor& weight
     }
     if (need_dw) {
       if (one_gemm) {
-        addmm_fp32_accumulate(r.dweight, logits.t(), hc);
+        addmm_fp32_accumulate(r.dweight, logits.t(), hc, s == 0 ? 0.0 : 1.0);
       } else {
         at::mm_out(dw_chunk, logits.t(), hc);
         if (s == 0)

@@ -2,8 +2,10 @@
 // replace. Each op runs three ways on the same bf16 inputs: fused, the torch composite in bf16, and
 // the torch composite in fp32 (the reference). The fused result passes when
 //   max|fused - fp32 ref| <= 2 * max|bf16 composite - fp32 ref| + 1e-3 * max|fp32 ref|
-// for the outputs and every gradient (the convention of test/gpu/ffa_check.py). Then a tiny Llama's
-// loss and parameter gradients with and without the fused ops, the same way. Tagged [gpu].
+// for the outputs and every gradient (the convention of test/gpu/ffa_check.py). Then tiny Llamas'
+// loss and parameter gradients (bf16, with and without the fused ops, against the fp32 model) by the
+// same rule in whole-tensor norms with atol 5e-3 * |g|, plus cosine > 0.99, and activation
+// checkpointing must not change the fused gradients. Tagged [gpu].
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
@@ -332,8 +334,9 @@ void compare_models(const LlamaArch& arch, const std::string& weights_dir) {
     CHECK(ef <= 2 * ec + 5e-3 * nr);
     const double cosine = (gf * g32).sum().item<double>() / (gf.norm().item<double>() * nr + 1e-30);
     CHECK(cosine > 0.99);
-    // Checkpointing recomputes with the same kernels: the same gradients.
-    CHECK(max_err(fused_ckpt.grads.at(name), gf) <= 1e-6 * (1 + gf.abs().max().item<double>()));
+    // Checkpointing recomputes with the same kernels: the same gradients, up to the order of
+    // CUDA reductions outside these ops (a couple of bf16 ulps at most).
+    CHECK(max_err(fused_ckpt.grads.at(name), gf) <= 8e-3 * gf.abs().max().item<double>());
   }
 }
 
