@@ -26,6 +26,7 @@
 #include "core/numerics_guard.h"
 #include "core/optimizer.h"
 #include "core/rendezvous.h"
+#include "core/step_profiler.h"
 
 namespace flexcp {
 namespace fs = std::filesystem;
@@ -195,10 +196,12 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
 
   LossOptions loss_opts;
   loss_opts.check_labels = false;  // no host sync mid-step: the data loader checked every token id
+  StepProfiler profiler(rt.device, opts.profile_step);
   const auto run_start = std::chrono::steady_clock::now();
   for (int64_t step = start_step; step < t.steps; ++step) {
     device_reset_peak_memory(rt.device);
     const auto step_start = std::chrono::steady_clock::now();
+    profiler.begin(step + 1);
     opt.zero_grad();
     auto loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(rt.device));
     for (int64_t micro = 0; micro < dn.grad_accum; ++micro) {
@@ -215,10 +218,15 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
         mb.labels = cb.labels;
         mb.positions = cb.positions;
       }
+      profiler.mark("zero grad + data");
       auto hidden = model->forward_hidden(mb.tokens, mb.positions, mb.spec);
+      profiler.mark("forward");
       auto loss = llama_loss(*model, hidden, mb.labels, loss_opts);
+      profiler.mark("loss");
       (loss.sum / total_tokens).backward();
+      profiler.mark("backward");
       opt.accumulate_grads();
+      profiler.mark("accumulate grads");
       loss_sum += loss.sum.detach().to(at::kDouble);
     }
     // Each rank's gradient covers its tokens over the global token count: the sum over all ranks
@@ -228,7 +236,9 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
       rt.comm->all_reduce_sum(loss_sum);
     }
     if (guard.inject_due(step + 1)) guard.inject(opt);  // test hook (FLEXCP_INJECT_NONFINITE)
+    profiler.mark("all-reduce");
     auto grad_norm = opt.clip_grad_norm(t.grad_clip);
+    profiler.mark("clip");
     const double lr = lr_at(t, step);
 
     // No host sync before the update: the device drops it when the loss or the gradient norm is not
@@ -236,6 +246,8 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
     // one copy, for the guard (skip counter, stop with dump, spikes) and the log.
     const at::Tensor nonfinite = NumericsGuard::nonfinite_flag(loss_sum, grad_norm);
     opt.step(lr, nonfinite);
+    profiler.mark("optimizer");
+    const auto phases = profiler.end();
     const at::Tensor read = at::stack({loss_sum, grad_norm.to(at::kDouble), nonfinite.to(at::kDouble)}).to(at::kCPU);
     const double loss = read[0].item<double>() / total_tokens;
     const double gnorm = read[1].item<double>();
@@ -255,6 +267,11 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
                           {"tokens", (step + 1) * dn.tokens_per_step}, {"tokens_per_s", tok_s},
                           {"step_ms", step_s * 1e3}, {"mfu", mfu}, {"peak_mem_gib", mem_gib}};
     if (!verdict.apply_update) rec["skipped"] = true;
+    if (!phases.empty()) {
+      rec["profile_ms"] = nlohmann::json::array();  // [phase, ms] pairs, in the order they ran
+      for (const auto& [name, ms] : phases) rec["profile_ms"].push_back({name, ms});
+      if (rt.rank == 0) spdlog::info("step {} time by phase: {}", step + 1, step_profile_format(phases));
+    }
     if (verdict.spike) rec["loss_spike"] = true;
     if (validation.due(step + 1)) rec["val_loss"] = validation.run(model);
     if (metrics) metrics->write(rec);
@@ -270,7 +287,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
       if ((step + 1) % cfg.logging.every == 0 || step + 1 == t.steps || rec.contains("val_loss")) console.line(line);
       else console.live(line);
     }
-    const bool last = step + 1 == t.steps;
+    const bool last = step + 1 == t.steps && cfg.checkpoint.at_end;
     if (rt.rank == 0 && (last || (cfg.checkpoint.every > 0 && (step + 1) % cfg.checkpoint.every == 0))) {
       nlohmann::json state = {{"optimizer_steps", opt.steps_taken()}, {"loss", loss}, {"seed", t.seed},
                               {"data_cursor", {{"step", step + 1}}}, {"skipped_steps", guard.skipped()}};
