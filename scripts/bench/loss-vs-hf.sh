@@ -32,5 +32,5 @@ for backend in ffa torch; do
 done
 python3 "$root/scripts/bench/hf_loss_run.py" train --init "$out/init" --config "$out/resolved.yaml" \
   --windows "$out/windows.npy" --out "$out/hf"
-"$bin" compare "$out/hf" "$out/flexcp-ffa" "$out/flexcp-torch" --baseline "$out/hf" --last 100 \
+"$bin" compare "$out/hf" "$out/flexcp-ffa" "$out/flexcp-torch" --last 100 \
   --out "$out/loss-vs-hf.png" --json "$out/compare.json"

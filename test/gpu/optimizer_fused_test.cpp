@@ -75,18 +75,23 @@ TEST_CASE("fused AdamW matches the torch-op step: accumulate, clip, decay prefix
     // Accumulation is exact (fp32 + bf16 in the same order), and leaves the bf16 gradients zero.
     CHECK(at::equal(gpu.grad_flat().cpu(), cpu.grad_flat()));
     for (const auto& p : gpu.params()) CHECK(p.param.grad().abs().max().item<float>() == 0.f);
-    // Clipping active on odd steps (max_norm below the norm), inactive on even ones.
-    const double norm_now = cpu.grad_flat().norm(2).item<double>();
-    const double max_norm = step % 2 ? 0.5 * norm_now : 2 * norm_now;
+    // Clipping inactive (max_norm above the norm) except on the last step. Torch's fp32 norm on the
+    // GPU and on the CPU differ by up to ~4e-5 relative (reduction order; seen on the H100), and the
+    // clip factor carries that into m, v and the weights; so the tight comparison runs unclipped and
+    // the clipped step gets 1e-4 (the "clip factor" case below checks clipping on its own, exactly).
+    const bool clipped = step == 5;
+    const double norm_ref = cpu.grad_flat().to(at::kDouble).norm(2).item<double>();
+    const double max_norm = clipped ? 0.5 * norm_ref : 2 * norm_ref;
     const double g_norm = gpu.clip_grad_norm(max_norm).item<double>();
     const double c_norm = cpu.clip_grad_norm(max_norm).item<double>();
-    CHECK(g_norm == Approx(c_norm).epsilon(1e-5));
+    CHECK(g_norm == Approx(norm_ref).epsilon(1e-4));
+    CHECK(c_norm == Approx(norm_ref).epsilon(1e-4));
     const double lr = 1e-2 / (1 + step);
     gpu.step(lr);
     cpu.step(lr);
     CHECK(gpu.steps_taken() == cpu.steps_taken());
     const auto g = gpu.state_tensors(), c = cpu.state_tensors();
-    for (const auto& [name, t] : c) check_close(g.at(name), t, 1e-6, name);
+    for (const auto& [name, t] : c) check_close(g.at(name), t, clipped ? 1e-4 : 1e-6, name);
     // The model's bf16 weights are the new master weights rounded to nearest.
     for (const auto& p : gpu.params())
       CHECK(at::equal(p.param, g.at("master." + p.name).to(at::kBFloat16)));
@@ -102,8 +107,8 @@ TEST_CASE("fused AdamW: a device skip flag leaves everything untouched, a clear 
     add_random_grads(gpu, cpu, 1e-3);
     gpu.accumulate_grads();
     cpu.accumulate_grads();
-    gpu.clip_grad_norm(1e-3);
-    cpu.clip_grad_norm(1e-3);
+    gpu.clip_grad_norm(1e9);
+    cpu.clip_grad_norm(1e9);
     const auto before = snapshot(gpu);
     gpu.step(1e-2, at::ones({}, at::TensorOptions(at::kBool).device(at::kCUDA)));
     cpu.step(1e-2, at::ones({}, at::kBool));
@@ -111,9 +116,10 @@ TEST_CASE("fused AdamW: a device skip flag leaves everything untouched, a clear 
     CHECK(gpu.steps_taken() == step + 1);  // counted until the caller says otherwise
     gpu.uncount_step();
     cpu.uncount_step();
-    // The skipped step consumed the clip factor: clip again, then step with the flag clear.
-    gpu.clip_grad_norm(1e-3);
-    cpu.clip_grad_norm(1e-3);
+    // The skipped step consumed the clip factor: clip again, then step with the flag clear. (max_norm
+    // 1e9: a factor of exactly 1, as CPU and GPU norms differ in the last digits; see above.)
+    gpu.clip_grad_norm(1e9);
+    cpu.clip_grad_norm(1e9);
     gpu.step(1e-2, at::zeros({}, at::TensorOptions(at::kBool).device(at::kCUDA)));
     cpu.step(1e-2, at::zeros({}, at::kBool));
     CHECK(gpu.steps_taken() == step + 1);
@@ -219,7 +225,7 @@ TEST_CASE("fused AdamW step time on a 1B model", "[.][gpu][optimizer-bench]") {
         {"w", at::zeros({n - 65536}, at::TensorOptions(at::kBFloat16).device(at::kCUDA)).view({-1, 64})},
         {"norm", at::zeros({65536}, at::TensorOptions(at::kBFloat16).device(at::kCUDA))}};
     FlatAdamW opt(params, kHyper);
-    at::cuda::CUDAEvent start, stop;
+    at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);  // timing on
     double ms = 0;
     for (int i = 0; i < 4; ++i) {
       opt.zero_grad();
