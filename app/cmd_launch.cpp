@@ -66,7 +66,8 @@ std::string self_executable() {
 // Our variables replace any inherited launcher variables (an outer mpirun's or torchrun's).
 std::vector<std::string> child_environment(const LaunchOptions& o, int rank) {
   const char* drop[] = {"RANK=", "LOCAL_RANK=", "WORLD_SIZE=", "LOCAL_WORLD_SIZE=", "MASTER_ADDR=", "MASTER_PORT=",
-                        "OMPI_COMM_WORLD_", "PMIX_RANK=", "SLURM_PROCID=", "SLURM_NTASKS="};
+                        "OMPI_COMM_WORLD_", "PMIX_RANK=", "SLURM_PROCID=", "SLURM_NTASKS=",
+                        "NCCL_NVLS_ENABLE=", "TORCH_SYMM_MEM_DISABLE_MULTICAST=", "NVSHMEM_DISABLE_NVLS="};
   std::vector<std::string> env;
   for (char** e = environ; *e != nullptr; ++e) {
     const std::string s(*e);
@@ -81,6 +82,11 @@ std::vector<std::string> child_environment(const LaunchOptions& o, int rank) {
   env.push_back("LOCAL_WORLD_SIZE=" + std::to_string(o.nproc));
   env.push_back("MASTER_ADDR=" + o.addr);
   env.push_back("MASTER_PORT=" + std::to_string(o.port));
+  // NVLink multicast (NVLS) stays off in every rank, whatever the caller's environment says: it
+  // fails or hangs on the GPU hosts we run on (docs/launching.md).
+  env.push_back("NCCL_NVLS_ENABLE=0");
+  env.push_back("TORCH_SYMM_MEM_DISABLE_MULTICAST=1");
+  env.push_back("NVSHMEM_DISABLE_NVLS=1");
   return env;
 }
 
