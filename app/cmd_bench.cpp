@@ -140,7 +140,7 @@ struct ComputeOnly {
       if (rp->stages[st].spec.slices.empty()) continue;
       AttnGrads g = local->backward(dout, q, ks[st], vs[st], f.out, f.lse, rp->stages[st].spec, scale);
       dq.add_(g.dq.to(at::kFloat));
-      at::stack({g.dk.to(at::kFloat), g.dv.to(at::kFloat)}, 1);  // the kernel's dK/dV packing
+      (void)at::stack({g.dk.to(at::kFloat), g.dv.to(at::kFloat)}, 1);  // the kernel's dK/dV packing
     }
   }
 };
@@ -216,14 +216,16 @@ int cp_attn_run(const CpAttnOptions& o) {
   std::vector<double> tol(5, o.tol >= 0 ? o.tol : (dt == at::kFloat ? kFp32Tolerance : kBf16Tolerance));
   if (o.fp32_ref && dt != at::kFloat && o.tol < 0) {
     // 2x the single-device bf16 error against an fp32 reference (exact kernel, O(Hq S^2) memory),
-    // plus 1e-3 for bf16 rounding of the output itself.
+    // plus what CP adds on top: the local kernel hands each stage's partial out (and dK/dV) back in
+    // bf16, rounded by up to 2^-9 of the largest value, and the merge then rounds once more.
     auto exact = make_reference_kernel();
     const at::Tensor q32 = q.to(at::kFloat), k32 = k.to(at::kFloat), v32 = v.to(at::kFloat), d32 = dout.to(at::kFloat);
     const AttnForward ef = exact->forward(q32, k32, v32, spec, scale);
     const AttnGrads eg = exact->backward(d32, q32, k32, v32, ef.out, ef.lse, spec, scale);
     const std::vector<std::pair<at::Tensor, at::Tensor>> single{
         {rf.out, ef.out}, {rf.lse, ef.lse}, {rg.dq, eg.dq}, {rg.dk, eg.dk}, {rg.dv, eg.dv}};
-    for (size_t i = 0; i < single.size(); ++i) tol[i] = 2 * tensor_error(single[i].first, single[i].second) + 1e-3;
+    const double cp_rounding = static_cast<double>(rp.stages.size() + 1) * std::ldexp(1.0, -9);
+    for (size_t i = 0; i < single.size(); ++i) tol[i] = 2 * tensor_error(single[i].first, single[i].second) + cp_rounding;
   }
 
   const at::Tensor ql = mine(q), kl = mine(k), vl = mine(v), dl = mine(dout);
@@ -400,14 +402,16 @@ void setup_bench(CLI::App& sub) {
   cp->add_option("--heads-q", o->heads_q, "query heads")->check(CLI::Range(1, 1024));
   cp->add_option("--heads-kv", o->heads_kv, "key/value heads")->check(CLI::Range(1, 1024));
   cp->add_option("--head-dim", o->head_dim, "head dimension")->check(CLI::Range(1, 1024));
-  cp->add_option("--backend", o->backend, "local kernel: ffa | torch | reference")->check(CLI::IsMember({"ffa", "torch", "reference"}));
+  // Not "torch": SDPA has no separate forward/backward kernel with lse, which CP merges need.
+  cp->add_option("--backend", o->backend, "local kernel: ffa (CUDA, bf16) | reference (exact, O(Hq S^2) memory)")
+      ->check(CLI::IsMember({"ffa", "reference"}));
   cp->add_option("--device", o->device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cp->add_option("--dtype", o->dtype, "bf16 | fp32")->check(CLI::IsMember({"bf16", "fp32"}));
   cp->add_option("--iters", o->iters, "timed calls per measurement (median; 0 = check only)")->check(CLI::Range(0, 100000));
   cp->add_option("--seed", o->seed, "seed of q, k, v, dout and the document lengths");
   cp->add_option("--tol", o->tol, "tolerance of the scaled max error (default: fp32 1e-4, bf16 2e-2)");
   cp->add_flag("--fp32-ref", o->fp32_ref,
-               "bf16: tolerance = 2 x (single-device bf16 error vs the exact fp32 reference kernel) + 1e-3; O(Hq S^2) memory");
+               "bf16: tolerance = 2 x (single-device bf16 error vs the exact fp32 reference kernel) + (stages + 1) x 2^-9; O(Hq S^2) memory");
   cp->add_option("--chunk", o->chunk, "dispatch chunk size (0 = default)");
   cp->add_option("--stages", o->stages, "remote stages (0 = default)");
   cp->add_option("--communicator", o->communicator, "auto | mpi | tcp | nccl | none");
