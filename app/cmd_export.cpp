@@ -22,7 +22,7 @@ struct ExportArgs {
 // A step folder as given, or the newest checkpoint of a run folder / checkpoints folder.
 fs::path resolve_checkpoint(const std::string& path) {
   if (fs::exists(fs::path(path) / "state.json")) return path;
-  for (const fs::path dir : {fs::path(path) / "checkpoints", fs::path(path)}) {
+  for (const fs::path& dir : {fs::path(path) / "checkpoints", fs::path(path)}) {
     const std::string latest = checkpoint_find_latest(dir.string());
     if (!latest.empty()) return latest;
   }

@@ -10,8 +10,9 @@
 namespace flexcp {
 namespace {
 
-// Number of samples when the spec is B equal causal samples laid end to end, else 0.
-int64_t uniform_causal_samples(const AttentionSpec& spec) {
+// Number of samples when the spec is B equal causal samples laid end to end, else 0. Only the
+// SDPA path of LibTorch 2.x uses it.
+[[maybe_unused]] int64_t uniform_causal_samples(const AttentionSpec& spec) {
   const int64_t b = static_cast<int64_t>(spec.slices.size());
   if (b == 0 || spec.num_q != spec.num_k || spec.num_q % b != 0) return 0;
   const int64_t s = spec.num_q / b;
