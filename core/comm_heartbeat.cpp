@@ -110,8 +110,8 @@ std::string late_ranks_describe(const std::vector<RankProgress>& ranks, int me, 
     return os.str();
   }
   const RankProgress& first = behind[0];
-  os << "rank " << first.rank << " has not reached it (it started " << first.started << " collectives, this one is #"
-     << seq << ")"
+  os << "rank " << first.rank << " has not reached it (its last count: " << first.started
+     << " collectives started; this one is #" << seq << ")"
      << (first.stopped  ? " and stopped on its own timeout"
          : first.alive ? " and is alive: it is stuck outside communication (compute, I/O, a debugger)"
                        : " and its heartbeat stopped: it died or froze");

@@ -140,6 +140,11 @@ void CommWatchdog::add_error_probe(std::function<std::string()> probe) {
   error_probes_.push_back(std::move(probe));
 }
 
+void CommWatchdog::set_linger(double seconds) {
+  std::lock_guard<std::mutex> lk(m_);
+  linger_s_ = seconds;
+}
+
 void CommWatchdog::set_stop_note(std::function<void()> note) {
   std::lock_guard<std::mutex> lk(m_);
   stop_note_ = std::move(note);
@@ -199,8 +204,10 @@ void CommWatchdog::fire(const std::string& line_template, uint64_t seq) {
   std::vector<std::function<void()>> aborts;
   std::function<void(const std::string&)> test_hook;
   std::function<void()> note;
+  double linger_s = 0;
   {
     std::lock_guard<std::mutex> lk(m_);
+    linger_s = linger_s_;
     probe = late_probe_;
     aborts = aborts_;
     test_hook = on_fire_for_test_;
@@ -208,7 +215,7 @@ void CommWatchdog::fire(const std::string& line_template, uint64_t seq) {
   }
   if (!test_hook) g_stopping = true;
   // Whatever happens below (a probe or an abort that blocks), the process ends.
-  const double grace_s = o_.probe_limit_s + linger_s_ + 10;
+  const double grace_s = o_.probe_limit_s + linger_s + 10;
   if (!test_hook)
     std::thread([grace_s] {
       std::this_thread::sleep_for(std::chrono::duration<double>(grace_s));
@@ -229,7 +236,7 @@ void CommWatchdog::fire(const std::string& line_template, uint64_t seq) {
   std::fprintf(stderr, "%s\n", line.c_str());
   std::fflush(stderr);
   if (note) call_with_deadline([note] { note(); return std::string(); }, std::chrono::seconds(2), "");
-  if (linger_s_ > 0) std::this_thread::sleep_for(std::chrono::duration<double>(linger_s_));
+  if (linger_s > 0) std::this_thread::sleep_for(std::chrono::duration<double>(linger_s));
   for (const auto& a : aborts) {
     try {
       a();

@@ -75,7 +75,7 @@ class CommWatchdog {
   void add_error_probe(std::function<std::string()> probe);
   // Seconds to wait after printing and before aborting: the rank that serves the heartbeat store
   // lingers so that the other ranks can still read it for their own line.
-  void set_linger(double seconds) { linger_s_ = seconds; }
+  void set_linger(double seconds);
   // Run right after the line is printed (given 2 s): leaves a note that this rank stopped on its
   // own timeout, so that the ranks that see its connection close do not blame it (comm_heartbeat.h).
   void set_stop_note(std::function<void()> note);

@@ -146,10 +146,10 @@ TEST_CASE("watchdog: a probe that blocks does not hold the line back", "[comm][w
 TEST_CASE("late_ranks_describe names the furthest-behind rank and whether it lives", "[comm][watchdog]") {
   std::vector<RankProgress> r = {{0, 40, true}, {1, 45, true}, {2, 31, true}, {3, 44, false}};
   CHECK(late_ranks_describe(r, 1, 45) ==
-        "rank 2 has not reached it (it started 31 collectives, this one is #45) and is alive: it is stuck outside "
+        "rank 2 has not reached it (its last count: 31 collectives started; this one is #45) and is alive: it is stuck outside "
         "communication (compute, I/O, a debugger); also behind: rank 0 (40), rank 3 (44, no heartbeat)");
   r[2].alive = false;
-  CHECK(late_ranks_describe(r, 1, 45).find("rank 2 has not reached it (it started 31 collectives, this one is #45) and its "
+  CHECK(late_ranks_describe(r, 1, 45).find("rank 2 has not reached it (its last count: 31 collectives started; this one is #45) and its "
                                            "heartbeat stopped: it died or froze") == 0);
   // A rank that stopped on its own timeout was waiting for another one: it goes last.
   r = {{0, 45, true}, {1, 30, false, true}, {2, 31, true}};
@@ -172,7 +172,7 @@ TEST_CASE("heartbeat: ranks publish progress; a rank that stops beating is calle
   std::this_thread::sleep_for(200ms);
   std::string s = h0->late_ranks(12);
   INFO(s);
-  CHECK(s.find("rank 3 has not reached it (it started 0 collectives, this one is #12) and its heartbeat stopped") == 0);
+  CHECK(s.find("rank 3 has not reached it (its last count: 0 collectives started; this one is #12) and its heartbeat stopped") == 0);
   CHECK(s.find("also behind: rank 1 (9)") != std::string::npos);
   h2->mark_stopped();
   CHECK(heartbeat_rank_stopped(*store, 2));
