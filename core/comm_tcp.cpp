@@ -158,9 +158,17 @@ class Mesh {
     if (comm_watchdog_stopping()) comm_watchdog_hold();  // this rank's watchdog is already on it
     const std::string who = "rank " + std::to_string(rank_) + ": rank " + std::to_string(peer) + " (" + addrs_[peer] +
                             ") closed its connection during " + what_;
-    // A peer whose own collective timed out left a note (comm_heartbeat.h): it is not the cause.
+    // A peer that stopped because of another rank left a note (comm_heartbeat.h): name the cause.
     if (heartbeat_rank_stopped(*store_, peer))
       throw RankFailure(who + " after its own collective timed out (its line names the late rank); stopping this rank");
+    const int cause = heartbeat_blamed(*store_, peer);
+    if (cause >= 0 && cause < size_ && cause != rank_) {
+      heartbeat_note_blame(*store_, rank_, cause);
+      throw RankFailure("rank " + std::to_string(rank_) + ": rank " + std::to_string(cause) + " (" + addrs_[cause] +
+                        ") died or exited: rank " + std::to_string(peer) + " saw its connection close first and stopped, "
+                        "closing its own during " + what_ + "; stopping this rank");
+    }
+    heartbeat_note_blame(*store_, rank_, peer);
     throw RankFailure(who + " (" + how + "): it died or exited (its own output or the launcher's says why); stopping this rank");
   }
 
