@@ -13,7 +13,6 @@ namespace {
 std::string seq_key(int r) { return "flexcp/hb/" + std::to_string(r) + "/seq"; }
 std::string beat_key(int r) { return "flexcp/hb/" + std::to_string(r) + "/beat"; }
 std::string stopped_key(int r) { return "flexcp/hb/" + std::to_string(r) + "/stopped"; }
-std::string blames_key(int r) { return "flexcp/hb/" + std::to_string(r) + "/blames"; }
 
 std::string first_line(const std::exception& e) {
   std::string s = e.what();
@@ -66,21 +65,6 @@ bool heartbeat_rank_stopped(KvStore& store, int rank) {
     return store.add(stopped_key(rank), 0) > 0;
   } catch (const std::exception&) {
     return false;
-  }
-}
-
-void heartbeat_note_blame(KvStore& store, int rank, int culprit) {
-  try {
-    if (store.add(blames_key(rank), 0) == 0) store.add(blames_key(rank), culprit + 1);
-  } catch (const std::exception&) {
-  }
-}
-
-int heartbeat_blamed(KvStore& store, int rank) {
-  try {
-    return static_cast<int>(store.add(blames_key(rank), 0)) - 1;
-  } catch (const std::exception&) {
-    return -1;
   }
 }
 

@@ -13,10 +13,9 @@
 // store, MPI (and NCCL under mpirun) get one that rank 0 starts for the purpose (rendezvous.h).
 // Counters use the store's add(), which never waits for a missing key.
 //
-// Notes a rank leaves when it stops because of another rank, so that the ranks that then see ITS
-// connection close (tcp) or its heartbeat stop name the cause, not the messenger:
-//   flexcp/hb/<rank>/stopped   its own watchdog fired (it timed out waiting for someone)
-//   flexcp/hb/<rank>/blames    1 + the rank whose connection closed under it (it died or exited)
+// A rank whose own watchdog fired also sets flexcp/hb/<rank>/stopped, so that the ranks that then
+// see its connection close (tcp) or its heartbeat stop say so instead of calling it dead. (A tcp rank
+// that stops because a peer's connection closed tells the others itself: comm_tcp.cpp's goodbye.)
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -64,10 +63,6 @@ class RankHeartbeat {
 
 // Whether `rank` noted that its own watchdog stopped it (false when the store cannot tell).
 bool heartbeat_rank_stopped(KvStore& store, int rank);
-// `rank` stops because `culprit`'s connection closed (best effort: store errors are ignored).
-void heartbeat_note_blame(KvStore& store, int rank, int culprit);
-// The rank that `rank` noted as the cause of its stop; -1 when none (or the store cannot tell).
-int heartbeat_blamed(KvStore& store, int rank);
 
 struct RankProgress {
   int rank = 0;

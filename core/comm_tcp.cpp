@@ -4,9 +4,11 @@
 // Messages carry their length, which the receiver checks against what it expects.
 //
 // Faults: a peer whose socket closes (EOF, ECONNRESET, EPIPE) died or exited; the collective stops
-// at once with "rank R (host:port) closed its connection" (RankFailure, exit code 3). A peer that
-// is alive but silent is left to the collective watchdog (comm_watchdog.h): poll() here waits
-// without a limit of its own.
+// at once with "rank R (host:port) closed its connection" (RankFailure, exit code 3). A rank that
+// stops this way first sends a goodbye (a header no message can have, naming the rank that closed
+// first) to every peer whose stream is at a message boundary, so that the ranks it leaves behind
+// name the rank that died, not the messenger. A peer that is alive but silent is left to the
+// collective watchdog (comm_watchdog.h): poll() here waits without a limit of its own.
 #include <ATen/ATen.h>
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -35,6 +37,10 @@ namespace {
 [[noreturn]] void sys_fail(const std::string& what) {
   TORCH_CHECK(false, "tcp communicator: ", what, ": ", std::strerror(errno));
 }
+
+// The header of a goodbye: this tag in the high 32 bits, the rank that closed first in the low ones.
+// As a message length it would be 1.7e19 bytes, so it cannot be mistaken for one.
+constexpr uint64_t kGoodbyeTag = 0xF1E8C0DEull;
 
 // One message each way with one peer in an exchange.
 struct Transfer {
@@ -116,6 +122,7 @@ class Mesh {
   // Runs every transfer to completion, all at once. `what` names the collective in messages.
   void exchange(std::vector<Transfer>& xs, const char* what) {
     what_ = what;
+    current_ = &xs;
     for (auto& x : xs) {
       x.send_hdr = x.send_len;
       x.sent = x.got = 0;
@@ -134,7 +141,10 @@ class Mesh {
           owners.push_back(&x);
         }
       }
-      if (pfds.empty()) return;
+      if (pfds.empty()) {
+        current_ = nullptr;
+        return;
+      }
       // No limit: a silent peer is the watchdog's (parallel.timeout_s).
       const int n = ::poll(pfds.data(), pfds.size(), -1);
       if (n < 0) {
@@ -146,33 +156,56 @@ class Mesh {
         const short re = pfds[i].revents;
         // Data or its end first, so that a peer that closed is reported as closed.
         if ((re & (POLLIN | POLLHUP | POLLERR)) && x.do_recv && x.got < 8 + x.recv_len) step_recv(x);
-        if (re & (POLLERR | POLLNVAL)) peer_gone(x.peer, "connection error");
+        if (re & (POLLERR | POLLNVAL)) peer_gone(x, "connection error");
         if ((re & POLLOUT) && x.do_send && x.sent < 8 + x.send_len) step_send(x);
-        if ((re & POLLHUP) && x.do_send && x.sent < 8 + x.send_len) peer_gone(x.peer, "hang-up");
+        if ((re & POLLHUP) && x.do_send && x.sent < 8 + x.send_len) peer_gone(x, "hang-up");
       }
     }
   }
 
-  // A peer's socket closed or broke: that process died or exited.
-  [[noreturn]] void peer_gone(int peer, const std::string& how) const {
+  // A peer's socket closed or broke: that process died or exited, unless it left a goodbye naming
+  // the rank whose connection closed under it first.
+  [[noreturn]] void peer_gone(const Transfer& x, const std::string& how) {
     if (comm_watchdog_stopping()) comm_watchdog_hold();  // this rank's watchdog is already on it
-    const std::string who = "rank " + std::to_string(rank_) + ": rank " + std::to_string(peer) + " (" + addrs_[peer] +
-                            ") closed its connection during " + what_;
-    // A peer that stopped because of another rank left a note (comm_heartbeat.h): name the cause.
-    if (heartbeat_rank_stopped(*store_, peer))
-      throw RankFailure(who + " after its own collective timed out (its line names the late rank); stopping this rank");
-    const int cause = heartbeat_blamed(*store_, peer);
-    if (cause >= 0 && cause < size_ && cause != rank_) {
-      heartbeat_note_blame(*store_, rank_, cause);
-      throw RankFailure("rank " + std::to_string(rank_) + ": rank " + std::to_string(cause) + " (" + addrs_[cause] +
-                        ") died or exited: rank " + std::to_string(peer) + " saw its connection close first and stopped, "
-                        "closing its own during " + what_ + "; stopping this rank");
+    // Our message from this peer is complete (or none was due): a goodbye may be the next header.
+    if (!x.do_recv || x.got == 8 + x.recv_len) {
+      uint64_t hdr = 0;
+      if (::recv(fds_[x.peer], &hdr, sizeof hdr, MSG_PEEK | MSG_DONTWAIT) == static_cast<ssize_t>(sizeof hdr) &&
+          (hdr >> 32) == kGoodbyeTag)
+        peer_stopped_for(x.peer, static_cast<int>(hdr & 0xffffffffu));
     }
-    heartbeat_note_blame(*store_, rank_, peer);
+    const std::string who = "rank " + std::to_string(rank_) + ": rank " + std::to_string(x.peer) + " (" +
+                            addrs_[x.peer] + ") closed its connection during " + what_;
+    // A peer whose own collective timed out left a note in the store (comm_heartbeat.h).
+    if (heartbeat_rank_stopped(*store_, x.peer))
+      throw RankFailure(who + " after its own collective timed out (its line names the late rank); stopping this rank");
+    say_goodbye(x.peer);
     throw RankFailure(who + " (" + how + "): it died or exited (its own output or the launcher's says why); stopping this rank");
   }
 
- private:
+  // `peer` said goodbye: it stopped because `culprit`'s connection closed.
+  [[noreturn]] void peer_stopped_for(int peer, int culprit) {
+    if (culprit < 0 || culprit >= size_) culprit = peer;
+    say_goodbye(culprit);
+    throw RankFailure("rank " + std::to_string(rank_) + ": rank " + std::to_string(culprit) + " (" + addrs_[culprit] +
+                      ") died or exited: rank " + std::to_string(peer) +
+                      " saw its connection close first and stopped, closing its own during " + what_ +
+                      "; stopping this rank");
+  }
+
+  // Best effort, never blocks: peers in the middle of a message from us get a plain close instead.
+  void say_goodbye(int culprit) {
+    const uint64_t hdr = (kGoodbyeTag << 32) | static_cast<uint32_t>(culprit);
+    for (int p = 0; p < size_; ++p) {
+      if (p == rank_ || p == culprit || fds_[p] < 0) continue;
+      bool mid_message = false;
+      if (current_ != nullptr)
+        for (const auto& x : *current_)
+          if (x.peer == p && x.do_send && x.sent > 0 && x.sent < 8 + x.send_len) mid_message = true;
+      if (!mid_message) (void)::send(fds_[p], &hdr, sizeof hdr, MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+  }
+
   static void write_all(int fd, const void* p, size_t n) {
     const char* c = static_cast<const char*>(p);
     while (n > 0) {
@@ -229,7 +262,7 @@ class Mesh {
       const ssize_t k = ::send(fd, src, std::min<uint64_t>(left, 1 << 22), MSG_NOSIGNAL | MSG_DONTWAIT);
       if (k < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
-        if (errno == EPIPE || errno == ECONNRESET) peer_gone(x.peer, std::strerror(errno));
+        if (errno == EPIPE || errno == ECONNRESET) peer_gone(x, std::strerror(errno));
         sys_fail("send to rank " + std::to_string(x.peer));
       }
       x.sent += static_cast<uint64_t>(k);
@@ -250,11 +283,12 @@ class Mesh {
       const ssize_t k = ::recv(fd, dst, std::min<uint64_t>(left, 1 << 22), MSG_DONTWAIT);
       if (k < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
-        if (errno == ECONNRESET || errno == EPIPE) peer_gone(x.peer, std::strerror(errno));
+        if (errno == ECONNRESET || errno == EPIPE) peer_gone(x, std::strerror(errno));
         sys_fail("recv from rank " + std::to_string(x.peer));
       }
-      if (k == 0) peer_gone(x.peer, "end of stream");
+      if (k == 0) peer_gone(x, "end of stream");
       x.got += static_cast<uint64_t>(k);
+      if (x.got == 8 && (x.recv_hdr >> 32) == kGoodbyeTag) peer_stopped_for(x.peer, static_cast<int>(x.recv_hdr & 0xffffffffu));
       if (x.got == 8)
         TORCH_CHECK(x.recv_hdr == x.recv_len, "tcp communicator: rank ", x.peer, " sent ", x.recv_hdr,
                     " bytes where ", x.recv_len, " were expected (the ranks disagree on the call order or sizes)");
@@ -266,6 +300,7 @@ class Mesh {
   std::vector<int> fds_;
   std::vector<std::string> addrs_;  // host:port each rank listened on
   const char* what_ = "";           // the collective in progress, for messages
+  const std::vector<Transfer>* current_ = nullptr;  // its transfers (for say_goodbye)
 };
 
 class TcpCommunicator final : public Communicator {

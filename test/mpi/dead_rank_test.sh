@@ -3,8 +3,9 @@
 # data, CPU, cp = 2 so that both world and cp-group collectives run), one of which fails at step 3:
 #   mpi_dead     mpirun; rank 2 SIGKILLs itself          -> the job ends, mpirun names rank 2
 #   mpi_hang     mpirun; rank 2 sleeps forever           -> a watchdog line names rank 2, MPI_Abort ends the job
-#   tcp_dead     4 ranks started by hand (no launcher)   -> every survivor exits 3 at once: "rank 2 (host:port)
-#                rank 2 SIGKILLs itself                     closed its connection"
+#   tcp_dead     4 ranks started by hand (no launcher)   -> every survivor exits 3 at once: "rank 1 (host:port)
+#                rank 1 SIGKILLs itself                     closed its connection", or "rank 1 (host:port) died or
+#                                                           exited: rank 0 saw ..." (rank 0's goodbye)
 #   launch_dead  flexcp launch (tcp); rank 2 dies        -> exit != 0, rank 2 named
 #   launch_hang  flexcp launch (tcp); rank 2 hangs       -> exit 3, a watchdog line names rank 2
 # and 2 ranks under mpirun whose config, binary or data set differ:
@@ -114,31 +115,33 @@ case_launch_hang() {
   record launch_hang $? "exit $rc, all gone ${lat} s after rank 2 hung (timeout ${hang_timeout} s); $(grep -m1 -o 'flexcp: rank [0-9] of 4.*' "$work/launch_hang.log" | cut -c1-240)"
 }
 
-# No launcher to clean up: the survivors must notice by themselves.
+# No launcher to clean up: the survivors must notice by themselves. Rank 1 dies: its cp partner,
+# rank 0, sees it first and stops; ranks 2 and 3 see rank 0's connection close at the next gradient
+# all-reduce, and its goodbye makes them name rank 1, not rank 0.
 case_tcp_dead() {
   local port=$((20000 + RANDOM % 20000)) r t0 pids=() bad=0 detail="" lat code
   t0=$(now_us)
   for r in 0 1 2 3; do
-    RANK=$r LOCAL_RANK=$r WORLD_SIZE=4 LOCAL_WORLD_SIZE=4 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port FLEXCP_TEST_DIE_AT_STEP=2:3 \
+    RANK=$r LOCAL_RANK=$r WORLD_SIZE=4 LOCAL_WORLD_SIZE=4 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port FLEXCP_TEST_DIE_AT_STEP=1:3 \
       timeout -k 5 $limit "$flexcp" train "$cfg" "${common[@]}" --set logging.dir="$work/tcp_dead" --set parallel.timeout_s=60 \
       > >(stamp "$t0" >"$work/tcp_dead.$r.log") 2>&1 &
     pids+=($!)
   done
   for r in 0 1 2 3; do
     wait "${pids[$r]}" 2>/dev/null; code=$?
-    if [ $r -eq 2 ]; then
-      [ $code -eq 137 ] || { bad=1; detail+=" rank 2 exit $code (want 137);"; }
+    if [ $r -eq 1 ]; then
+      [ $code -eq 137 ] || { bad=1; detail+=" rank 1 exit $code (want 137);"; }
     else
-      # Rank 2 itself, or (when another survivor saw it first and stopped) rank 2 through that one.
-      [ $code -eq 3 ] && grep -qE "rank $r: rank 2 \(127.0.0.1:[0-9]*\) (closed its connection during .*: it died or exited|died or exited: rank [013] saw)" \
+      # Rank 1 itself, or (when another survivor saw it first and stopped) rank 1 through that one's goodbye.
+      [ $code -eq 3 ] && grep -qE "rank $r: rank 1 \(127.0.0.1:[0-9]*\) (closed its connection during .*: it died or exited|died or exited: rank [023] saw)" \
         "$work/tcp_dead.$r.log" || { bad=1; detail+=" rank $r exit $code: $(tail -c 300 "$work/tcp_dead.$r.log");"; }
     fi
   done
   end=$(secs "$t0" "$(now_us)")
   sleep 0.2  # the stamping readers finish their files
-  lat=$(latency "$work/tcp_dead.2.log")
+  lat=$(latency "$work/tcp_dead.1.log")
   [ $bad -eq 0 ] && within "$lat" 20
-  record tcp_dead $? "ranks 0, 1, 3 exited 3 naming rank 2, ${lat} s after it died;$detail $(grep -ho 'rank 0: rank 2.*' "$work"/tcp_dead.0.log | cut -c1-200)"
+  record tcp_dead $? "ranks 0, 2, 3 exited 3 naming rank 1, ${lat} s after it died;$detail $(grep -ho 'rank [023]: rank 1.*' "$work"/tcp_dead.[023].log | cut -c1-200 | tr '\n' '|')"
 }
 
 # Two ranks under mpirun that differ in one way (MPMD: `-np 1 A : -np 1 B`).
