@@ -25,6 +25,7 @@ struct TrainArgs {
   bool quiet = false;
   std::string resume_from;
   int64_t world_size = 0;  // 0 = from the launcher's environment
+  int64_t profile_step = 0;
 };
 
 // The launchers we support say how many processes they started: torchrun-style WORLD_SIZE, OpenMPI's
@@ -67,6 +68,7 @@ void run_train(const TrainArgs& a) {
   opts.resume = a.resume;
   opts.resume_from = a.resume_from;
   opts.config_text = yaml;
+  opts.profile_step = a.profile_step;
   check_runtime_resources(cfg, world, device_cuda_available());
   try {
     command_exit_code() = train_run(cfg, opts);
@@ -88,6 +90,10 @@ void setup_train(CLI::App& sub) {
   sub.add_flag("--dry-run", a->dry_run, "print the resolved config and derived numbers, then exit without training");
   auto* resume = sub.add_flag("--resume", a->resume, "continue from the newest complete checkpoint in checkpoint.dir");
   sub.add_option("--resume-from", a->resume_from, "continue from this checkpoint folder")->excludes(resume);
+  sub.add_option("--profile-step", a->profile_step,
+                 "time step N by phase (forward, loss, backward, optimizer, ...) and bracket it with "
+                 "cudaProfilerStart/Stop for `ncu --profile-from-start off`")
+      ->check(CLI::PositiveNumber);
   sub.add_option("--world-size", a->world_size,
                  "with --dry-run: assume this many processes (default: WORLD_SIZE, OMPI_COMM_WORLD_SIZE, SLURM_NTASKS, else 1)")
       ->check(CLI::PositiveNumber);

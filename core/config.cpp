@@ -219,8 +219,10 @@ const std::vector<Field>& fields() {
                     .at_least(0).alias("timeout"));
     // checkpoint
     v.push_back(Field("checkpoint.dir", FLEXCP_REF(checkpoint.dir), "checkpoint folder; empty = <logging.dir>/checkpoints"));
-    v.push_back(Field("checkpoint.every", FLEXCP_REF(checkpoint.every), "steps between checkpoints; 0 = only at the end")
+    v.push_back(Field("checkpoint.every", FLEXCP_REF(checkpoint.every), "steps between checkpoints; 0 = none before the end (see at_end)")
                     .at_least(0).alias("save_every"));
+    v.push_back(Field("checkpoint.at_end", FLEXCP_REF(checkpoint.at_end),
+                      "also save after the last step; false for benchmarks and throw-away runs"));
     v.push_back(Field("checkpoint.keep_last", FLEXCP_REF(checkpoint.keep_last), "newest checkpoints kept (older ones are deleted); 0 keeps all")
                     .at_least(0));
     // logging

@@ -63,8 +63,9 @@ struct ParallelConfig {
 
 struct CheckpointConfig {
   std::string dir;      // default: <logging.dir>/checkpoints
-  int64_t every = 0;    // steps between checkpoints; 0 = only at the end
+  int64_t every = 0;    // steps between checkpoints; 0 = none before the end (see at_end)
   int64_t keep_last = 3;
+  bool at_end = true;   // also save after the last step (off for benchmarks and throw-away runs)
 };
 
 struct LoggingConfig {

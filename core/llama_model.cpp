@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "core/errors.h"
+#include "core/fused_ops.h"
 
 namespace flexcp {
 
@@ -45,6 +46,7 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
+  if (at::Tensor y = fused_rmsnorm(x, weight, eps); y.defined()) return y;  // CUDA bf16 (core/fused_ops.h)
   at::Tensor h = x.to(at::kFloat);
   at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
   h = h * at::rsqrt(variance + eps);
@@ -65,8 +67,13 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const RopeCosSin& ro
   at::Tensor q = q_proj->forward(x).view({T, num_heads, head_dim});
   at::Tensor k = k_proj->forward(x).view({T, num_kv_heads, head_dim});
   at::Tensor v = v_proj->forward(x).view({T, num_kv_heads, head_dim});
-  q = rope_apply(q, rope);
-  k = rope_apply(k, rope);
+  if (auto qk = fused_rope(q, k, rope); qk.first.defined()) {  // CUDA bf16: q and k in one kernel
+    q = qk.first;
+    k = qk.second;
+  } else {
+    q = rope_apply(q, rope);
+    k = rope_apply(k, rope);
+  }
   at::Tensor out = backend.attend(q, k, v, spec, 1.0 / std::sqrt(static_cast<double>(head_dim)));
   return o_proj->forward(out.reshape({T, num_heads * head_dim}));
 }
@@ -78,7 +85,10 @@ LlamaMLPImpl::LlamaMLPImpl(const LlamaArch& a) {
 }
 
 at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
-  return down_proj->forward(at::silu(gate_proj->forward(x)) * up_proj->forward(x));
+  const at::Tensor gate = gate_proj->forward(x), up = up_proj->forward(x);
+  at::Tensor h = fused_swiglu(gate, up);  // CUDA bf16 (core/fused_ops.h)
+  if (!h.defined()) h = at::silu(gate) * up;
+  return down_proj->forward(h);
 }
 
 LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaArch& a) {
@@ -279,15 +289,18 @@ LossResult chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& wei
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "chunked_cross_entropy: labels must be (T,)");
   const int64_t V = weight.size(0);
   at::Tensor lab = labels.to(hidden.device(), at::kLong);
-  at::Tensor valid = lab.ne(opts.ignore_index);
-  // One host sync for both numbers: the count, and how many labels are out of range.
-  at::Tensor bad = (valid & (lab.lt(0) | lab.ge(V))).sum();
-  at::Tensor both = at::stack({valid.sum(), bad}).to(at::kCPU);
-  const int64_t count = both[0].item<int64_t>();
-  if (both[1].item<int64_t>() > 0)
-    fail("labels", std::to_string(both[1].item<int64_t>()) + " label(s) outside [0, " + std::to_string(V) +
-                       ") and not ignore_index " + std::to_string(opts.ignore_index),
-         "the data's token ids must be below the model's vocab_size");
+  int64_t count = -1;
+  if (opts.check_labels) {
+    at::Tensor valid = lab.ne(opts.ignore_index);
+    // One host sync for both numbers: the count, and how many labels are out of range.
+    at::Tensor bad = (valid & (lab.lt(0) | lab.ge(V))).sum();
+    at::Tensor both = at::stack({valid.sum(), bad}).to(at::kCPU);
+    count = both[0].item<int64_t>();
+    if (both[1].item<int64_t>() > 0)
+      fail("labels", std::to_string(both[1].item<int64_t>()) + " label(s) outside [0, " + std::to_string(V) +
+                         ") and not ignore_index " + std::to_string(opts.ignore_index),
+           "the data's token ids must be below the model's vocab_size");
+  }
   int64_t chunk = opts.chunk_tokens;
   if (chunk <= 0) chunk = std::max<int64_t>(1, (int64_t(256) << 20) / (V * 4));
   LossResult r;
@@ -296,7 +309,9 @@ LossResult chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& wei
     r.sum = (hidden.sum() * 0).to(at::kFloat) + (weight.sum() * 0).to(at::kFloat);
     return r;
   }
-  r.sum = ChunkedCrossEntropy::apply(hidden, weight, lab, chunk, opts.ignore_index);
+  // CUDA bf16: gradients computed in the forward from bf16 logits (core/fused_ops_cuda.cpp).
+  r.sum = fused_cross_entropy_sum(hidden, weight, lab, opts.chunk_tokens, opts.ignore_index);
+  if (!r.sum.defined()) r.sum = ChunkedCrossEntropy::apply(hidden, weight, lab, chunk, opts.ignore_index);
   return r;
 }
 

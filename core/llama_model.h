@@ -107,21 +107,28 @@ TORCH_MODULE(LlamaModel);
 
 struct LossOptions {
   int64_t ignore_index = -100;
-  // Tokens per chunk of the vocabulary projection; 0 picks a chunk whose fp32 logits take about
-  // 256 MiB. Only one chunk of logits exists at a time, in the forward and in the backward.
+  // Tokens per chunk of the vocabulary projection; 0 picks a chunk whose logits take about 256 MiB
+  // (fp32 logits in the torch path, bf16 in the fused CUDA one). Only one chunk of logits exists at
+  // a time, in the forward and in the backward.
   int64_t chunk_tokens = 0;
+  // The range check of the labels and their count cost a host sync when the labels are on the GPU.
+  // The trainer turns them off: its labels are known good (the data loader checks every token id
+  // on the host) and it does not use the count, which is then -1.
+  bool check_labels = true;
 };
 
 struct LossResult {
   at::Tensor sum;     // scalar fp32: sum of the token losses (differentiable)
-  int64_t count = 0;  // tokens whose label is not ignore_index
+  int64_t count = 0;  // tokens whose label is not ignore_index (-1 without LossOptions::check_labels)
 };
 
 // Cross-entropy of next-token prediction from final-normed hidden states (T, hidden) and labels
 // (T,) (already shifted: labels[t] is the token that should follow token t; ignore_index where
 // there is none). Exact gradients for hidden and the output projection with no full (T, vocab)
-// logits kept: each chunk's logits are recomputed in the backward pass. Throws UserError for a
-// label outside [0, vocab) that is not ignore_index.
+// logits kept: each chunk's logits are recomputed in the backward pass. On CUDA with bf16 inputs the
+// fused path (core/fused_ops.h) computes the gradients in the forward instead, chunk by chunk, and
+// keeps them until the backward scales them. Throws UserError for a label outside [0, vocab) that
+// is not ignore_index (unless LossOptions::check_labels is off).
 LossResult llama_loss(LlamaModelImpl& model, const at::Tensor& hidden, const at::Tensor& labels,
                       const LossOptions& opts = {});
 // The same over an explicit projection weight (vocab, hidden).

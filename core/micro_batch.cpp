@@ -9,7 +9,10 @@ namespace flexcp {
 MicroBatch micro_batch_build(const std::vector<TokenWindow>& windows, bool document_mask, const at::Device& device) {
   if (windows.empty()) fail("micro-batch", "no windows");
   const int64_t s = static_cast<int64_t>(windows[0].tokens.size()) - 1, b = static_cast<int64_t>(windows.size());
-  auto tokens = at::empty({b * s}, at::kLong), labels = at::empty({b * s}, at::kLong), pos = at::empty({b * s}, at::kLong);
+  // Pinned host memory for a GPU run: the copies below are then asynchronous (a copy from pageable
+  // memory waits for the whole stream, a host sync in the middle of a step with grad_accum > 1).
+  const auto host = at::TensorOptions(at::kLong).pinned_memory(device.is_cuda());
+  auto tokens = at::empty({b * s}, host), labels = at::empty({b * s}, host), pos = at::empty({b * s}, host);
   auto ta = tokens.accessor<int64_t, 1>(), la = labels.accessor<int64_t, 1>(), pa = pos.accessor<int64_t, 1>();
   MicroBatch mb;
   mb.spec.num_q = mb.spec.num_k = b * s;
@@ -32,9 +35,10 @@ MicroBatch micro_batch_build(const std::vector<TokenWindow>& windows, bool docum
       mb.spec.slices.push_back({{base, base + s}, {base, base + s}, MaskType::Causal});
     }
   }
-  mb.tokens = tokens.to(device);
-  mb.labels = labels.to(device);
-  mb.positions = pos.to(device);
+  // non_blocking: the caching host allocator keeps the pinned buffers until the copies are done.
+  mb.tokens = tokens.to(device, /*non_blocking=*/true);
+  mb.labels = labels.to(device, /*non_blocking=*/true);
+  mb.positions = pos.to(device, /*non_blocking=*/true);
   return mb;
 }
 

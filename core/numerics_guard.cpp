@@ -45,6 +45,10 @@ NumericsGuard::NumericsGuard(const TrainConfig& train, std::string run_dir, std:
       source_(std::move(source)),
       inject_(parse_inject_env()) {}
 
+at::Tensor NumericsGuard::nonfinite_flag(const at::Tensor& loss, const at::Tensor& grad_norm) {
+  return at::logical_not(at::isfinite(loss) & at::isfinite(grad_norm.to(loss.device())));
+}
+
 void NumericsGuard::inject(FlatAdamW& opt) {
   at::NoGradGuard no_grad;
   const auto& p = opt.params().front();

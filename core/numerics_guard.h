@@ -1,10 +1,10 @@
 // Numerics checks of the training loop: non-finite loss or gradient norm, and loss spikes.
 //
-// The guard reads the step's loss and global gradient norm once per step on the host. The trainer
-// already syncs once per step for its metrics; it reads both values right before the optimizer
-// instead of right after, so the guard adds no host sync: it only costs the launch latency of the
-// optimizer's few kernels. (A non-finite step cannot be skipped without knowing it before the update:
-// AdamW's moments would be poisoned.)
+// A non-finite step must not reach the weights (AdamW's moments would be poisoned), yet reading the
+// loss and norm before the update would stall the GPU on a host sync. So the decision is made twice
+// from the same values: on the device (nonfinite_flag, which the optimizer step reads to drop the
+// update), and on the host by check() once the trainer reads the values at the end of the step, for
+// the skip counter, the stop with its dump, spikes and the log.
 //
 // Policy (train.on_nonfinite): "stop" writes <run dir>/nonfinite_step_<N>.json (loss, norm, the
 // batch's (step, sample) ids, each parameter's gradient norm, non-finite ones first) and ends the run
@@ -41,6 +41,10 @@ class NumericsGuard {
   bool inject_due(int64_t step) const { return inject_.count(step) != 0; }
   // Fills the gradient of the first parameter with NaN (one bad layer, as in a real blow-up).
   static void inject(FlatAdamW& opt);
+
+  // Bool scalar on the device: loss or gradient norm not finite. The optimizer drops the update when
+  // it is true; check() then says apply_update = false for the same values.
+  static at::Tensor nonfinite_flag(const at::Tensor& loss, const at::Tensor& grad_norm);
 
   // One step's decision. `step` is 1-based; `samples` the (loader step, sample) ids of this rank's
   // windows (DataLoader::window's arguments; the loader step is step - 1),

@@ -1,15 +1,41 @@
 #include "core/optimizer.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <unordered_set>
 
 #include "core/errors.h"
+#include "core/optimizer_fused.h"
 
 namespace flexcp {
 
 namespace {
 // Element-wise passes over a 1B-parameter model go chunk by chunk so temporaries stay small.
 constexpr int64_t kStepChunk = int64_t(1) << 26;
+
+// The fused kernels cover CUDA buffers of fp32 models and bf16 ones (the dtypes train.dtype allows).
+bool fused_wanted(const at::Tensor& param) {
+#ifdef FLEXCP_OPTIMIZER_FUSED
+  const char* env = std::getenv("FLEXCP_OPTIM_FUSED");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  return param.is_cuda() && (param.scalar_type() == at::kFloat || param.scalar_type() == at::kBFloat16);
+#else
+  (void)param;
+  return false;
+#endif
+}
+
+AdamWScalars adamw_scalars(const AdamWHyper& h, double lr, int64_t step) {
+  AdamWScalars s;
+  s.decay_factor = 1.0 - lr * h.weight_decay;
+  s.beta1 = h.beta1, s.one_minus_beta1 = 1.0 - h.beta1;
+  s.beta2 = h.beta2, s.one_minus_beta2 = 1.0 - h.beta2;
+  s.bias2_sqrt = std::sqrt(1.0 - std::pow(h.beta2, static_cast<double>(step)));
+  s.eps = h.eps;
+  s.step_size = -lr / (1.0 - std::pow(h.beta1, static_cast<double>(step)));
+  return s;
+}
 }  // namespace
 
 FlatAdamW::FlatAdamW(const std::vector<std::pair<std::string, at::Tensor>>& named_params, const AdamWHyper& hyper)
@@ -32,6 +58,7 @@ FlatAdamW::FlatAdamW(const std::vector<std::pair<std::string, at::Tensor>>& name
   const auto& first = params_.front().param;
   const auto fp32 = first.options().dtype(at::kFloat);
   low_precision_ = first.scalar_type() != at::kFloat;
+  fused_ = fused_wanted(first);
   master_ = at::empty({total}, fp32);
   grad_ = at::zeros({total}, fp32);
   exp_avg_ = at::zeros({total}, fp32);
@@ -53,8 +80,22 @@ FlatAdamW::FlatAdamW(const std::vector<std::pair<std::string, at::Tensor>>& name
 }
 
 void FlatAdamW::zero_grad() {
+  // Fused: the first accumulate_grads overwrites grad_, and the model-dtype gradients are zero
+  // already (every accumulate_grads leaves them so; autograd only adds into them in between).
+  if (fused_ && low_precision_) {
+    grad_stale_ = true;
+    return;
+  }
   grad_.zero_();
   if (low_precision_) model_grad_flat_.zero_();
+}
+
+at::Tensor& FlatAdamW::grad_flat() {
+  if (grad_stale_) {
+    grad_.zero_();
+    grad_stale_ = false;
+  }
+  return grad_;
 }
 
 void FlatAdamW::accumulate_grads() {
@@ -69,38 +110,61 @@ void FlatAdamW::accumulate_grads() {
     view.copy_(g);
     fp.param.mutable_grad() = view;
   }
-  if (low_precision_) {
-    grad_.add_(model_grad_flat_);
-    model_grad_flat_.zero_();
+  if (!low_precision_) return;
+#ifdef FLEXCP_OPTIMIZER_FUSED
+  if (fused_) {
+    fused_grads_accumulate(grad_, model_grad_flat_, grad_stale_);
+    grad_stale_ = false;
+    return;
   }
+#endif
+  grad_.add_(model_grad_flat_);
+  model_grad_flat_.zero_();
 }
 
 at::Tensor FlatAdamW::clip_grad_norm(double max_norm) {
   at::NoGradGuard no_grad;
-  auto norm = grad_.norm(2);
+  auto norm = grad_flat().norm(2);  // one read pass: torch's reduction runs at about memory bandwidth
   // A non-finite norm leaves the gradient as it is (no host sync to test it): scaling by NaN or 0
   // would hide which parameters went bad, and the trainer's numerics guard drops such a step anyway.
-  if (max_norm > 0) grad_.mul_(at::where(at::isfinite(norm), (max_norm / (norm + 1e-6)).clamp_max(1.0), at::ones_like(norm)));
+  clip_scale_ = max_norm > 0 ? at::where(at::isfinite(norm), (max_norm / (norm + 1e-6)).clamp_max(1.0), at::ones_like(norm))
+                             : at::Tensor();
   return norm;
 }
 
-void FlatAdamW::step(double lr) {
+void FlatAdamW::step(double lr, const at::Tensor& skip) {
   at::NoGradGuard no_grad;
+  grad_flat();  // settles a stale gradient (step without accumulate_grads)
+#ifdef FLEXCP_OPTIMIZER_FUSED
+  if (fused_) {
+    const AdamWScalars s = adamw_scalars(hyper_, lr, steps_ + 1);
+    fused_adamw_step(master_, exp_avg_, exp_avg_sq_, grad_, low_precision_ ? model_flat_ : at::Tensor(),
+                     hyper_.weight_decay != 0 ? decay_numel_ : 0, s, clip_scale_, skip);
+  } else
+#endif
+  {
+    step_torch_ops(lr, skip);
+  }
   ++steps_;
-  const double b1 = hyper_.beta1, b2 = hyper_.beta2;
-  const double bias1 = 1.0 - std::pow(b1, static_cast<double>(steps_));
-  const double bias2_sqrt = std::sqrt(1.0 - std::pow(b2, static_cast<double>(steps_)));
+  clip_scale_ = at::Tensor();
+}
+
+// The reference path: torch element-wise ops, chunk by chunk.
+void FlatAdamW::step_torch_ops(double lr, const at::Tensor& skip) {
+  if (skip.defined() && skip.item<bool>()) return;  // a host sync, but only on this path
+  const AdamWScalars s = adamw_scalars(hyper_, lr, steps_ + 1);
   const int64_t total = master_.numel();
   for (int64_t start = 0; start < total; start += kStepChunk) {
     const int64_t n = std::min(kStepChunk, total - start);
     auto w = master_.narrow(0, start, n), g = grad_.narrow(0, start, n);
     auto m = exp_avg_.narrow(0, start, n), v = exp_avg_sq_.narrow(0, start, n);
+    if (clip_scale_.defined()) g = g * clip_scale_;
     const int64_t decayed = std::min(n, std::max<int64_t>(0, decay_numel_ - start));
-    if (decayed > 0 && hyper_.weight_decay != 0) w.narrow(0, 0, decayed).mul_(1.0 - lr * hyper_.weight_decay);
-    m.mul_(b1).add_(g, 1.0 - b1);
-    v.mul_(b2).addcmul_(g, g, 1.0 - b2);
-    auto denom = v.sqrt().div_(bias2_sqrt).add_(hyper_.eps);
-    w.addcdiv_(m, denom, -lr / bias1);
+    if (decayed > 0 && hyper_.weight_decay != 0) w.narrow(0, 0, decayed).mul_(s.decay_factor);
+    m.mul_(s.beta1).add_(g, s.one_minus_beta1);
+    v.mul_(s.beta2).addcmul_(g, g, s.one_minus_beta2);
+    auto denom = v.sqrt().div_(s.bias2_sqrt).add_(s.eps);
+    w.addcdiv_(m, denom, s.step_size);
   }
   refresh_model_params();
 }

@@ -10,6 +10,11 @@
 //
 // The math is PyTorch's AdamW (decoupled weight decay, bias correction), so runs match
 // torch.optim.AdamW step for step.
+//
+// On CUDA (fp32 or bf16 models) the passes are fused kernels (core/optimizer_fused.h): the step reads
+// gradient, master and moments once and writes master, moments and the bf16 copy once, with the clip
+// factor and the skip decision read from device memory, so a step needs no host sync. The torch-op
+// path stays for the CPU and as the reference (FLEXCP_OPTIM_FUSED=0 selects it on CUDA too).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -44,12 +49,18 @@ class FlatAdamW {
   // After each micro-batch's backward: moves low-precision parameter gradients into the fp32
   // buffer (nothing to do for fp32 models, whose gradients are views of it).
   void accumulate_grads();
-  // Global L2 norm of the gradient, then scales it so the norm is at most max_norm (0: no clipping).
+  // Global L2 norm of the gradient and the factor that brings it to at most max_norm (0: no
+  // clipping); the next step() applies the factor (the gradient buffer itself is left as it is).
   // Returns the norm before clipping, on the device (no host sync).
   at::Tensor clip_grad_norm(double max_norm);
-  void step(double lr);
+  // The update. `skip` (optional bool scalar on the optimizer's device): when true, weights and
+  // moments are left untouched, decided on the device so the caller need not read it first. The
+  // host cannot know the outcome without a sync, so the step is counted as taken; a caller that
+  // learns afterwards that it was skipped calls uncount_step().
+  void step(double lr, const at::Tensor& skip = {});
+  void uncount_step() { --steps_; }
 
-  at::Tensor& grad_flat() { return grad_; }
+  at::Tensor& grad_flat();
   at::Tensor& master_flat() { return master_; }
   int64_t steps_taken() const { return steps_; }
   int64_t numel() const { return master_.numel(); }
@@ -62,12 +73,18 @@ class FlatAdamW {
 
  private:
   void refresh_model_params();
+  void step_torch_ops(double lr, const at::Tensor& skip);
 
   AdamWHyper hyper_;
   std::vector<FlatParam> params_;
   int64_t decay_numel_ = 0;
   int64_t steps_ = 0;
   bool low_precision_ = false;
+  bool fused_ = false;       // CUDA kernels instead of torch ops
+  // Fused low-precision path: zero_grad() leaves grad_ to the first accumulate_grads, which
+  // overwrites it (one pass fewer); grad_flat() zeroes it if read before that.
+  bool grad_stale_ = false;
+  at::Tensor clip_scale_;    // fp32 scalar from clip_grad_norm, used and dropped by the next step()
   at::Tensor master_, grad_, exp_avg_, exp_avg_sq_;  // fp32, flat
   at::Tensor model_flat_, model_grad_flat_;          // model dtype, flat (low precision only)
 };

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <stdexcept>
 
 #include "core/atomic_file.h"
 #include "core/attention_backend.h"
@@ -27,6 +28,7 @@
 #include "core/optimizer.h"
 #include "core/rendezvous.h"
 #include "core/run_consistency.h"
+#include "core/step_profiler.h"
 
 namespace flexcp {
 namespace fs = std::filesystem;
@@ -198,11 +200,15 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
                  human_count(static_cast<double>(dn.params)), rt.device.str(), at::toString(rt.dtype), t.steps,
                  dn.tokens_per_step, dn.grad_accum, cfg.parallel.attention);
 
+  LossOptions loss_opts;
+  loss_opts.check_labels = false;  // no host sync mid-step: the data loader checked every token id
+  StepProfiler profiler(rt.device, opts.profile_step);
   const auto run_start = std::chrono::steady_clock::now();
   for (int64_t step = start_step; step < t.steps; ++step) {
     fault_inject_at_step(rt.rank, step + 1);  // test hooks (FLEXCP_TEST_DIE_AT_STEP, FLEXCP_TEST_HANG_AT_STEP)
     device_reset_peak_memory(rt.device);
     const auto step_start = std::chrono::steady_clock::now();
+    profiler.begin(step + 1);
     opt.zero_grad();
     auto loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(rt.device));
     for (int64_t micro = 0; micro < dn.grad_accum; ++micro) {
@@ -219,10 +225,15 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
         mb.labels = cb.labels;
         mb.positions = cb.positions;
       }
+      profiler.mark("zero grad + data");
       auto hidden = model->forward_hidden(mb.tokens, mb.positions, mb.spec);
-      auto loss = llama_loss(*model, hidden, mb.labels);
+      profiler.mark("forward");
+      auto loss = llama_loss(*model, hidden, mb.labels, loss_opts);
+      profiler.mark("loss");
       (loss.sum / total_tokens).backward();
+      profiler.mark("backward");
       opt.accumulate_grads();
+      profiler.mark("accumulate grads");
       loss_sum += loss.sum.detach().to(at::kDouble);
     }
     // Each rank's gradient covers its tokens over the global token count: the sum over all ranks
@@ -232,17 +243,28 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
       rt.comm->all_reduce_sum(loss_sum);
     }
     if (guard.inject_due(step + 1)) guard.inject(opt);  // test hook (FLEXCP_INJECT_NONFINITE)
+    profiler.mark("all-reduce");
     auto grad_norm = opt.clip_grad_norm(t.grad_clip);
+    profiler.mark("clip");
     const double lr = lr_at(t, step);
 
-    // One host sync per step, before the optimizer: the loss and norm for the log and for the
-    // numerics guard, which may skip the update of a non-finite step or stop the run.
-    const double loss = loss_sum.item<double>() / total_tokens;
-    const double gnorm = grad_norm.item<double>();
+    // No host sync before the update: the device drops it when the loss or the gradient norm is not
+    // finite (the numerics guard's skip), and the host reads loss, norm and that flag afterwards, in
+    // one copy, for the guard (skip counter, stop with dump, spikes) and the log.
+    const at::Tensor nonfinite = NumericsGuard::nonfinite_flag(loss_sum, grad_norm);
+    opt.step(lr, nonfinite);
+    profiler.mark("optimizer");
+    const auto phases = profiler.end();
+    const at::Tensor read = at::stack({loss_sum, grad_norm.to(at::kDouble), nonfinite.to(at::kDouble)}).to(at::kCPU);
+    const double loss = read[0].item<double>() / total_tokens;
+    const double gnorm = read[1].item<double>();
+    const bool dropped = read[2].item<double>() != 0;
     std::vector<std::pair<int64_t, int64_t>> samples;
     for (int64_t s = 0; s < per_rank; ++s) samples.push_back({step, dp_rank * per_rank + s});
     const NumericsVerdict verdict = guard.check(step + 1, loss, gnorm, samples, opt);
-    if (verdict.apply_update) opt.step(lr);
+    if (verdict.apply_update == dropped)
+      throw std::logic_error("numerics guard and device flag disagree on step " + std::to_string(step + 1));
+    if (dropped) opt.uncount_step();
     device_synchronize(rt.device);
     const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     const double tok_s = static_cast<double>(dn.tokens_per_step) / step_s;
@@ -252,6 +274,11 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
                           {"tokens", (step + 1) * dn.tokens_per_step}, {"tokens_per_s", tok_s},
                           {"step_ms", step_s * 1e3}, {"mfu", mfu}, {"peak_mem_gib", mem_gib}};
     if (!verdict.apply_update) rec["skipped"] = true;
+    if (!phases.empty()) {
+      rec["profile_ms"] = nlohmann::json::array();  // [phase, ms] pairs, in the order they ran
+      for (const auto& [name, ms] : phases) rec["profile_ms"].push_back({name, ms});
+      if (rt.rank == 0) spdlog::info("step {} time by phase: {}", step + 1, step_profile_format(phases));
+    }
     if (verdict.spike) rec["loss_spike"] = true;
     if (validation.due(step + 1)) rec["val_loss"] = validation.run(model);
     if (metrics) metrics->write(rec);
@@ -267,7 +294,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
       if ((step + 1) % cfg.logging.every == 0 || step + 1 == t.steps || rec.contains("val_loss")) console.line(line);
       else console.live(line);
     }
-    const bool last = step + 1 == t.steps;
+    const bool last = step + 1 == t.steps && cfg.checkpoint.at_end;
     if (rt.rank == 0 && (last || (cfg.checkpoint.every > 0 && (step + 1) % cfg.checkpoint.every == 0))) {
       nlohmann::json state = {{"optimizer_steps", opt.steps_taken()}, {"loss", loss}, {"seed", t.seed},
                               {"data_cursor", {{"step", step + 1}}}, {"skipped_steps", guard.skipped()}};

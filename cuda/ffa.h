@@ -67,7 +67,9 @@ struct BackwardArgs {
   // fp32 atomics from the key-side pass (about 1.4x the backward FLOPs, bitwise reproducible).
   bool deterministic = false;
   void* workspace = nullptr;  // backward_workspace_bytes(dims, deterministic), 256-byte aligned
-  // dK/dV kernel: 0 = wgmma (sm_90a, the default), 2 = mma.sync (FlashAttention-2 style fallback).
+  // dK/dV kernel: 0 = TMA producer + two wgmma consumer warpgroups (sm_90a, the default; the
+  // deterministic mode runs 1 instead), 1 = wgmma with cp.async loads, 2 = mma.sync (FlashAttention-2
+  // style fallback).
   int kernel = 0;
 };
 

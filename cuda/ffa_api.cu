@@ -45,7 +45,7 @@ void check_plan(const char* where, const DevicePlan& plan, const Dims& d) {
     fail(where, "plan was built for num_q=" + std::to_string(L.num_q) + ", num_k=" + std::to_string(L.num_k) +
                     " but the tensors have " + std::to_string(d.num_q) + ", " + std::to_string(d.num_k),
          "build the plan for these tensors");
-  if (L.q_tile_rows != detail::kFwdTileQ || L.q_tile_cols != detail::kPlanTileQCols || L.k_tile_rows != detail::kBwdTileK ||
+  if (L.q_tile_rows != detail::kFwdTileQ || L.q_tile_cols != detail::kPlanTileQCols || L.k_tile_rows != detail::kPlanTileK ||
       L.k_tile_cols != detail::kBwdTileQ)
     fail(where, "plan tile sizes do not match the kernels", "build the plan with the default PlanConfig");
 }
@@ -59,6 +59,18 @@ detail::SideView k_view(const DevicePlan& plan) {
   const PlanLayout& L = plan.layout;
   return {reinterpret_cast<const Item*>(plan.data + L.k_items), reinterpret_cast<const Run*>(plan.data + L.k_runs),
           reinterpret_cast<const CutSlice*>(plan.data + L.k_cuts), L.k_num_items};
+}
+
+// What forward and backward both read: dims, q/k/v/out/lse shaped by them, and the plan.
+void check_inputs(const char* where, const Dims& d, DType dtype, const TensorRef& q, const TensorRef& k,
+                  const TensorRef& v, const TensorRef& out, const LseRef& lse, const DevicePlan& plan) {
+  check_dims(where, d, dtype);
+  check_tensor(where, "q", q, d.num_q);
+  check_tensor(where, "k", k, d.num_k);
+  check_tensor(where, "v", v, d.num_k);
+  check_tensor(where, "out", out, d.num_q);
+  check_lse(where, "lse", lse, d.num_q);
+  check_plan(where, plan, d);
 }
 
 float resolve_scale(const char* where, float scale, int head_dim) {
@@ -76,13 +88,7 @@ size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 void forward(const ForwardArgs& a, const DevicePlan& plan, cudaStream_t stream) {
   const char* where = "ffa::forward";
   const Dims& d = a.dims;
-  check_dims(where, d, a.dtype);
-  check_tensor(where, "q", a.q, d.num_q);
-  check_tensor(where, "k", a.k, d.num_k);
-  check_tensor(where, "v", a.v, d.num_k);
-  check_tensor(where, "out", a.out, d.num_q);
-  check_lse(where, "lse", a.lse, d.num_q);
-  check_plan(where, plan, d);
+  check_inputs(where, d, a.dtype, a.q, a.k, a.v, a.out, a.lse, plan);
   detail::FwdParams p{};
   p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.out = a.out.data, p.lse = a.lse.data;
   p.q_st = a.q.stride_token, p.q_sh = a.q.stride_head, p.k_st = a.k.stride_token, p.k_sh = a.k.stride_head;
@@ -112,17 +118,11 @@ size_t backward_workspace_bytes(const Dims& d, bool deterministic) {
 void backward(const BackwardArgs& a, const DevicePlan& plan, cudaStream_t stream) {
   const char* where = "ffa::backward";
   const Dims& d = a.dims;
-  check_dims(where, d, a.dtype);
-  check_tensor(where, "q", a.q, d.num_q);
-  check_tensor(where, "k", a.k, d.num_k);
-  check_tensor(where, "v", a.v, d.num_k);
-  check_tensor(where, "out", a.out, d.num_q);
+  check_inputs(where, d, a.dtype, a.q, a.k, a.v, a.out, a.lse, plan);
   check_tensor(where, "dout", a.dout, d.num_q);
   check_tensor(where, "dq", a.dq, d.num_q);
   check_tensor(where, "dk", a.dk, d.num_k);
   check_tensor(where, "dv", a.dv, d.num_k);
-  check_lse(where, "lse", a.lse, d.num_q);
-  check_plan(where, plan, d);
   if (backward_workspace_bytes(d, a.deterministic) > 0 && a.workspace == nullptr)
     fail(where, "workspace is null", "allocate backward_workspace_bytes(dims, deterministic) bytes");
   if (reinterpret_cast<uintptr_t>(a.workspace) % 256 != 0) fail(where, "workspace must be 256-byte aligned");
@@ -145,7 +145,8 @@ void backward(const BackwardArgs& a, const DevicePlan& plan, cudaStream_t stream
   p.scale_log2 = p.scale * kLog2e;
   p.q_side = q_view(plan);
   p.k_side = k_view(plan);
-  if (a.kernel != 0 && a.kernel != 2) fail(where, "unknown backward kernel " + std::to_string(a.kernel), "use 0 or 2");
+  if (a.kernel < 0 || a.kernel > 2)
+    fail(where, "unknown backward kernel " + std::to_string(a.kernel), "use 0 (tma), 1 (wgmma) or 2 (mma.sync)");
   detail::launch_backward(static_cast<int>(a.dtype), d.head_dim, a.deterministic, a.kernel, p, stream);
 }
 

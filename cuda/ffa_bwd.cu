@@ -1,8 +1,8 @@
 // Backward pass, FlashAttention-2 style on mma.sync.
 //  1. preprocess: delta = rowsum(dout * out) in fp32 (and zero the fp32 dQ accumulator).
-//  2. dkdv_kernel: one CTA per (k-side work item, kv head): 4 warps own 16 keys each of a 64-key tile,
-//     loop over the query heads of the GQA group and over the item's 64-query tiles, and keep dK, dV in
-//     fp32 registers (so GQA heads and several slices sharing keys add up there, in a fixed order).
+//  2. dkdv_kernel: one CTA per (half of a k-side work item, kv head): 4 warps own 16 keys each of a
+//     64-key tile, loop over the query heads of the GQA group and over the item's 64-query tiles, and
+//     keep dK, dV in fp32 registers (so GQA heads and several slices sharing keys add up there, in a fixed order).
 //     In the default mode each q tile's dQ contribution dS K goes to an fp32 accumulator with atomics.
 //  3. deterministic mode: dq_kernel recomputes P and dS per (q-side item, head) and accumulates dQ in
 //     registers, no atomics; otherwise a small kernel converts the accumulator (times the scale).
@@ -99,11 +99,15 @@ __global__ void __launch_bounds__(kBwdThreads, 1) dkdv_kernel(const BwdParams p)
   float* sDelta = sLse + 2 * BM;                                                 // [2][BM]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int item_idx = blockIdx.x / p.heads_kv;
-  const int hk = blockIdx.x % p.heads_kv;
+  // Two CTAs per plan item (kPlanTileK = 128 keys): this one owns the 64-key half blockIdx.x & 1.
+  static_assert(2 * BN == kPlanTileK, "two CTAs per plan item");
+  const int item_idx = (blockIdx.x >> 1) / p.heads_kv;
+  const int hk = (blockIdx.x >> 1) % p.heads_kv;
   const Item it = p.k_side.items[item_idx];
   const Run* runs = p.k_side.runs;
-  const int c0 = it.row_begin;  // first key of this CTA
+  const int c0 = it.row_begin + (blockIdx.x & 1) * BN;  // first key of this CTA
+  const int row_end = min(it.row_end, c0 + BN);
+  if (c0 >= row_end) return;  // a short item has no second half
 
   load_tile_async<BN, D, kBwdThreads>(sKa, static_cast<const T*>(p.k) + hk * p.k_sh, p.k_st, c0, p.num_k, tid);
   load_tile_async<BN, D, kBwdThreads>(sVa, static_cast<const T*>(p.v) + hk * p.v_sh, p.v_st, c0, p.num_k, tid);
@@ -274,9 +278,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1) dkdv_kernel(const BwdParams p)
     *reinterpret_cast<uint32_t*>(sV + tile_off<D>(row + 8, col)) = pack2<T>(dv[n][2], dv[n][3]);
   }
   __syncwarp();
-  store_tile_warp<16, D>(sK, warp * 16, static_cast<T*>(p.dk) + hk * p.dk_sh, p.dk_st, c0 + warp * 16, it.row_end,
+  store_tile_warp<16, D>(sK, warp * 16, static_cast<T*>(p.dk) + hk * p.dk_sh, p.dk_st, c0 + warp * 16, row_end,
                          lane);
-  store_tile_warp<16, D>(sV, warp * 16, static_cast<T*>(p.dv) + hk * p.dv_sh, p.dv_st, c0 + warp * 16, it.row_end,
+  store_tile_warp<16, D>(sV, warp * 16, static_cast<T*>(p.dv) + hk * p.dv_sh, p.dv_st, c0 + warp * 16, row_end,
                          lane);
 }
 
@@ -426,8 +430,10 @@ void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& p, c
     check(cudaGetLastError(), "preprocess");
   }
   constexpr int kSmemKV = 6 * 64 * D * 2 + 64 * 64 * 2 + 4 * 64 * 4;
-  const int64_t grid_kv = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
-  if (grid_kv > 0 && dkdv == 0) {
+  const int64_t grid_kv = 2 * static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;  // two CTAs per item
+  if (grid_kv > 0 && dkdv == 0 && !deterministic && dkdv_tma_supported(p)) {
+    launch_dkdv_tma(dtype, D, p, stream);
+  } else if (grid_kv > 0 && dkdv <= 1) {
     launch_dkdv_wgmma(dtype, D, !deterministic, p, stream);
   } else if (grid_kv > 0) {
     auto kernel = deterministic ? dkdv_kernel<T, D, false> : dkdv_kernel<T, D, true>;

@@ -1,5 +1,6 @@
-// dK/dV (and atomic dQ) pass of the backward on Hopper wgmma: one warpgroup per CTA owns a 64-key tile
-// of one kv head, loops over the query heads of its GQA group and over the item's 64-query tiles.
+// dK/dV (and atomic dQ) pass of the backward on Hopper wgmma (backward kernel 1; the deterministic mode's
+// dK/dV pass): one warpgroup per CTA owns a 64-key tile (half of a 128-key plan item) of one kv head,
+// loops over the query heads of its GQA group and over the item's 64-query tiles.
 // All operands sit in 128B-swizzled shared memory loaded by cp.async (two stages for Q, dO):
 //   S^T  = K Q^T          SS-wgmma (both K-major)          -> P^T = exp2(S^T * scale * log2e - lse)
 //   dP^T = V dO^T         SS-wgmma                         -> dS^T = P^T * (dP^T - delta)
@@ -53,11 +54,14 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_wgmma_kernel(const BwdParams
   float* sDelta = sLse + 2 * kBM;                                         // [2][64]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int item_idx = blockIdx.x / p.heads_kv;
-  const int hk = blockIdx.x % p.heads_kv;
+  // Two CTAs per plan item (kPlanTileK = 128 keys): this one owns the 64-key half blockIdx.x & 1.
+  const int item_idx = (blockIdx.x >> 1) / p.heads_kv;
+  const int hk = (blockIdx.x >> 1) % p.heads_kv;
   const Item it = p.k_side.items[item_idx];
   const Run* runs = p.k_side.runs;
-  const int c0 = it.row_begin;
+  const int c0 = it.row_begin + (blockIdx.x & 1) * kBN;
+  const int row_end = min(it.row_end, c0 + kBN);
+  if (c0 >= row_end) return;  // a short item has no second half
 
   load_sw<64, D>(sK, static_cast<const T*>(p.k) + hk * p.k_sh, p.k_st, c0, p.num_k, tid);
   load_sw<64, D>(sV, static_cast<const T*>(p.v) + hk * p.v_sh, p.v_st, c0, p.num_k, tid);
@@ -225,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_wgmma_kernel(const BwdParams
     const int idx = lane + k * 32;
     const int r = warp * 16 + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
     const int grow = c0 + r;
-    if (grow < it.row_end) {
+    if (grow < row_end) {
       *reinterpret_cast<uint4*>(dkg + static_cast<int64_t>(grow) * p.dk_st + c) =
           *reinterpret_cast<const uint4*>(smem + sw_off<64>(r, c));
       *reinterpret_cast<uint4*>(dvg + static_cast<int64_t>(grow) * p.dv_st + c) =
@@ -237,7 +241,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_wgmma_kernel(const BwdParams
 template <typename T, int D>
 void launch_t(bool atomic_dq, const BwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = 6 * 64 * D * 2 + 64 * 64 * 2 + 4 * 64 * 4 + 1024;
-  const int64_t grid = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
+  static_assert(2 * kBN == kPlanTileK, "two CTAs per plan item");
+  const int64_t grid = 2 * static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
   if (grid == 0) return;
   auto kernel = atomic_dq ? dkdv_wgmma_kernel<T, D, true> : dkdv_wgmma_kernel<T, D, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);

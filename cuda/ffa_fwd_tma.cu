@@ -17,6 +17,7 @@
 #include "cuda/ffa_device.cuh"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
+#include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
 namespace ffa {
@@ -215,10 +216,29 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-// Tensor map over a (tokens, heads, D) tensor: boxes of `rows` tokens x 1 head x 64 columns, 128-byte
-// swizzle (the layout sw_off describes), zero fill past the last token.
-CUtensorMap make_map(const void* base, int dtype, int64_t tokens, int heads, int64_t stride_token,
-                     int64_t stride_head, int head_dim, int rows) {
+template <typename T, int D>
+void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
+  constexpr int kSmem = (kBM + 4 * kBN) * D * 2 + 1024 + 64;  // + alignment + mbarriers
+  const int64_t grid = static_cast<int64_t>(p.side.num_items) * p.heads_q;
+  if (grid == 0) return;
+  // No keys at all (e.g. a context-parallel stage with nothing to attend): every item only writes
+  // out = 0, lse = -inf, and k/v may be null, which a tensor map cannot describe.
+  if (p.num_k == 0) return launch_forward_wgmma(dtype, D, p, stream);
+  const CUtensorMap tq = make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, kBM);
+  const CUtensorMap tk = make_tensor_map(p.k, dtype, p.num_k, p.heads_kv, p.k_st, p.k_sh, D, kBN);
+  const CUtensorMap tv = make_tensor_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
+  auto kernel = fwd_tma_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa forward (tma): ") + cudaGetErrorString(err));
+  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tk, tv);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa forward (tma) launch: ") + cudaGetErrorString(err));
+}
+
+}  // namespace
+
+CUtensorMap make_tensor_map(const void* base, int dtype, int64_t tokens, int heads, int64_t stride_token,
+                            int64_t stride_head, int head_dim, int rows) {
   CUtensorMap map;
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
                               static_cast<cuuint64_t>(tokens > 0 ? tokens : 1)};
@@ -229,30 +249,9 @@ CUtensorMap make_map(const void* base, int dtype, int64_t tokens, int heads, int
       &map, dtype == 0 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
       const_cast<void*>(base), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) throw std::runtime_error("ffa forward (tma): cuTensorMapEncodeTiled failed, code " + std::to_string(r));
+  if (r != CUDA_SUCCESS) throw std::runtime_error("ffa (tma): cuTensorMapEncodeTiled failed, code " + std::to_string(r));
   return map;
 }
-
-template <typename T, int D>
-void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
-  constexpr int kSmem = (kBM + 4 * kBN) * D * 2 + 1024 + 64;  // + alignment + mbarriers
-  const int64_t grid = static_cast<int64_t>(p.side.num_items) * p.heads_q;
-  if (grid == 0) return;
-  // No keys at all (e.g. a context-parallel stage with nothing to attend): every item only writes
-  // out = 0, lse = -inf, and k/v may be null, which a tensor map cannot describe.
-  if (p.num_k == 0) return launch_forward_wgmma(dtype, D, p, stream);
-  const CUtensorMap tq = make_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, kBM);
-  const CUtensorMap tk = make_map(p.k, dtype, p.num_k, p.heads_kv, p.k_st, p.k_sh, D, kBN);
-  const CUtensorMap tv = make_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
-  auto kernel = fwd_tma_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa forward (tma): ") + cudaGetErrorString(err));
-  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tk, tv);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa forward (tma) launch: ") + cudaGetErrorString(err));
-}
-
-}  // namespace
 
 void launch_forward_tma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream) {
   if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(dtype, p, stream);

@@ -14,6 +14,9 @@ namespace detail {
 constexpr int kFwdTileQ = 128, kFwdTileK = 64, kFwdThreads = 256;
 // Key tile of the q-side plan; the mma.sync kernels walk it as kPlanTileQCols / kFwdTileK sub-tiles.
 constexpr int kPlanTileQCols = 128;
+// Key rows of a k-side plan item (the TMA backward's CTA: two warpgroups x 64 keys); the older dK/dV
+// kernels own kBwdTileK = 64 keys per CTA and run two CTAs per item (halves of its rows).
+constexpr int kPlanTileK = 128;
 constexpr int kBwdTileK = 64, kBwdTileQ = 64, kBwdThreads = 128;
 
 struct SideView {
@@ -61,10 +64,13 @@ struct MergeParams {
 void launch_forward(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);        // mma.sync
 void launch_forward_wgmma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);  // sm_90a wgmma
 void launch_forward_tma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);    // + TMA, warp-specialized
-// dkdv_kernel: 0 = wgmma (sm_90a), 2 = mma.sync.
+// dkdv_kernel: 0 = TMA warp-specialized (sm_90a; atomic dQ only: deterministic calls use 1), 1 = wgmma
+// with cp.async loads (sm_90a), 2 = mma.sync.
 void launch_backward(int dtype, int head_dim, bool deterministic, int dkdv_kernel, const BwdParams& p,
                      cudaStream_t stream);
 void launch_dkdv_wgmma(int dtype, int head_dim, bool atomic_dq, const BwdParams& p, cudaStream_t stream);
+bool dkdv_tma_supported(const BwdParams& p);  // needs queries, keys and the fp32 dQ accumulator
+void launch_dkdv_tma(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream);
 void launch_merge(int dtype, const MergeParams& p, cudaStream_t stream);
 
 }  // namespace detail

@@ -67,7 +67,7 @@ struct Side {
 
 struct PlanConfig {
   int32_t fwd_tile_q = 128, fwd_tile_k = 128;  // q side
-  int32_t bwd_tile_k = 64, bwd_tile_q = 64;   // k side
+  int32_t bwd_tile_k = 128, bwd_tile_q = 64;  // k side
 };
 
 struct Plan {

@@ -15,46 +15,13 @@
 #include "core/errors.h"
 #include "core/metrics_compare.h"
 #include "core/plot_gnuplot.h"
+#include "test/test_util.h"
 
 namespace fs = std::filesystem;
 using namespace flexcp;
+using namespace flexcp::test;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / ("flexcp_compare_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
-
-std::string user_error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const UserError& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    FAIL("expected UserError, got: " << e.what());
-  }
-  FAIL("expected UserError, nothing was thrown");
-  return {};
-}
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-void write_text(const fs::path& p, const std::string& text) {
-  fs::create_directories(p.parent_path());
-  std::ofstream(p, std::ios::binary) << text;
-}
 
 // A metrics.jsonl as flexcp train writes it, from step -> loss (and a constant speed).
 std::string metrics_text(const std::vector<std::pair<int64_t, double>>& losses, double tokens_per_s = 1000.0) {

@@ -17,64 +17,21 @@
 #include "core/errors.h"
 #include "core/hf_config.h"
 #include "core/llama_arch.h"
+#include "test/test_util.h"
 
 namespace fs = std::filesystem;
 using namespace flexcp;
+using namespace flexcp::test;
 
 namespace {
 
 const std::string kSrc = FLEXCP_SOURCE_DIR;
-
-// The message of the UserError that fn throws; fails the test if it throws nothing or something else.
-std::string user_error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const UserError& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    FAIL("expected UserError, got another exception: " << e.what());
-  }
-  FAIL("expected UserError, nothing was thrown");
-  return {};
-}
-
-void require_contains(const std::string& msg, std::initializer_list<std::string> parts) {
-  INFO("message: " << msg);
-  for (const auto& p : parts) CHECK(msg.find(p) != std::string::npos);
-  CHECK(msg.find('\n') == std::string::npos);  // one line
-}
 
 // Minimal valid config the tests build on (data.synthetic so no data.path is needed).
 const std::string kBase = "model:\n  preset: tiny\ndata:\n  synthetic: true\n";
 
 RunConfig from(const std::string& text, const std::vector<std::string>& sets = {}) {
   return config_from_string(text, "t.yaml", sets);
-}
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / ("flexcp_config_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  static int& counter() {
-    static int c = 0;
-    return c;
-  }
-};
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-void write_text(const fs::path& p, const std::string& text) {
-  std::ofstream out(p, std::ios::binary);
-  out << text;
 }
 
 // Flattens a YAML document into dotted keys -> scalar text, with yaml-cpp alone (an independent reader

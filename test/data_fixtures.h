@@ -10,6 +10,7 @@
 
 #include "core/errors.h"
 #include "core/tokenizer.h"
+#include "test/test_util.h"
 
 namespace flexcp::test {
 
@@ -28,27 +29,6 @@ inline const Tokenizer& llama3() {
   static const Tokenizer tok = Tokenizer::load(llama3_tokenizer_path());
   return tok;
 }
-
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    static int counter = 0;
-    path = std::filesystem::temp_directory_path() /
-           ("flexcp_data_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-  std::string write(const std::string& name, const std::string& content) const {
-    std::filesystem::path p = path / name;
-    std::filesystem::create_directories(p.parent_path());
-    std::ofstream(p, std::ios::binary) << content;
-    return p.string();
-  }
-};
 
 // The UserError message of f, or "" when it does not throw one.
 inline std::string error_of(const std::function<void()>& f) {

@@ -156,8 +156,8 @@ TEST_CASE("ffa plan: causal 8192 runs mask code only on diagonal tiles", "[ffa][
   // Each 128-row q tile has one masked 128-key tile on the diagonal; the rest are full.
   CHECK(plan.q_side.masked_tiles == 64);
   CHECK(plan.q_side.full_tiles == 64 * 63 / 2);  // sum over q tiles t of t full tiles
-  CHECK(plan.k_side.items.size() == 128);
-  CHECK(plan.k_side.masked_tiles == 128);  // one 64x64 diagonal tile per key tile
+  CHECK(plan.k_side.items.size() == 64);
+  CHECK(plan.k_side.masked_tiles == 128);  // two 128x64 tiles per 128-key item meet the diagonal
   // LPT: the first item is the last q tile (the longest row of tiles).
   CHECK(plan.q_side.items.front().row_begin == 8192 - 128);
   CHECK(plan.q_side.items.back().row_begin == 0);

@@ -19,46 +19,13 @@
 #include "core/errors.h"
 #include "core/inspect.h"
 #include "core/token_shards.h"
+#include "test/test_util.h"
 
 namespace fs = std::filesystem;
 using namespace flexcp;
+using namespace flexcp::test;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / ("flexcp_inspect_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
-
-std::string user_error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const UserError& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    FAIL("expected UserError, got: " << e.what());
-  }
-  FAIL("expected UserError, nothing was thrown");
-  return {};
-}
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-void write_bytes(const fs::path& p, const std::string& bytes) {
-  fs::create_directories(p.parent_path());
-  std::ofstream(p, std::ios::binary) << bytes;
-}
 
 // A tensor for the hand-written safetensors files: raw little-endian bytes and what they hold.
 struct RawTensor {
@@ -111,7 +78,7 @@ void write_safetensors(const fs::path& p, const std::vector<RawTensor>& tensors,
   std::string out(8, '\0');
   const uint64_t n = h.size();
   std::memcpy(out.data(), &n, 8);
-  write_bytes(p, out + h + data);
+  write_text(p, out + h + data);
 }
 
 // Statistics over the finite values, straight from the definition (population std).
@@ -190,7 +157,7 @@ void write_shard(const fs::path& p, int32_t magic, int32_t version, const std::v
   for (uint32_t t : tokens) {
     for (int b = 0; b < token_bytes; ++b) out.push_back(static_cast<char>((t >> (8 * b)) & 0xff));
   }
-  write_bytes(p, out);
+  write_text(p, out);
 }
 
 struct Cli {
@@ -311,7 +278,7 @@ TEST_CASE("inspect reads sharded HF folders through their index and checks confi
   nlohmann::json index = {{"metadata", {{"total_size", 0}}}, {"weight_map", nlohmann::json::object()}};
   for (const auto& t : a) index["weight_map"][t.name] = "model-00001-of-00002.safetensors";
   for (const auto& t : b) index["weight_map"][t.name] = "model-00002-of-00002.safetensors";
-  write_bytes(tmp.path / "model.safetensors.index.json", index.dump());
+  write_text(tmp.path / "model.safetensors.index.json", index.dump());
   CHECK(inspect_detect(tmp.path.string()) == InspectKind::model_folder);
   const auto s = inspect_safetensors(tmp.path.string(), {});
   CHECK(s.files.size() == 2);
@@ -319,7 +286,7 @@ TEST_CASE("inspect reads sharded HF folders through their index and checks confi
   CHECK(inspect_detect((tmp.path / "model.safetensors.index.json").string()) == InspectKind::model_folder);
 
   // A config.json whose architecture does not match the tensors is reported, not fatal.
-  write_bytes(tmp.path / "config.json",
+  write_text(tmp.path / "config.json",
               R"({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 10, "hidden_size": 4,
                   "intermediate_size": 3, "num_hidden_layers": 12, "num_attention_heads": 2, "num_key_value_heads": 1,
                   "max_position_embeddings": 128, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
@@ -346,14 +313,14 @@ TEST_CASE("inspect summarizes checkpoints and checkpoint folders and run folders
       opt.push_back(f32("exp_avg_sq." + t.name, t.shape, std::vector<float>(t.values.size(), 0.0f)));
     }
     write_safetensors(dir / "optimizer.safetensors", opt);
-    write_bytes(dir / "state.json", nlohmann::json({{"step", step}, {"config_hash", "abc"}}).dump());
+    write_text(dir / "state.json", nlohmann::json({{"step", step}, {"config_hash", "abc"}}).dump());
   }
   fs::create_directories(ckpts / "step_00000015.tmp-123");  // a crash leftover: not a checkpoint
-  write_bytes(ckpts / "step_00000020" / "model.safetensors", "");  // no state.json: not a checkpoint
+  write_text(ckpts / "step_00000020" / "model.safetensors", "");  // no state.json: not a checkpoint
   std::string metrics;
   for (int s = 1; s <= 12; ++s) metrics += metrics_line(s, 5.0 - 0.1 * s, s == 10 ? 4.2 : NAN);
-  write_bytes(run / "metrics.jsonl", metrics);
-  write_bytes(run / "config.yaml", "model:\n  preset: tiny\ntrain:\n  steps: 12\n  seq_len: 256\nparallel:\n  cp: 2\n");
+  write_text(run / "metrics.jsonl", metrics);
+  write_text(run / "config.yaml", "model:\n  preset: tiny\ntrain:\n  steps: 12\n  seq_len: 256\nparallel:\n  cp: 2\n");
 
   const fs::path ck10 = ckpts / "step_00000010";
   CHECK(inspect_detect(ck10.string()) == InspectKind::checkpoint);
@@ -393,7 +360,7 @@ TEST_CASE("inspect summarizes checkpoints and checkpoint folders and run folders
   CHECK(inspect_json(run.string(), {})["metrics"]["last_val_loss"] == 4.2);
 
   // A damaged state.json names the file.
-  write_bytes(ckpts / "step_00000005" / "state.json", "{\"step\": \"five\"}");
+  write_text(ckpts / "step_00000005" / "state.json", "{\"step\": \"five\"}");
   const std::string msg = user_error_of([&] { inspect_checkpoint((ckpts / "step_00000005").string(), {}); });
   CHECK(msg.find("state.json") != std::string::npos);
   CHECK(msg.find("step") != std::string::npos);
@@ -404,7 +371,7 @@ TEST_CASE("inspect_metrics reports steps and gaps and best and last loss and spe
   std::string text;
   for (int s : {1, 2, 3, 5, 6}) text += metrics_line(s, s == 3 ? 1.5 : 4.0 - 0.1 * s, s == 5 ? 3.3 : NAN);
   text += "{\"step\": 7, \"loss\": null}\n";
-  write_bytes(tmp.path / "m.jsonl", text);
+  write_text(tmp.path / "m.jsonl", text);
   const MetricsSummary m = inspect_metrics((tmp.path / "m.jsonl").string());
   CHECK(m.records == 6);
   CHECK(m.first_step == 1);
@@ -460,9 +427,9 @@ TEST_CASE("inspect_shard counts tokens and documents of Llama 3 and GPT-2 shards
 
   // A shard shorter than its header says is rejected, naming the file.
   std::string bytes = read_text(tmp.path / "train_000000.bin");
-  write_bytes(tmp.path / "short.bin", bytes.substr(0, bytes.size() - 4));
+  write_text(tmp.path / "short.bin", bytes.substr(0, bytes.size() - 4));
   CHECK(user_error_of([&] { inspect_shard((tmp.path / "short.bin").string()); }).find("short.bin") != std::string::npos);
-  write_bytes(tmp.path / "junk.bin", std::string(2048, 'x'));
+  write_text(tmp.path / "junk.bin", std::string(2048, 'x'));
   CHECK(user_error_of([&] { inspect_detect((tmp.path / "junk.bin").string()); }).find("magic") != std::string::npos);
 }
 
@@ -509,7 +476,7 @@ TEST_CASE("inspect_dataset sums the manifest per split and reports missing shard
 TEST_CASE("flexcp inspect CLI prints text or JSON for several paths and fails with exit 2 on bad input", "[inspect][cli]") {
   TempDir tmp;
   write_safetensors(tmp.path / "a.safetensors", small_model());
-  write_bytes(tmp.path / "run" / "metrics.jsonl", metrics_line(1, 3.0) + metrics_line(2, 2.5));
+  write_text(tmp.path / "run" / "metrics.jsonl", metrics_line(1, 3.0) + metrics_line(2, 2.5));
   const std::string a = "'" + (tmp.path / "a.safetensors").string() + "'", run = "'" + (tmp.path / "run").string() + "'";
 
   Cli t = run_cli("inspect " + a + " " + run + " --brief", tmp.path);
@@ -530,7 +497,7 @@ TEST_CASE("flexcp inspect CLI prints text or JSON for several paths and fails wi
   Cli missing = run_cli("inspect '" + (tmp.path / "nope").string() + "'", tmp.path);
   CHECK(missing.rc == 2);
   CHECK(missing.err.find("no such file") != std::string::npos);
-  write_bytes(tmp.path / "bad.safetensors", std::string("\x10\0\0\0\0\0\0\0{\"x\": 1}       ", 24));
+  write_text(tmp.path / "bad.safetensors", std::string("\x10\0\0\0\0\0\0\0{\"x\": 1}       ", 24));
   Cli bad = run_cli("inspect '" + (tmp.path / "bad.safetensors").string() + "'", tmp.path);
   CHECK(bad.rc == 2);
   CHECK(bad.err.find("bad.safetensors") != std::string::npos);

@@ -15,25 +15,15 @@
 #include "core/hf_config.h"
 #include "core/hf_weights.h"
 #include "core/safetensors.h"
+#include "test/test_util.h"
 
 using namespace flexcp;
 namespace fs = std::filesystem;
+using flexcp::test::TempDir;
 
 namespace {
 
 const std::string kFixtures = std::string(FLEXCP_SOURCE_DIR) + "/test/fixtures/llama";
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    static int n = 0;
-    path = "/tmp/flexcp_st_test_" + std::to_string(::getpid()) + "_" + std::to_string(n++);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return path + "/" + name; }
-};
 
 std::string read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -296,7 +286,7 @@ TEST_CASE("safetensors writer rejects what it cannot write", "[safetensors]") {
   CHECK_THROWS_AS(safetensors_save(tmp.file("a.safetensors"), {{"x", at::ones({2})}, {"x", at::ones({2})}}), UserError);
   CHECK_THROWS_AS(safetensors_save(tmp.file("a.safetensors"), {{"__metadata__", at::ones({2})}}), UserError);
   CHECK_THROWS_AS(safetensors_save(tmp.file("a.safetensors"), {{"c", at::ones({2}, at::kComplexFloat)}}), UserError);
-  CHECK_THROWS_AS(safetensors_save(tmp.path + "/no/such/dir/a.safetensors", {{"x", at::ones({2})}}), UserError);
+  CHECK_THROWS_AS(safetensors_save(tmp.file("no/such/dir/a.safetensors"), {{"x", at::ones({2})}}), UserError);
   CHECK_FALSE(fs::exists(tmp.file("a.safetensors")));
 }
 

@@ -163,6 +163,7 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
     grads = tuple(torch.full_like(x, float("nan")) for x in (q, k, v))
     ffa_lib.backward(plan, dout, q, k, v, out, lse, scale, False, grads)
     dq, dk, dv = grads
+    g_wg = ffa_lib.backward(plan, dout, q, k, v, out, lse, scale, False, kernel=1)  # wgmma + cp.async
     g_mma = ffa_lib.backward(plan, dout, q, k, v, out, lse, scale, False, kernel=2)  # mma.sync fallback
     det1 = ffa_lib.backward(plan, dout, q, k, v, out, lse, scale, True)
     det2 = ffa_lib.backward(plan, dout, q, k, v, out, lse, scale, True)
@@ -204,12 +205,13 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
         if torch.isnan(o_fb).any() or torch.isnan(l_fb).any() or not torch.equal(torch.isneginf(l_fb), torch.isneginf(lse)):
             problems.append(f"forward kernel {kern}: NaN or -inf rows differ")
         errs[f"out_k{kern}"] = (e_fb, errs["out"][1])
-    for a, nm in zip(g_mma, ["dq", "dk", "dv"]):
-        e = maxerr(a, ref[["dq", "dk", "dv"].index(nm) + 2])
-        if not e <= 2 * errs[nm][1] + 1e-3 * max(1.0, a.abs().max().item() if a.numel() else 0.0):
-            problems.append(f"mma.sync backward {nm}: err {e:.3e}")
-        if torch.isnan(a).any():
-            problems.append(f"mma.sync backward {nm} has NaN")
+    for label, g in (("wgmma", g_wg), ("mma.sync", g_mma)):
+        for a, nm in zip(g, ["dq", "dk", "dv"]):
+            e = maxerr(a, ref[["dq", "dk", "dv"].index(nm) + 2])
+            if not e <= 2 * errs[nm][1] + 1e-3 * max(1.0, a.abs().max().item() if a.numel() else 0.0):
+                problems.append(f"{label} backward {nm}: err {e:.3e}")
+            if torch.isnan(a).any():
+                problems.append(f"{label} backward {nm} has NaN")
     for a, b, nm in zip(det1, det2, ["dq", "dk", "dv"]):
         if not torch.equal(a, b):
             problems.append(f"deterministic {nm} differs between two runs")

@@ -166,8 +166,8 @@ int run(int D, bool use_merge_split) {
     compare(names[2 * kern], dout_.p, ro, true, 2e-2);
     compare(names[2 * kern + 1], dlse.p, rl, false, 1e-3);
   }
-  for (int variant = 0; variant < 4; ++variant) {  // {atomic, deterministic} x {wgmma, mma.sync}
-    const int det = variant & 1, kern = variant < 2 ? 0 : 2;
+  for (int variant = 0; variant < 6; ++variant) {  // {atomic, deterministic} x {tma, wgmma, mma.sync}
+    const int det = variant & 1, kern = variant >> 1;
     ffa::BackwardArgs ba;
     ba.dims = fa.dims;
     ba.q = fa.q, ba.k = fa.k, ba.v = fa.v, ba.out = fa.out, ba.lse = fa.lse;
@@ -183,8 +183,10 @@ int run(int D, bool use_merge_split) {
     ba.workspace = ws.p;
     ffa::backward(ba, dp, 0);
     CK(cudaDeviceSynchronize());
-    const char* nm[4][3] = {{"dq", "dk", "dv"},
+    const char* nm[6][3] = {{"dq", "dk", "dv"},
                             {"dq (det)", "dk (det)", "dv (det)"},
+                            {"dq (wgmma)", "dk (wgmma)", "dv (wgmma)"},
+                            {"dq (wgmma, det)", "dk (wgmma, det)", "dv (wgmma, det)"},
                             {"dq (mma)", "dk (mma)", "dv (mma)"},
                             {"dq (mma, det)", "dk (mma, det)", "dv (mma, det)"}};
     compare(nm[variant][0], gq.p, rdq, true, 2e-2);

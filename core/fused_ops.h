@@ -1,0 +1,35 @@
+// Fused CUDA versions of the Llama step's element-wise work (cuda/train_kernels.h) as differentiable
+// LibTorch functions. Each returns undefined tensors when it does not apply (fused ops turned off,
+// CPU tensors, a dtype other than bf16, an unsupported shape, or a build without CUDA LibTorch);
+// the caller then runs its torch composite, so the CPU path is exactly the unfused one.
+// Defined in fused_ops_cuda.cpp (CUDA builds) or fused_ops.cpp (the "does not apply" stubs).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <utility>
+
+#include "core/rope.h"
+
+namespace flexcp {
+
+// Process-wide switch, on by default; FLEXCP_FUSED_OPS=0 in the environment turns it off (for A/B
+// timings and checks). Tests flip it with fused_ops_set_enabled.
+bool fused_ops_enabled();
+void fused_ops_set_enabled(bool on);
+
+// RMSNorm as RMSNormImpl computes it: weight * bf16(x * rsqrt(mean(x^2, -1) + eps)).
+at::Tensor fused_rmsnorm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// rope_apply of q (T, Hq, D) and k (T, Hkv, D) in one kernel launch.
+std::pair<at::Tensor, at::Tensor> fused_rope(const at::Tensor& q, const at::Tensor& k, const RopeCosSin& cs);
+
+// silu(gate) * up.
+at::Tensor fused_swiglu(const at::Tensor& gate, const at::Tensor& up);
+
+// The scalar fp32 sum of -log softmax(hidden @ weight^T)[label] over labels != ignore_index, as
+// chunked_cross_entropy computes it; labels are int64 on hidden's device and already validated.
+// chunk_tokens 0 picks chunks of about 256 MiB of bf16 logits.
+at::Tensor fused_cross_entropy_sum(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                                   int64_t chunk_tokens, int64_t ignore_index);
+
+}  // namespace flexcp

@@ -1,0 +1,54 @@
+// Fused element-wise kernels of the Llama training step (issue 7): RMSNorm, rotary embeddings,
+// SwiGLU and the cross-entropy row pass. A plain C++ API over raw device pointers and a stream, like
+// cuda/ffa.h (no LibTorch here); core/fused_ops_cuda.cpp wraps them as autograd functions.
+//
+// Conventions: "bf16" pointers are __nv_bfloat16 arrays passed as void*, "fp32" ones are float*.
+// Every array is dense row-major (the last dimension contiguous, rows back to back) and its base
+// pointer 16-byte aligned. Launch errors throw std::runtime_error. All math is in fp32.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fused {
+
+// ---- RMSNorm, as HF's LlamaRMSNorm: y = weight * bf16(x * rstd), rstd = rsqrt(mean(x^2) + eps),
+// with the product by the weight rounded to bf16 once more (the weight multiplies a bf16 tensor).
+// Supported: cols a multiple of 8, at most kRmsNormMaxCols.
+constexpr int64_t kRmsNormMaxCols = 8192;
+bool rmsnorm_supported(int64_t cols);
+// x, weight, y: bf16 (rows, cols), (cols), (rows, cols); rstd: fp32 (rows), saved for the backward.
+void rmsnorm_forward(const void* x, const void* weight, void* y, float* rstd, int64_t rows, int64_t cols,
+                     float eps, cudaStream_t stream);
+// Floats of scratch the backward needs for its per-block partial sums of dweight.
+int64_t rmsnorm_backward_workspace_floats(int64_t rows, int64_t cols);
+// dy, x, weight: bf16; rstd from the forward; dx: bf16 (rows, cols); dweight: fp32 (cols), the sum
+// over rows of dy * bf16(x * rstd) (no atomics: partial sums per block, then one reduction pass).
+void rmsnorm_backward(const void* dy, const void* x, const void* weight, const float* rstd, void* dx,
+                      float* dweight, float* workspace, int64_t rows, int64_t cols, cudaStream_t stream);
+
+// ---- Rotary embeddings, HF's rotate_half convention, for q (tokens, heads_q, head_dim) and
+// k (tokens, heads_k, head_dim) in one launch: out = x * cos + rotate_half(x) * sin with
+// rotate_half(x) = cat(-x[D/2:], x[:D/2]). cos, sin: fp32 (tokens, head_dim) as core/rope.h makes
+// them; they are rounded to bf16 first, as HF does when it casts them to the activations' dtype.
+// inverse = true applies the transposed rotation (the backward: dx from dout).
+// Supported: head_dim a multiple of 16.
+bool rope_supported(int64_t head_dim);
+void rope_apply(const void* q_in, const void* k_in, void* q_out, void* k_out, const float* cos, const float* sin,
+                int64_t tokens, int64_t heads_q, int64_t heads_k, int64_t head_dim, bool inverse,
+                cudaStream_t stream);
+
+// ---- SwiGLU: out = silu(gate) * up over n bf16 elements; the backward recomputes silu.
+void swiglu_forward(const void* gate, const void* up, void* out, int64_t n, cudaStream_t stream);
+void swiglu_backward(const void* dout, const void* gate, const void* up, void* dgate, void* dup, int64_t n,
+                     cudaStream_t stream);
+
+// ---- Cross-entropy over one chunk of bf16 logits (rows, vocab), one block per row, in fp32:
+//   row_loss[r] = logsumexp(logits[r]) - logits[r][label[r]], or 0 where label is ignore_index;
+//   with write_grad the logits are overwritten in place by softmax(logits[r]) - onehot(label[r]) in
+//   bf16 (all zeros on ignored rows): d row_loss / d logits, ready for the two gradient GEMMs.
+// labels: int64 (rows). A label outside [0, vocab) counts as ignored (callers validate labels first).
+void cross_entropy_rows(void* logits, const int64_t* labels, int64_t ignore_index, float* row_loss, int64_t rows,
+                        int64_t vocab, bool write_grad, cudaStream_t stream);
+
+}  // namespace fused
