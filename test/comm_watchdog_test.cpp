@@ -111,7 +111,7 @@ TEST_CASE("watchdog: collectives that end in time, and finished async ones, neve
   auto none = comm_watch(nullptr, "no watchdog");  // a null watchdog is a no-op scope
 }
 
-TEST_CASE("watchdog: an async collective that never completes fires; an error probe fires at once", "[comm][watchdog]") {
+TEST_CASE("watchdog: an async collective that never completes fires, an error probe fires at once", "[comm][watchdog]") {
   Fired f;
   auto wd = test_watchdog(0.2, f);
   wd->watch_async("all_to_all_v", [] { return false; });
@@ -161,7 +161,7 @@ TEST_CASE("late_ranks_describe names the furthest-behind rank and whether it liv
   CHECK(late_ranks_describe(r, 0, 45).find("the heartbeat of rank 1 stopped") != std::string::npos);
 }
 
-TEST_CASE("heartbeat: ranks publish progress; a rank that stops beating is called dead", "[comm][watchdog]") {
+TEST_CASE("heartbeat: ranks publish progress, a rank that stops beating is called dead", "[comm][watchdog]") {
   auto store = std::make_shared<MemoryStore>();
   auto c0 = std::make_shared<std::atomic<uint64_t>>(12), c1 = std::make_shared<std::atomic<uint64_t>>(9),
        c2 = std::make_shared<std::atomic<uint64_t>>(12);
