@@ -183,7 +183,7 @@ void CommWatchdog::loop() {
       if (!err.empty()) {
         lk.unlock();
         fire("flexcp: rank " + std::to_string(o_.rank) + " of " + std::to_string(o_.world_size) + " (" + o_.backend +
-                 "): " + err + " during " + what + (oldest ? " (collective #" + std::to_string(oldest) + ")" : "") +
+                 "): " + err + " during " + what + (oldest ? " (collective #" + std::to_string(oldest) + "): %LATE%" : "") +
                  "; stopping this rank (exit code " + std::to_string(kRankFailureExitCode) + ")",
              oldest);
         return;
@@ -224,11 +224,7 @@ void CommWatchdog::fire(const std::string& line_template, uint64_t seq) {
   const auto probe_limit = std::chrono::milliseconds(static_cast<int64_t>(o_.probe_limit_s * 1000));
   std::string line = line_template;
   const auto mark = line.find("%LATE%");
-  if (mark != std::string::npos) {
-    line.replace(mark, 6, seq ? probe_with_deadline(probe, seq, probe_limit) : std::string());
-  } else if (seq && probe) {
-    line += " (" + probe_with_deadline(probe, seq, probe_limit) + ")";
-  }
+  if (mark != std::string::npos) line.replace(mark, 6, probe_with_deadline(probe, seq, probe_limit));
   if (test_hook) {
     test_hook(line);
     return;

@@ -126,7 +126,8 @@ TEST_CASE("watchdog: an async collective that never completes fires, an error pr
   REQUIRE(wait_until([&] { return g.fired(); }, 5000ms));
   INFO(g.line);
   CHECK(g.line.find("rank 1 of 4 (tcp): NCCL reported an asynchronous error (remote process exited) during "
-                    "all_reduce_sum (collective #1); stopping this rank") != std::string::npos);
+                    "all_reduce_sum (collective #1): cannot tell which rank is late (no heartbeat store); stopping this "
+                    "rank (exit code 3)") != std::string::npos);
 }
 
 TEST_CASE("watchdog: a probe that blocks does not hold the line back", "[comm][watchdog]") {
