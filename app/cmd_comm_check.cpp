@@ -26,6 +26,7 @@ struct CheckOptions {
   std::string device = "cpu";
   double mib = 16;
   int64_t tokens = 1024;
+  double timeout_s = 600;  // like parallel.timeout_s
 };
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -35,7 +36,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 int comm_check_run(const CheckOptions& o) {
   const bool cuda = o.device == "cuda";
   const LaunchEnv env = launch_env_detect();
-  auto world = communicator_create(o.communicator, cuda, env);
+  auto world = communicator_create(o.communicator, cuda, env, o.timeout_s);
   const at::Device dev = cuda ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(world->local_rank())) : at::Device(at::kCPU);
   const int n = world->size(), r = world->rank();
   bool ok = true;
@@ -107,6 +108,10 @@ void setup_comm_check(CLI::App& sub) {
   sub.add_option("--device", o->device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   sub.add_option("--mib", o->mib, "size of the all-reduce in MiB")->check(CLI::Range(0.0, 4096.0));
   sub.add_option("--tokens", o->tokens, "sequence length of the attention check")->check(CLI::Range(8, 1 << 16));
+  sub.add_option("--timeout", o->timeout_s,
+                 "seconds a collective may wait for the other ranks before this rank names the late one and exits "
+                 "with code 3 (0 = no limit; like parallel.timeout_s)")
+      ->check(CLI::Range(0.0, 1e9));
   sub.callback([o] { command_exit_code() = comm_check_run(*o); });
 }
 

@@ -30,6 +30,9 @@ int main(int argc, char** argv) {
   } catch (const flexcp::UserError& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 2;
+  } catch (const flexcp::RankFailure& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return flexcp::kRankFailureExitCode;
   } catch (const std::exception& e) {
     std::cerr << "internal error: " << e.what() << "\n";
     return 1;

@@ -1,6 +1,12 @@
 // The NCCL communicator: GPU runs under any launcher. Collectives run on the current CUDA stream;
 // all_to_all_v_async runs on a side stream so that the next stage's K/V transfer overlaps the
 // attention of this stage (docs/context-parallel.md, step 5).
+//
+// Faults (comm_watchdog.h): NCCL calls return as soon as the work is queued, so a collective stuck
+// on a dead or hung peer shows up as a kernel that never ends. Each collective records a CUDA event
+// after itself; the watchdog polls the events and NCCL's asynchronous error
+// (ncclCommGetAsyncError: a peer's connection closed, a network error), and on a timeout or an
+// error calls ncclCommAbort, which releases the stuck kernels, before the process exits.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
@@ -12,10 +18,12 @@
 #include <nccl.h>
 
 #include <cstring>
+#include <mutex>
 #include <numeric>
 
 #include "core/comm.h"
 #include "core/comm_nccl.h"
+#include "core/comm_watchdog.h"
 #include "core/errors.h"
 #include "core/rendezvous.h"
 #ifdef FLEXCP_WITH_MPI
@@ -68,6 +76,80 @@ void all_to_all_issue(ncclComm_t comm, int size, const at::Tensor& send, const a
   FLEXCP_NCCL(ncclGroupEnd());
 }
 
+// The communicator handle, shared with the watchdog's hooks, which run on the watchdog thread and
+// may outlive the communicator: the mutex orders abort and error polling against destruction.
+class NcclHandle {
+ public:
+  explicit NcclHandle(ncclComm_t comm) : comm_(comm) {}
+  ~NcclHandle() { destroy(); }
+  void destroy() {
+    std::lock_guard<std::mutex> lk(m_);
+    if (comm_ != nullptr) ncclCommDestroy(comm_);
+    comm_ = nullptr;
+  }
+  void abort() {
+    std::lock_guard<std::mutex> lk(m_);
+    if (comm_ != nullptr) ncclCommAbort(comm_);
+    comm_ = nullptr;
+  }
+  // Empty while all is well; else what NCCL says went wrong (a peer's connection closed, ...).
+  std::string async_error() {
+    std::lock_guard<std::mutex> lk(m_);
+    if (comm_ == nullptr) return {};
+    ncclResult_t r = ncclSuccess;
+    if (ncclCommGetAsyncError(comm_, &r) != ncclSuccess || r == ncclSuccess) return {};
+#if defined(NCCL_VERSION_CODE) && NCCL_VERSION_CODE >= NCCL_VERSION(2, 14, 0)
+    if (r == ncclInProgress) return {};
+#endif
+    std::string msg = std::string("NCCL reported an asynchronous error (") + ncclGetErrorString(r);
+#if defined(NCCL_VERSION_CODE) && NCCL_VERSION_CODE >= NCCL_VERSION(2, 13, 0)
+    const char* last = ncclGetLastError(comm_);
+    if (last != nullptr && *last != '\0') msg += ": " + std::string(last);
+#endif
+    return msg + "): a peer died or the network failed";
+  }
+
+ private:
+  std::mutex m_;
+  ncclComm_t comm_;
+};
+
+// A CUDA event recorded right after a collective on its stream; done() when the collective is.
+// Plain CUDA runtime calls (no ATen), as done() runs on the watchdog thread.
+class StreamMark {
+ public:
+  StreamMark(cudaStream_t stream, int device) : device_(device) {
+    if (cudaEventCreateWithFlags(&ev_, cudaEventDisableTiming) != cudaSuccess) ev_ = nullptr;
+    if (ev_ != nullptr && cudaEventRecord(ev_, stream) != cudaSuccess) {
+      cudaEventDestroy(ev_);
+      ev_ = nullptr;
+    }
+    if (ev_ == nullptr) (void)cudaGetLastError();  // not watched; the collective's own errors surface later
+  }
+  ~StreamMark() {
+    if (ev_ == nullptr) return;
+    int prev = 0;
+    cudaGetDevice(&prev);
+    cudaSetDevice(device_);
+    cudaEventDestroy(ev_);
+    cudaSetDevice(prev);
+  }
+  StreamMark(const StreamMark&) = delete;
+  StreamMark& operator=(const StreamMark&) = delete;
+  bool done() const {
+    if (ev_ == nullptr) return true;
+    cudaSetDevice(device_);  // the calling thread's device (the watchdog thread's own)
+    const cudaError_t r = cudaEventQuery(ev_);
+    if (r == cudaErrorNotReady) return false;
+    if (r != cudaSuccess) (void)cudaGetLastError();  // a sticky error: the main thread reports it
+    return true;
+  }
+
+ private:
+  int device_;
+  cudaEvent_t ev_ = nullptr;
+};
+
 class NcclWork final : public CommWork {
  public:
   NcclWork(at::Tensor recv, std::shared_ptr<at::cuda::CUDAEvent> done) : recv_(std::move(recv)), done_(std::move(done)) {}
@@ -83,17 +165,22 @@ class NcclWork final : public CommWork {
 
 class NcclCommunicator final : public Communicator {
  public:
-  NcclCommunicator(ncclComm_t comm, int local_rank)
-      : comm_(comm),
+  NcclCommunicator(ncclComm_t comm, int local_rank, std::shared_ptr<CommWatchdog> wd)
+      : handle_(std::make_shared<NcclHandle>(comm)),
+        comm_(comm),
         local_rank_(local_rank),
         device_(at::kCUDA, static_cast<c10::DeviceIndex>(local_rank)),
-        side_(c10::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(local_rank))) {
+        side_(c10::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(local_rank))),
+        wd_(std::move(wd)) {
     FLEXCP_NCCL(ncclCommUserRank(comm_, &rank_));
     FLEXCP_NCCL(ncclCommCount(comm_, &size_));
+    if (wd_) {
+      std::shared_ptr<NcclHandle> h = handle_;
+      wd_->add_abort([h] { h->abort(); });
+      wd_->add_error_probe([h] { return h->async_error(); });
+    }
   }
-  ~NcclCommunicator() override {
-    if (comm_ != nullptr) ncclCommDestroy(comm_);
-  }
+  ~NcclCommunicator() override { handle_->destroy(); }
   std::string backend() const override { return "nccl"; }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -103,8 +190,10 @@ class NcclCommunicator final : public Communicator {
     check_device(t);
     TORCH_CHECK(t.is_contiguous(), "all_reduce_sum: tensor must be contiguous");
     c10::cuda::CUDAGuard guard(device_);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
     FLEXCP_NCCL(ncclAllReduce(t.data_ptr(), t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()),
-                              ncclSum, comm_, at::cuda::getCurrentCUDAStream().stream()));
+                              ncclSum, comm_, stream));
+    watch_stream(stream, "all_reduce_sum");
   }
 
   at::Tensor all_to_all_v(const at::Tensor& send, const std::vector<int64_t>& send_counts,
@@ -113,7 +202,9 @@ class NcclCommunicator final : public Communicator {
     check_device(send);
     c10::cuda::CUDAGuard guard(device_);
     at::Tensor recv = recv_like(send, recv_counts);
-    all_to_all_issue(comm_, size_, send, recv, send_counts, recv_counts, at::cuda::getCurrentCUDAStream().stream());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+    all_to_all_issue(comm_, size_, send, recv, send_counts, recv_counts, stream);
+    watch_stream(stream, "all_to_all_v");
     return recv;
   }
 
@@ -132,6 +223,7 @@ class NcclCommunicator final : public Communicator {
     c10::cuda::CUDACachingAllocator::recordStream(send.storage().data_ptr(), side_);
     c10::cuda::CUDACachingAllocator::recordStream(recv.storage().data_ptr(), side_);
     all_to_all_issue(comm_, size_, send, recv, send_counts, recv_counts, side_.stream());
+    watch_stream(side_.stream(), "all_to_all_v");
     auto done = std::make_shared<at::cuda::CUDAEvent>();
     done->record(side_);
     return std::make_unique<NcclWork>(recv, done);
@@ -143,6 +235,7 @@ class NcclCommunicator final : public Communicator {
     auto stream = at::cuda::getCurrentCUDAStream();
     at::Tensor n = at::full({1}, static_cast<int64_t>(bytes.size()), at::TensorOptions().dtype(at::kLong).device(device_));
     FLEXCP_NCCL(ncclBroadcast(n.data_ptr(), n.data_ptr(), 1, ncclInt64, root, comm_, stream.stream()));
+    watch_stream(stream.stream(), "broadcast_bytes");
     const int64_t len = n.item<int64_t>();
     if (len == 0) {
       bytes.clear();
@@ -151,6 +244,7 @@ class NcclCommunicator final : public Communicator {
     at::Tensor buf = rank_ == root ? at::from_blob(bytes.data(), {len}, at::kByte).to(device_)
                                    : at::empty({len}, at::TensorOptions().dtype(at::kByte).device(device_));
     FLEXCP_NCCL(ncclBroadcast(buf.data_ptr(), buf.data_ptr(), static_cast<size_t>(len), ncclUint8, root, comm_, stream.stream()));
+    watch_stream(stream.stream(), "broadcast_bytes");
     at::Tensor host = buf.to(at::kCPU);
     bytes.assign(host.data_ptr<uint8_t>(), host.data_ptr<uint8_t>() + len);
   }
@@ -166,8 +260,11 @@ class NcclCommunicator final : public Communicator {
 #if defined(NCCL_VERSION_CODE) && NCCL_VERSION_CODE >= NCCL_VERSION(2, 18, 0)
     c10::cuda::CUDAGuard guard(device_);
     ncclComm_t sub = nullptr;
-    FLEXCP_NCCL(ncclCommSplit(comm_, color, key, &sub, nullptr));
-    return std::make_shared<NcclCommunicator>(sub, local_rank_);
+    {
+      auto watched = comm_watch(wd_, "split");  // blocks the host until every rank has called it
+      FLEXCP_NCCL(ncclCommSplit(comm_, color, key, &sub, nullptr));
+    }
+    return std::make_shared<NcclCommunicator>(sub, local_rank_, wd_);
 #else
     fail("nccl", "splitting a communicator needs NCCL 2.18 or newer", "update NCCL");
 #endif
@@ -177,22 +274,31 @@ class NcclCommunicator final : public Communicator {
   void check_device(const at::Tensor& t) const {
     TORCH_CHECK(t.device() == device_, "NCCL communicator: tensor on ", t.device(), ", expected ", device_);
   }
+  // Watches the collective just queued on `stream` until the GPU is past it.
+  void watch_stream(cudaStream_t stream, const char* what) {
+    if (!wd_) return;
+    auto mark = std::make_shared<StreamMark>(stream, local_rank_);
+    wd_->watch_async(what, [mark] { return mark->done(); });
+  }
   at::Tensor recv_like(const at::Tensor& send, const std::vector<int64_t>& recv_counts) const {
     auto sizes = send.sizes().vec();
     sizes[0] = std::accumulate(recv_counts.begin(), recv_counts.end(), int64_t{0});
     return at::empty(sizes, send.options());
   }
 
+  std::shared_ptr<NcclHandle> handle_;  // owns comm_
   ncclComm_t comm_ = nullptr;
   int local_rank_;
   at::Device device_;
   c10::cuda::CUDAStream side_;
+  std::shared_ptr<CommWatchdog> wd_;  // shared with the communicators split from this one
   int rank_ = 0, size_ = 1;
 };
 
 }  // namespace
 
-std::shared_ptr<Communicator> make_nccl_communicator(const LaunchEnv& env, std::shared_ptr<KvStore> store) {
+std::shared_ptr<Communicator> make_nccl_communicator(const LaunchEnv& env, std::shared_ptr<KvStore> store,
+                                                    std::shared_ptr<CommWatchdog> wd) {
   const int gpus = static_cast<int>(c10::cuda::device_count());
   if (env.local_rank >= gpus)
     fail("nccl", "local rank " + std::to_string(env.local_rank) + " has no GPU (" + std::to_string(gpus) + " visible)",
@@ -217,8 +323,11 @@ std::shared_ptr<Communicator> make_nccl_communicator(const LaunchEnv& env, std::
     }
   }
   ncclComm_t comm = nullptr;
-  FLEXCP_NCCL(ncclCommInitRank(&comm, env.world_size, id, env.rank));
-  return std::make_shared<NcclCommunicator>(comm, env.local_rank);
+  {
+    auto watched = comm_watch(wd, "ncclCommInitRank");  // waits for every rank to join
+    FLEXCP_NCCL(ncclCommInitRank(&comm, env.world_size, id, env.rank));
+  }
+  return std::make_shared<NcclCommunicator>(comm, env.local_rank, std::move(wd));
 }
 
 }  // namespace flexcp

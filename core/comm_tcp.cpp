@@ -2,6 +2,13 @@
 // Each pair of ranks shares one TCP connection, set up through the rendezvous store; every
 // collective is a set of point-to-point messages driven by poll(), so no pair can deadlock.
 // Messages carry their length, which the receiver checks against what it expects.
+//
+// Faults: a peer whose socket closes (EOF, ECONNRESET, EPIPE) died or exited; the collective stops
+// at once with "rank R (host:port) closed its connection" (RankFailure, exit code 3). A rank that
+// stops this way first sends a goodbye (a header no message can have, naming the rank that closed
+// first) to every peer whose stream is at a message boundary, so that the ranks it leaves behind
+// name the rank that died, not the messenger. A peer that is alive but silent is left to the
+// collective watchdog (comm_watchdog.h): poll() here waits without a limit of its own.
 #include <ATen/ATen.h>
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -18,6 +25,8 @@
 #include <thread>
 
 #include "core/comm.h"
+#include "core/comm_heartbeat.h"
+#include "core/comm_watchdog.h"
 #include "core/errors.h"
 #include "core/rendezvous.h"
 
@@ -28,6 +37,10 @@ namespace {
 [[noreturn]] void sys_fail(const std::string& what) {
   TORCH_CHECK(false, "tcp communicator: ", what, ": ", std::strerror(errno));
 }
+
+// The header of a goodbye: this tag in the high 32 bits, the rank that closed first in the low ones.
+// As a message length it would be 1.7e19 bytes, so it cannot be mistaken for one.
+constexpr uint64_t kGoodbyeTag = 0xF1E8C0DEull;
 
 // One message each way with one peer in an exchange.
 struct Transfer {
@@ -84,6 +97,13 @@ class Mesh {
       fds_[r] = fd;
     }
     ::close(lfd);
+    // Every rank's listening address, for messages (all are in the store by now: each rank writes
+    // its own before it connects or accepts).
+    addrs_.resize(static_cast<size_t>(size_));
+    for (int p = 0; p < size_; ++p) {
+      const auto v = p == rank_ ? std::vector<uint8_t>(me.begin(), me.end()) : store_->get("flexcp/tcp/addr/" + std::to_string(p));
+      addrs_[p] = std::string(v.begin(), v.end());
+    }
     for (int p = 0; p < size_; ++p) {
       if (p == rank_) continue;
       ::setsockopt(fds_[p], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -99,8 +119,10 @@ class Mesh {
 
   int rank() const { return rank_; }
 
-  // Runs every transfer to completion, all at once.
-  void exchange(std::vector<Transfer>& xs) {
+  // Runs every transfer to completion, all at once. `what` names the collective in messages.
+  void exchange(std::vector<Transfer>& xs, const char* what) {
+    what_ = what;
+    current_ = &xs;
     for (auto& x : xs) {
       x.send_hdr = x.send_len;
       x.sent = x.got = 0;
@@ -119,24 +141,71 @@ class Mesh {
           owners.push_back(&x);
         }
       }
-      if (pfds.empty()) return;
-      const int n = ::poll(pfds.data(), pfds.size(), 1800 * 1000);
+      if (pfds.empty()) {
+        current_ = nullptr;
+        return;
+      }
+      // No limit: a silent peer is the watchdog's (parallel.timeout_s).
+      const int n = ::poll(pfds.data(), pfds.size(), -1);
       if (n < 0) {
         if (errno == EINTR) continue;
         sys_fail("poll");
       }
-      TORCH_CHECK(n > 0, "tcp communicator: no progress for 30 minutes (a rank died or the ranks disagree on the call order)");
       for (size_t i = 0; i < pfds.size(); ++i) {
         Transfer& x = *owners[i];
-        if (pfds[i].revents & (POLLERR | POLLNVAL))
-          TORCH_CHECK(false, "tcp communicator: connection to rank ", x.peer, " failed");
-        if ((pfds[i].revents & POLLOUT) && x.sent < 8 + x.send_len) step_send(x);
-        if ((pfds[i].revents & (POLLIN | POLLHUP)) && x.got < 8 + x.recv_len) step_recv(x);
+        const short re = pfds[i].revents;
+        // Data or its end first, so that a peer that closed is reported as closed.
+        if ((re & (POLLIN | POLLHUP | POLLERR)) && x.do_recv && x.got < 8 + x.recv_len) step_recv(x);
+        if (re & (POLLERR | POLLNVAL)) peer_gone(x, "connection error");
+        if ((re & POLLOUT) && x.do_send && x.sent < 8 + x.send_len) step_send(x);
+        if ((re & POLLHUP) && x.do_send && x.sent < 8 + x.send_len) peer_gone(x, "hang-up");
       }
     }
   }
 
- private:
+  // A peer's socket closed or broke: that process died or exited, unless it left a goodbye naming
+  // the rank whose connection closed under it first.
+  [[noreturn]] void peer_gone(const Transfer& x, const std::string& how) {
+    if (comm_watchdog_stopping()) comm_watchdog_hold();  // this rank's watchdog is already on it
+    // Our message from this peer is complete (or none was due): a goodbye may be the next header.
+    if (!x.do_recv || x.got == 8 + x.recv_len) {
+      uint64_t hdr = 0;
+      if (::recv(fds_[x.peer], &hdr, sizeof hdr, MSG_PEEK | MSG_DONTWAIT) == static_cast<ssize_t>(sizeof hdr) &&
+          (hdr >> 32) == kGoodbyeTag)
+        peer_stopped_for(x.peer, static_cast<int>(hdr & 0xffffffffu));
+    }
+    const std::string who = "rank " + std::to_string(rank_) + ": rank " + std::to_string(x.peer) + " (" +
+                            addrs_[x.peer] + ") closed its connection during " + what_;
+    // A peer whose own collective timed out left a note in the store (comm_heartbeat.h).
+    if (heartbeat_rank_stopped(*store_, x.peer))
+      throw RankFailure(who + " after its own collective timed out (its line names the late rank); stopping this rank");
+    say_goodbye(x.peer);
+    throw RankFailure(who + " (" + how + "): it died or exited (its own output or the launcher's says why); stopping this rank");
+  }
+
+  // `peer` said goodbye: it stopped because `culprit`'s connection closed.
+  [[noreturn]] void peer_stopped_for(int peer, int culprit) {
+    if (culprit < 0 || culprit >= size_) culprit = peer;
+    say_goodbye(culprit);
+    throw RankFailure("rank " + std::to_string(rank_) + ": rank " + std::to_string(culprit) + " (" + addrs_[culprit] +
+                      ") died or exited: rank " + std::to_string(peer) +
+                      " saw its connection close first and stopped, closing its own during " + what_ +
+                      "; stopping this rank");
+  }
+
+  // Best effort, never blocks: peers in the middle of a message from us get a plain close instead.
+  void say_goodbye(int culprit) {
+    const uint64_t hdr = (kGoodbyeTag << 32) | static_cast<uint32_t>(culprit);
+    for (int p = 0; p < size_; ++p) {
+      if (p == rank_ || p == culprit || fds_[p] < 0) continue;
+      bool mid_message = false;
+      if (current_ != nullptr)
+        for (const auto& x : *current_)
+          if (x.peer == p && x.do_send && x.sent > 0 && x.sent < 8 + x.send_len) mid_message = true;
+      if (!mid_message) (void)::send(fds_[p], &hdr, sizeof hdr, MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+  }
+
   static void write_all(int fd, const void* p, size_t n) {
     const char* c = static_cast<const char*>(p);
     while (n > 0) {
@@ -193,6 +262,7 @@ class Mesh {
       const ssize_t k = ::send(fd, src, std::min<uint64_t>(left, 1 << 22), MSG_NOSIGNAL | MSG_DONTWAIT);
       if (k < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+        if (errno == EPIPE || errno == ECONNRESET) peer_gone(x, std::strerror(errno));
         sys_fail("send to rank " + std::to_string(x.peer));
       }
       x.sent += static_cast<uint64_t>(k);
@@ -213,10 +283,12 @@ class Mesh {
       const ssize_t k = ::recv(fd, dst, std::min<uint64_t>(left, 1 << 22), MSG_DONTWAIT);
       if (k < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+        if (errno == ECONNRESET || errno == EPIPE) peer_gone(x, std::strerror(errno));
         sys_fail("recv from rank " + std::to_string(x.peer));
       }
-      TORCH_CHECK(k > 0, "tcp communicator: rank ", x.peer, " closed the connection (did it fail?)");
+      if (k == 0) peer_gone(x, "end of stream");
       x.got += static_cast<uint64_t>(k);
+      if (x.got == 8 && (x.recv_hdr >> 32) == kGoodbyeTag) peer_stopped_for(x.peer, static_cast<int>(x.recv_hdr & 0xffffffffu));
       if (x.got == 8)
         TORCH_CHECK(x.recv_hdr == x.recv_len, "tcp communicator: rank ", x.peer, " sent ", x.recv_hdr,
                     " bytes where ", x.recv_len, " were expected (the ranks disagree on the call order or sizes)");
@@ -226,12 +298,15 @@ class Mesh {
   std::shared_ptr<KvStore> store_;  // kept: rank 0 serves it while others may still read it
   int rank_, size_;
   std::vector<int> fds_;
+  std::vector<std::string> addrs_;  // host:port each rank listened on
+  const char* what_ = "";           // the collective in progress, for messages
+  const std::vector<Transfer>* current_ = nullptr;  // its transfers (for say_goodbye)
 };
 
 class TcpCommunicator final : public Communicator {
  public:
-  TcpCommunicator(std::shared_ptr<Mesh> mesh, std::vector<int> members, int local_rank)
-      : mesh_(std::move(mesh)), members_(std::move(members)), local_rank_(local_rank) {
+  TcpCommunicator(std::shared_ptr<Mesh> mesh, std::vector<int> members, int local_rank, std::shared_ptr<CommWatchdog> wd)
+      : mesh_(std::move(mesh)), members_(std::move(members)), local_rank_(local_rank), wd_(std::move(wd)) {
     rank_ = static_cast<int>(std::find(members_.begin(), members_.end(), mesh_->rank()) - members_.begin());
   }
   std::string backend() const override { return "tcp"; }
@@ -245,6 +320,7 @@ class TcpCommunicator final : public Communicator {
     TORCH_CHECK(t.is_contiguous(), "all_reduce_sum: tensor must be contiguous");
     const int n = size();
     if (n == 1) return;
+    auto watched = comm_watch(wd_, "all_reduce_sum");
     const bool low = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
     at::Tensor mine = (low ? t.to(at::kFloat) : t).to(at::kCPU).contiguous().view({-1});
     const int64_t N = mine.numel(), esz = static_cast<int64_t>(mine.element_size());
@@ -265,7 +341,7 @@ class TcpCommunicator final : public Communicator {
       x.do_send = x.do_recv = true;
       xs.push_back(x);
     }
-    mesh_->exchange(xs);
+    mesh_->exchange(xs, "all_reduce_sum");
     parts[rank_] = mine.narrow(0, lo(rank_), lo(rank_ + 1) - lo(rank_));
     at::Tensor acc = parts[0].clone();
     for (int p = 1; p < n; ++p) acc.add_(parts[p]);
@@ -281,7 +357,7 @@ class TcpCommunicator final : public Communicator {
       x.do_send = x.do_recv = true;
       xs.push_back(x);
     }
-    mesh_->exchange(xs);
+    mesh_->exchange(xs, "all_reduce_sum");
     mine.narrow(0, lo(rank_), lo(rank_ + 1) - lo(rank_)).copy_(acc);
     if (low || !t.device().is_cpu() || mine.data_ptr() != t.data_ptr()) t.copy_(mine.view(t.sizes()));
   }
@@ -289,6 +365,7 @@ class TcpCommunicator final : public Communicator {
   at::Tensor all_to_all_v(const at::Tensor& send_in, const std::vector<int64_t>& send_counts,
                           const std::vector<int64_t>& recv_counts) override {
     comm_check_all_to_all(*this, send_in, send_counts, recv_counts);
+    auto watched = comm_watch(wd_, "all_to_all_v");
     at::Tensor send = send_in.to(at::kCPU).contiguous();
     auto sizes = send.sizes().vec();
     sizes[0] = std::accumulate(recv_counts.begin(), recv_counts.end(), int64_t{0});
@@ -314,12 +391,13 @@ class TcpCommunicator final : public Communicator {
       so += sb;
       ro += rb;
     }
-    mesh_->exchange(xs);
+    mesh_->exchange(xs, "all_to_all_v");
     return recv.to(send_in.device());
   }
 
   void broadcast_bytes(std::vector<uint8_t>& bytes, int root) override {
     if (size() == 1) return;
+    auto watched = comm_watch(wd_, "broadcast_bytes");
     uint64_t n = bytes.size();
     exchange_from_root(&n, sizeof n, root);
     bytes.resize(static_cast<size_t>(n));
@@ -327,6 +405,7 @@ class TcpCommunicator final : public Communicator {
   }
 
   void barrier() override {
+    auto watched = comm_watch(wd_, "barrier");
     std::vector<Transfer> xs;
     for (int p = 0; p < size(); ++p) {
       if (p == rank_) continue;
@@ -335,7 +414,7 @@ class TcpCommunicator final : public Communicator {
       x.do_send = x.do_recv = true;
       xs.push_back(x);
     }
-    mesh_->exchange(xs);
+    mesh_->exchange(xs, "barrier");
   }
 
   std::shared_ptr<Communicator> split(int color, int key) override {
@@ -350,7 +429,7 @@ class TcpCommunicator final : public Communicator {
     std::sort(group.begin(), group.end());
     std::vector<int> members;
     for (const auto& g : group) members.push_back(members_[g.second]);
-    return std::make_shared<TcpCommunicator>(mesh_, members, local_rank_);
+    return std::make_shared<TcpCommunicator>(mesh_, members, local_rank_, wd_);
   }
 
  private:
@@ -374,22 +453,24 @@ class TcpCommunicator final : public Communicator {
       x.do_recv = true;
       xs.push_back(x);
     }
-    mesh_->exchange(xs);
+    mesh_->exchange(xs, "broadcast_bytes");
   }
 
   std::shared_ptr<Mesh> mesh_;
   std::vector<int> members_;  // world ranks, in this communicator's rank order
   int local_rank_;
+  std::shared_ptr<CommWatchdog> wd_;  // shared with the communicators split from this one
   int rank_ = 0;
 };
 
 }  // namespace
 
-std::shared_ptr<Communicator> make_tcp_communicator(std::shared_ptr<KvStore> store, const LaunchEnv& env) {
+std::shared_ptr<Communicator> make_tcp_communicator(std::shared_ptr<KvStore> store, const LaunchEnv& env,
+                                                   std::shared_ptr<CommWatchdog> wd) {
   auto mesh = std::make_shared<Mesh>(std::move(store), env);
   std::vector<int> members(static_cast<size_t>(env.world_size));
   std::iota(members.begin(), members.end(), 0);
-  return std::make_shared<TcpCommunicator>(mesh, members, env.local_rank);
+  return std::make_shared<TcpCommunicator>(mesh, members, env.local_rank, std::move(wd));
 }
 
 }  // namespace flexcp

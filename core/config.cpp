@@ -93,7 +93,7 @@ const std::vector<Section>& sections() {
       {"model.rope_scaling", "Llama 3 rotary-frequency scaling (HF `rope_scaling`)."},
       {"data", "Training tokens: a folder of shards made by `flexcp prepare-data`, or synthetic tokens."},
       {"train", "Optimization: batch, sequence, AdamW, learning-rate schedule, precision, device."},
-      {"parallel", "Context parallelism and the attention back-end."},
+      {"parallel", "Context parallelism, the attention back-end and the communication between ranks."},
       {"checkpoint", "Where and how often the run is saved."},
       {"logging", "Run folder and console output."},
   };
@@ -212,6 +212,11 @@ const std::vector<Field>& fields() {
                     .one_of({"auto", "mpi", "tcp", "nccl", "none"}));
     v.push_back(Field("parallel.deterministic", FLEXCP_REF(parallel.deterministic),
                       "fixed reduction order in the attention backward (bitwise-reproducible, slower)"));
+    v.push_back(Field("parallel.timeout_s", FLEXCP_REF(parallel.timeout_s),
+                      "seconds a collective may wait for the other ranks; then this rank names the late or dead rank "
+                      "and exits with code 3 (0 waits forever). Must exceed the longest time one rank works alone "
+                      "while the others wait, such as rank 0 writing a checkpoint")
+                    .at_least(0).alias("timeout"));
     // checkpoint
     v.push_back(Field("checkpoint.dir", FLEXCP_REF(checkpoint.dir), "checkpoint folder; empty = <logging.dir>/checkpoints"));
     v.push_back(Field("checkpoint.every", FLEXCP_REF(checkpoint.every), "steps between checkpoints; 0 = none before the end (see at_end)")

@@ -56,6 +56,9 @@ struct ParallelConfig {
   int64_t cp_chunk_size = 0;         // dispatch chunk in tokens; 0 = ceil(seq_len / (8 * cp))
   std::string communicator = "auto"; // auto | mpi | nccl | none
   bool deterministic = false;        // fixed reduction order in the attention backward
+  // Seconds a collective may wait for the other ranks before this rank names the late or dead rank
+  // and exits with code 3 (core/comm_watchdog.h); 0 waits forever.
+  double timeout_s = 600;
 };
 
 struct CheckpointConfig {

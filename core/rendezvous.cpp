@@ -1,11 +1,17 @@
 #include "core/rendezvous.h"
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <unistd.h>
 
+#include <algorithm>
+#include <array>
+#include <cstdio>
 #include <cstdlib>
 #include <sstream>
 
+#include "core/comm_heartbeat.h"
 #include "core/comm_nccl.h"
+#include "core/comm_watchdog.h"
 #include "core/errors.h"
 #ifdef FLEXCP_WITH_MPI
 #include "core/comm_mpi.h"
@@ -43,6 +49,70 @@ class TcpKvStore final : public KvStore {
  private:
   c10::intrusive_ptr<c10d::TCPStore> s_;
 };
+
+// The address other ranks reach this one at: loopback on one node, else the host name.
+std::string reachable_host(const LaunchEnv& env) {
+  if (env.local_world_size >= env.world_size) return "127.0.0.1";
+  char name[256] = {0};
+  ::gethostname(name, sizeof name - 1);
+  return name;
+}
+
+#ifdef FLEXCP_WITH_MPI
+// Under mpirun there is no store: rank 0 starts one on a free port, only for the heartbeat, and
+// sends its address over MPI. Best effort: without it the watchdog still stops a hung run, it only
+// cannot name the late rank.
+std::shared_ptr<KvStore> mpi_heartbeat_store(const LaunchEnv& env) {
+  std::array<char, 300> addr{};  // "host:port", empty when rank 0 could not start the store
+  std::shared_ptr<KvStore> store;
+  const std::string host = reachable_host(env);
+  c10d::TCPStoreOptions o;
+  o.waitWorkers = false;
+  o.timeout = std::chrono::seconds(30);
+  if (env.rank == 0) {
+    try {
+      o.port = 0;  // a free port
+      o.isServer = true;
+      auto s = c10::make_intrusive<c10d::TCPStore>(host, o);
+      std::snprintf(addr.data(), addr.size(), "%s:%u", host.c_str(), static_cast<unsigned>(s->getPort()));
+      store = std::make_shared<TcpKvStore>(s);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "flexcp: rank 0 could not start the heartbeat store (%s); a timed-out collective will not "
+                           "name the late rank\n", std::string(e.what()).substr(0, std::string(e.what()).find('\n')).c_str());
+    }
+  }
+  mpi_broadcast_world(addr.data(), static_cast<int64_t>(addr.size()), 0);
+  const std::string a(addr.data());
+  if (env.rank != 0 && !a.empty()) {
+    try {
+      o.port = static_cast<std::uint16_t>(std::stoi(a.substr(a.rfind(':') + 1)));
+      o.isServer = false;
+      store = std::make_shared<TcpKvStore>(c10::make_intrusive<c10d::TCPStore>(a.substr(0, a.rfind(':')), o));
+    } catch (const std::exception&) {
+      store = nullptr;  // this rank's line will say it cannot tell
+    }
+  }
+  return store;
+}
+#endif
+
+// Watchdog for a communicator of `kind`, or null without a timeout or with one rank.
+std::shared_ptr<CommWatchdog> watchdog_for(const std::string& kind, const LaunchEnv& env, double timeout_s) {
+  if (!(timeout_s > 0) || env.world_size < 2 || kind == "none") return nullptr;
+  return std::make_shared<CommWatchdog>(CommWatchdog::Options{timeout_s, env.rank, env.world_size, kind});
+}
+
+// Publishes this rank's progress through `store` and lets the watchdog read everyone's.
+void watchdog_attach_heartbeat(CommWatchdog& wd, std::shared_ptr<KvStore> store, const LaunchEnv& env) {
+  if (!store) return;
+  // Several beats per timeout, at most one per second per rank (a small write to rank 0's store).
+  const double interval = std::clamp(wd.timeout_s() / 4, 0.05, 1.0);
+  auto hb = std::make_shared<RankHeartbeat>(std::move(store), env.rank, env.world_size, interval, wd.started_counter());
+  wd.set_late_ranks_probe([hb](uint64_t seq) { return hb->late_ranks(seq); });
+  wd.set_stop_note([hb] { hb->mark_stopped(); });
+  // Rank 0 serves the store: it waits after its own line so that the others can still read it.
+  if (env.rank == 0) wd.set_linger(3 * interval + 1);
+}
 
 bool built_with_mpi() {
 #ifdef FLEXCP_WITH_MPI
@@ -147,7 +217,12 @@ std::string communicator_resolve(const std::string& kind, bool cuda, const Launc
   return "tcp";
 }
 
-std::shared_ptr<Communicator> communicator_create(const std::string& kind_in, bool cuda, const LaunchEnv& env) {
+std::shared_ptr<Communicator> communicator_create(const std::string& kind, bool cuda, const LaunchEnv& env) {
+  return communicator_create(kind, cuda, env, 0);
+}
+
+std::shared_ptr<Communicator> communicator_create(const std::string& kind_in, bool cuda, const LaunchEnv& env,
+                                                  double timeout_s) {
   const std::string kind = communicator_resolve(kind_in, cuda, env);
   const std::string where = "parallel.communicator";
   if (kind == "none") {
@@ -165,21 +240,36 @@ std::shared_ptr<Communicator> communicator_create(const std::string& kind_in, bo
     const bool via_mpi = env.launcher == "mpirun" && built_with_mpi();
     if (env.world_size > 1 && !via_mpi) store = rendezvous_store(env);
 #ifdef FLEXCP_WITH_NCCL
-    return make_nccl_communicator(env, store);
+    auto wd = watchdog_for(kind, env, timeout_s);
+    auto comm = make_nccl_communicator(env, store, wd);
+    if (wd) {
+#ifdef FLEXCP_WITH_MPI
+      if (!store) store = mpi_heartbeat_store(env);
+#endif
+      watchdog_attach_heartbeat(*wd, store, env);
+    }
+    return comm;
 #endif
   }
   if (kind == "mpi") {
 #ifdef FLEXCP_WITH_MPI
     if (env.launcher != "mpirun" && env.launcher != "none")
       fail(where, "mpi under " + env.launcher, "start with mpirun, or use tcp");
-    return make_mpi_communicator();
+    auto wd = watchdog_for(kind, env, timeout_s);
+    auto comm = make_mpi_communicator(wd);
+    if (wd) watchdog_attach_heartbeat(*wd, mpi_heartbeat_store(env), env);
+    return comm;
 #else
     fail(where, "this flexcp was built without MPI", "install libopenmpi-dev and rebuild, or use tcp");
 #endif
   }
   if (kind == "tcp") {
     if (env.world_size == 1) return make_single_process_communicator();
-    return make_tcp_communicator(rendezvous_store(env), env);
+    auto wd = watchdog_for(kind, env, timeout_s);
+    auto store = rendezvous_store(env);
+    auto comm = make_tcp_communicator(store, env, wd);
+    if (wd) watchdog_attach_heartbeat(*wd, store, env);
+    return comm;
   }
   fail(where, "unknown communicator '" + kind + "'", "use auto, mpi, tcp, nccl or none");
 }

@@ -17,6 +17,8 @@
 
 namespace flexcp {
 
+class CommWatchdog;
+
 struct LaunchEnv {
   std::string launcher = "none";  // none | mpirun | torchrun | slurm
   int rank = 0;
@@ -48,13 +50,20 @@ std::shared_ptr<KvStore> rendezvous_store(const LaunchEnv& env,
                                           std::chrono::milliseconds timeout = std::chrono::minutes(10));
 
 // Socket communicator (comm_tcp.cpp): full mesh of TCP connections set up through the store.
-std::shared_ptr<Communicator> make_tcp_communicator(std::shared_ptr<KvStore> store, const LaunchEnv& env);
+std::shared_ptr<Communicator> make_tcp_communicator(std::shared_ptr<KvStore> store, const LaunchEnv& env,
+                                                   std::shared_ptr<CommWatchdog> wd = nullptr);
 
 // kind: auto | mpi | tcp | nccl | none. `cuda` says the run is on GPUs (auto then means NCCL).
 // Throws UserError, before any collective, when the kind cannot work here: NCCL missing from this
 // build for a GPU run, MPI asked for without mpirun or without MPI in the build, several ranks with
 // "none", and so on.
 std::shared_ptr<Communicator> communicator_create(const std::string& kind, bool cuda, const LaunchEnv& env);
+// The same, with a collective timeout (parallel.timeout_s; 0 = none): every collective of the
+// communicator and of those split from it is watched (comm_watchdog.h), and the ranks publish a
+// heartbeat (comm_heartbeat.h) through the rendezvous store (under mpirun, one that rank 0 starts)
+// so that a timed-out rank can name the rank that is late or dead.
+std::shared_ptr<Communicator> communicator_create(const std::string& kind, bool cuda, const LaunchEnv& env,
+                                                  double timeout_s);
 // The kind `auto` resolves to (for messages and --dry-run).
 std::string communicator_resolve(const std::string& kind, bool cuda, const LaunchEnv& env);
 

@@ -18,6 +18,7 @@
 #include "core/data_loader.h"
 #include "core/device_info.h"
 #include "core/errors.h"
+#include "core/fault_inject.h"
 #include "core/hf_weights.h"
 #include "core/llama_model.h"
 #include "core/lr_schedule.h"
@@ -26,6 +27,7 @@
 #include "core/numerics_guard.h"
 #include "core/optimizer.h"
 #include "core/rendezvous.h"
+#include "core/run_consistency.h"
 #include "core/step_profiler.h"
 
 namespace flexcp {
@@ -55,9 +57,13 @@ Runtime runtime_resolve(const RunConfig& cfg) {
   const LaunchEnv env = launch_env_detect();
   cp_config_check(cfg, env.world_size, rt.device.is_cuda());
   if (rt.device.is_cuda()) rt.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
-  rt.comm = communicator_create(cfg.parallel.communicator, rt.device.is_cuda(), env);
+  // Every collective from here on is watched: a dead or hung rank stops the others after
+  // parallel.timeout_s with a line naming it, instead of a hang.
+  rt.comm = communicator_create(cfg.parallel.communicator, rt.device.is_cuda(), env, cfg.parallel.timeout_s);
   rt.world = rt.comm->size();
   rt.rank = rt.comm->rank();
+  // Ranks with different binaries, configs or data would train different things or hang: stop all.
+  run_consistency_check(cfg, *rt.comm, rt.device);
   rt.cp = cp_context_for_run(cfg, rt.comm);
   return rt;
 }
@@ -199,6 +205,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
   StepProfiler profiler(rt.device, opts.profile_step);
   const auto run_start = std::chrono::steady_clock::now();
   for (int64_t step = start_step; step < t.steps; ++step) {
+    fault_inject_at_step(rt.rank, step + 1);  // test hooks (FLEXCP_TEST_DIE_AT_STEP, FLEXCP_TEST_HANG_AT_STEP)
     device_reset_peak_memory(rt.device);
     const auto step_start = std::chrono::steady_clock::now();
     profiler.begin(step + 1);
