@@ -48,22 +48,6 @@ std::vector<std::pair<int64_t, double>> curve(int64_t first, int64_t last, const
 
 double base_loss(int64_t s) { return 10.0 / (1.0 + 0.05 * s) + 2.0 + 0.1 * std::sin(0.7 * s); }
 
-// Runs the flexcp binary through the shell; returns its exit code, stdout and stderr.
-struct Cli {
-  int rc = -1;
-  std::string out, err;
-};
-Cli run_cli(const std::string& args, const fs::path& dir, const std::string& env = "") {
-  const fs::path out = dir / "cli.out", err = dir / "cli.err";
-  const std::string cmd = env + " '" + std::string(FLEXCP_BINARY) + "' " + args + " >'" + out.string() + "' 2>'" + err.string() + "'";
-  const int status = std::system(cmd.c_str());
-  Cli c;
-  c.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  c.out = read_text(out);
-  c.err = read_text(err);
-  return c;
-}
-
 }  // namespace
 
 TEST_CASE("metrics_parse reads flexcp metrics lines and merges repeated steps in step order", "[compare]") {
@@ -383,14 +367,14 @@ TEST_CASE("flexcp compare CLI prints the table and JSON and the plot and exits 3
   write_text(c / "metrics.jsonl", metrics_text(curve(1, 60, [](int64_t s) { return base_loss(s) + (s > 40 ? 0.3 : 0.0); }), 900));
   const std::string runs = "'" + a.string() + "' '" + b.string() + "' '" + c.string() + "'";
 
-  Cli ok = run_cli("compare " + runs + " --max-delta 0.5", tmp.path);
+  CliRun ok = cli_run("compare " + runs + " --max-delta 0.5", tmp.path);
   INFO(ok.out << ok.err);
   CHECK(ok.rc == 0);
   CHECK(ok.out.find("cp1") != std::string::npos);
   CHECK(ok.out.find("baseline") != std::string::npos);
   CHECK(ok.out.find("PASS: 2 run(s)") != std::string::npos);
 
-  Cli gate = run_cli("compare " + runs + " --max-delta 0.01 --json '" + (tmp.path / "r.json").string() + "'", tmp.path);
+  CliRun gate = cli_run("compare " + runs + " --max-delta 0.01 --json '" + (tmp.path / "r.json").string() + "'", tmp.path);
   INFO(gate.out << gate.err);
   CHECK(gate.rc == 3);
   CHECK(gate.out.find("cp8: FAIL: max |delta loss| 0.3 at step 41") != std::string::npos);
@@ -400,25 +384,25 @@ TEST_CASE("flexcp compare CLI prints the table and JSON and the plot and exits 3
   CHECK(j["runs"][2]["within_limits"] == false);
 
   // The early window holds no difference: the same runs pass.
-  CHECK(run_cli("compare " + runs + " --max-delta 0.01 --window :40", tmp.path).rc == 0);
+  CHECK(cli_run("compare " + runs + " --max-delta 0.01 --window :40", tmp.path).rc == 0);
   // --baseline also listed among the runs is compared once, not with itself.
-  Cli based = run_cli("compare " + runs + " --baseline '" + c.string() + "'", tmp.path);
+  CliRun based = cli_run("compare " + runs + " --baseline '" + c.string() + "'", tmp.path);
   CHECK(based.rc == 0);
   CHECK(based.out.find("cp8#2") == std::string::npos);
 
-  Cli bad = run_cli("compare '" + a.string() + "' '" + (tmp.path / "nope").string() + "'", tmp.path);
+  CliRun bad = cli_run("compare '" + a.string() + "' '" + (tmp.path / "nope").string() + "'", tmp.path);
   CHECK(bad.rc == 2);
   CHECK(bad.err.find("no such file") != std::string::npos);
-  CHECK(run_cli("compare '" + a.string() + "'", tmp.path).rc == 2);  // nothing to compare with
+  CHECK(cli_run("compare '" + a.string() + "'", tmp.path).rc == 2);  // nothing to compare with
 
-  Cli noplot = run_cli("compare " + runs + " --out '" + (tmp.path / "x.png").string() + "'", tmp.path, "FLEXCP_GNUPLOT=");
+  CliRun noplot = cli_run("compare " + runs + " --out '" + (tmp.path / "x.png").string() + "'", tmp.path, "FLEXCP_GNUPLOT=");
   CHECK(noplot.rc == 0);
   CHECK(noplot.err.find("no plot") != std::string::npos);
   CHECK(noplot.out.find("cp8") != std::string::npos);  // the table is still there
   CHECK_FALSE(fs::exists(tmp.path / "x.png"));
 
   if (!gnuplot_find().empty()) {
-    Cli plot = run_cli("compare " + runs + " --out '" + (tmp.path / "y.png").string() + "'", tmp.path);
+    CliRun plot = cli_run("compare " + runs + " --out '" + (tmp.path / "y.png").string() + "'", tmp.path);
     INFO(plot.err);
     CHECK(plot.rc == 0);
     CHECK(fs::file_size(tmp.path / "y.png") > 1000);

@@ -17,8 +17,11 @@
 #include "core/cp_run.h"
 #include "core/errors.h"
 #include "core/rendezvous.h"
+#include "test/test_util.h"
 
 using namespace flexcp;
+using flexcp::test::free_tcp_port;
+using flexcp::test::shell_run;
 
 namespace {
 
@@ -27,28 +30,6 @@ LaunchEnv env_of(const std::map<std::string, std::string>& vars) {
     auto it = vars.find(n);
     return it == vars.end() ? nullptr : it->second.c_str();
   });
-}
-
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
-// Runs `cmd` through the shell; returns (exit code, stdout + stderr).
-std::pair<int, std::string> run(const std::string& cmd) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  char buf[4096];
-  while (size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  const int status = ::pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
 }
 
 int count(const std::string& s, const std::string& what) {
@@ -115,7 +96,7 @@ TEST_CASE("rendezvous: communicator choice and its errors", "[cp][launch]") {
 }
 
 TEST_CASE("tcp communicator: ranks as threads meet through the TCPStore", "[cp][launch]") {
-  const int n = 3, port = free_port();
+  const int n = 3, port = free_tcp_port();
   std::vector<std::string> errors(n);
   std::vector<std::thread> ranks;
   for (int r = 0; r < n; ++r) {
@@ -181,13 +162,13 @@ TEST_CASE("cp config checks fail before any work", "[cp][launch]") {
 }
 
 TEST_CASE("flexcp launch: ranks meet, and a failing rank fails the launch", "[cp][launch]") {
-  auto [rc, out] = run(std::string(FLEXCP_BINARY) + " launch --nproc-per-node 3 -- comm-check --mib 1 --tokens 192");
+  auto [rc, out] = shell_run(std::string(FLEXCP_BINARY) + " launch --nproc-per-node 3 -- comm-check --mib 1 --tokens 192");
   INFO(out);
   CHECK(rc == 0);
   CHECK(count(out, "; OK") == 3);
   CHECK(count(out, "tcp on cpu") == 3);
 
-  std::tie(rc, out) = run(std::string(FLEXCP_BINARY) + " launch --nproc-per-node 2 -- comm-check --communicator none");
+  std::tie(rc, out) = shell_run(std::string(FLEXCP_BINARY) + " launch --nproc-per-node 2 -- comm-check --communicator none");
   INFO(out);
   CHECK(rc == 2);
   CHECK(out.find("'none' with 2 ranks") != std::string::npos);

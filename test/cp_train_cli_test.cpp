@@ -12,18 +12,12 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "test/test_util.h"
+
 namespace fs = std::filesystem;
+using flexcp::test::shell_run;
 
 namespace {
-
-std::pair<int, std::string> run(const std::string& cmd) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  char buf[4096];
-  while (size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  const int status = ::pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
 
 std::vector<double> losses(const fs::path& run_dir) {
   std::vector<double> v;
@@ -33,7 +27,7 @@ std::vector<double> losses(const fs::path& run_dir) {
   return v;
 }
 
-bool have_mpirun() { return run("command -v mpirun").first == 0; }
+bool have_mpirun() { return shell_run("command -v mpirun").first == 0; }
 
 const std::string kMpirun = "mpirun --oversubscribe --allow-run-as-root -np ";
 
@@ -52,7 +46,7 @@ TEST_CASE("cp training through the CLI: cp = 2 and 4 (mpirun, flexcp launch) mat
   fs::remove_all(tmp);
   fs::create_directories(tmp);
   const std::string bin = FLEXCP_BINARY;
-  auto [rc, out] = run(bin + train_args(1, tmp / "cp1"));
+  auto [rc, out] = shell_run(bin + train_args(1, tmp / "cp1"));
   INFO(out);
   REQUIRE(rc == 0);
   const std::vector<double> base = losses(tmp / "cp1");
@@ -70,7 +64,7 @@ TEST_CASE("cp training through the CLI: cp = 2 and 4 (mpirun, flexcp launch) mat
       WARN("mpirun not found: the MPI runs are skipped");
   }
   for (const auto& [name, cmd] : runs) {
-    std::tie(rc, out) = run(cmd);
+    std::tie(rc, out) = shell_run(cmd);
     INFO(name << "\n" << out);
     REQUIRE(rc == 0);
     CHECK(out.find("area imbalance") != std::string::npos);  // the per-rank traffic report
@@ -90,12 +84,12 @@ TEST_CASE("cp config errors stop every rank before any work", "[cp][train]") {
   const fs::path tmp = fs::temp_directory_path() / ("flexcp_cp_err_" + std::to_string(::getpid()));
   const std::string bin = FLEXCP_BINARY;
   // cp = 4 with 2 processes.
-  auto [rc, out] = run(bin + " launch --nproc-per-node 2 --" + train_args(4, tmp / "a"));
+  auto [rc, out] = shell_run(bin + " launch --nproc-per-node 2 --" + train_args(4, tmp / "a"));
   INFO(out);
   CHECK(rc == 2);
   CHECK(out.find("parallel.cp (4) does not divide the world size (2") != std::string::npos);
   // 64 tokens do not split into 2 x 24-token chunks.
-  std::tie(rc, out) = run(bin + " launch --nproc-per-node 2 --" + train_args(2, tmp / "b") + " --set parallel.cp_chunk_size=24");
+  std::tie(rc, out) = shell_run(bin + " launch --nproc-per-node 2 --" + train_args(2, tmp / "b") + " --set parallel.cp_chunk_size=24");
   INFO(out);
   CHECK(rc == 2);
   CHECK(out.find("cp_chunk_size") != std::string::npos);

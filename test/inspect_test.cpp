@@ -160,21 +160,6 @@ void write_shard(const fs::path& p, int32_t magic, int32_t version, const std::v
   write_text(p, out);
 }
 
-struct Cli {
-  int rc = -1;
-  std::string out, err;
-};
-Cli run_cli(const std::string& args, const fs::path& dir) {
-  const fs::path out = dir / "cli.out", err = dir / "cli.err";
-  const std::string cmd = "'" + std::string(FLEXCP_BINARY) + "' " + args + " >'" + out.string() + "' 2>'" + err.string() + "'";
-  const int status = std::system(cmd.c_str());
-  Cli c;
-  c.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  c.out = read_text(out);
-  c.err = read_text(err);
-  return c;
-}
-
 }  // namespace
 
 TEST_CASE("natural_less orders numbered names by value", "[inspect]") {
@@ -479,26 +464,26 @@ TEST_CASE("flexcp inspect CLI prints text or JSON for several paths and fails wi
   write_text(tmp.path / "run" / "metrics.jsonl", metrics_line(1, 3.0) + metrics_line(2, 2.5));
   const std::string a = "'" + (tmp.path / "a.safetensors").string() + "'", run = "'" + (tmp.path / "run").string() + "'";
 
-  Cli t = run_cli("inspect " + a + " " + run + " --brief", tmp.path);
+  CliRun t = cli_run("inspect " + a + " " + run + " --brief", tmp.path);
   INFO(t.out << t.err);
   CHECK(t.rc == 0);
   CHECK(t.out.find("model.layers.*.mlp.up_proj.weight") != std::string::npos);
   CHECK(t.out.find("steps: 1..2") != std::string::npos);
 
-  Cli j = run_cli("inspect " + run + " --json", tmp.path);
+  CliRun j = cli_run("inspect " + run + " --json", tmp.path);
   CHECK(j.rc == 0);
   const auto parsed = nlohmann::json::parse(j.out);
   CHECK(parsed["kind"] == "run");
   CHECK(parsed["metrics"]["last_loss"] == 2.5);
-  Cli both = run_cli("inspect " + a + " " + run + " --json --stats", tmp.path);
+  CliRun both = cli_run("inspect " + a + " " + run + " --json --stats", tmp.path);
   CHECK(both.rc == 0);
   CHECK(nlohmann::json::parse(both.out).size() == 2);
 
-  Cli missing = run_cli("inspect '" + (tmp.path / "nope").string() + "'", tmp.path);
+  CliRun missing = cli_run("inspect '" + (tmp.path / "nope").string() + "'", tmp.path);
   CHECK(missing.rc == 2);
   CHECK(missing.err.find("no such file") != std::string::npos);
   write_text(tmp.path / "bad.safetensors", std::string("\x10\0\0\0\0\0\0\0{\"x\": 1}       ", 24));
-  Cli bad = run_cli("inspect '" + (tmp.path / "bad.safetensors").string() + "'", tmp.path);
+  CliRun bad = cli_run("inspect '" + (tmp.path / "bad.safetensors").string() + "'", tmp.path);
   CHECK(bad.rc == 2);
   CHECK(bad.err.find("bad.safetensors") != std::string::npos);
 }

@@ -10,6 +10,7 @@
 #include "core/config.h"
 #include "core/errors.h"
 #include "core/resource_errors.h"
+#include "test/test_util.h"
 
 using namespace flexcp;
 
@@ -47,14 +48,9 @@ TEST_CASE("a huge model on CPU exits with code 2 and the out-of-memory advice", 
   const std::string cmd = std::string(FLEXCP_BINARY) + " train " + FLEXCP_SOURCE_DIR +
                           "/configs/tiny.yaml --set data.synthetic=true --set model.vocab_size=4000000 "
                           "--set model.hidden_size=262144 --set model.num_heads=2048 --set model.num_kv_heads=2048 "
-                          "--set model.head_dim=128 --set train.device=cpu --set logging.dir=/tmp/flexcp_oom_test 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p);
-  std::string out;
-  char buf[512];
-  while (fgets(buf, sizeof buf, p)) out += buf;
-  const int status = pclose(p);
-  CHECK(WEXITSTATUS(status) == 2);
+                          "--set model.head_dim=128 --set train.device=cpu --set logging.dir=/tmp/flexcp_oom_test";
+  const auto [rc, out] = flexcp::test::shell_run(cmd);
+  CHECK(rc == 2);
   CHECK_THAT(out, Catch::Contains("host out of memory (tried to allocate") && Catch::Contains("lower train.micro_batch"));
 }
 

@@ -1,6 +1,10 @@
 // Small helpers shared by the unit tests: temporary folders, whole-file reads and writes, and
 // catching the one-line UserError that bad input must produce.
 #pragma once
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -10,6 +14,7 @@
 #include <initializer_list>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "core/errors.h"
 
@@ -73,5 +78,52 @@ inline void require_contains(const std::string& msg, std::initializer_list<std::
   for (const auto& p : parts) CHECK(msg.find(p) != std::string::npos);
   CHECK(msg.find('\n') == std::string::npos);
 }
+
+// A free TCP port on the loopback interface (bound, read back, released), for rendezvous tests.
+inline int free_tcp_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// Runs cmd with /bin/sh: its exit code (-1 when it did not exit normally) and its standard output
+// and standard error together.
+inline std::pair<int, std::string> shell_run(const std::string& cmd) {
+  std::string out;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  REQUIRE(p);
+  char buf[4096];
+  while (size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  const int status = ::pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+#ifdef FLEXCP_BINARY
+// One run of the flexcp binary: exit code, standard output and standard error kept apart.
+struct CliRun {
+  int rc = -1;
+  std::string out, err;
+};
+
+// Runs `flexcp ARGS` with optional environment assignments in front (e.g. "FLEXCP_GNUPLOT="); its
+// output goes through files in dir.
+inline CliRun cli_run(const std::string& args, const std::filesystem::path& dir, const std::string& env = "") {
+  const std::filesystem::path out = dir / "cli.out", err = dir / "cli.err";
+  const std::string cmd =
+      env + " '" + std::string(FLEXCP_BINARY) + "' " + args + " >'" + out.string() + "' 2>'" + err.string() + "'";
+  const int status = std::system(cmd.c_str());
+  CliRun c;
+  c.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  c.out = read_text(out);
+  c.err = read_text(err);
+  return c;
+}
+#endif
 
 }  // namespace flexcp::test

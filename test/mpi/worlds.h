@@ -15,20 +15,11 @@
 #include "core/comm.h"
 #include "core/comm_mpi.h"
 #include "core/rendezvous.h"
+#include "test/test_util.h"
 
 namespace flexcp_test {
 
-inline int free_tcp_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
+using flexcp::test::free_tcp_port;
 
 inline std::shared_ptr<flexcp::Communicator> mpi_world() {
   static auto w = flexcp::make_mpi_communicator();
