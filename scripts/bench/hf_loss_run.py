@@ -22,17 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-
-def llama32_1b():
-    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000,
-                       eos_token_id=128001,
-                       rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                       attn_implementation="sdpa")
+from hf_llama import llama32_1b
 
 
 def lr_at(t, step):  # the formula of core/lr_schedule.cpp

@@ -13,7 +13,9 @@ import argparse
 import json
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from hf_llama import llama32_1b
 
 
 def main():
@@ -23,12 +25,7 @@ def main():
     ap.add_argument("--iters", type=int, default=8)
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-                      rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                      attn_implementation="sdpa")
+    cfg = llama32_1b()
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).cuda()
     if args.mode == "pure_bf16":

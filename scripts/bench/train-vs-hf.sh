@@ -40,7 +40,7 @@ flexcp_args=(train "$root/configs/llama3.2-1b.yaml" --set data.synthetic=true --
              "${extra[@]}")
 "$bin" "${flexcp_args[@]}" --set train.steps="$steps" --profile-step $((steps - 1)) >"$tmp/flexcp.log" 2>&1 ||
   { tail -n 20 "$tmp/flexcp.log"; exit 1; }
-python3 - "$tmp/flexcp/metrics.jsonl" "$seq" "$*" >>"$results" <<'PY'
+python3 - "$tmp/flexcp/metrics.jsonl" "$seq" >>"$results" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
 timed = rows[3:] if len(rows) > 4 else rows          # the first steps warm up allocator and kernels
