@@ -12,6 +12,10 @@ void fused_ops_set_enabled(bool) {}
 
 at::Tensor fused_rmsnorm(const at::Tensor&, const at::Tensor&, double) { return {}; }
 
+std::pair<at::Tensor, at::Tensor> fused_add_rmsnorm(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {
+  return {};
+}
+
 std::pair<at::Tensor, at::Tensor> fused_rope(const at::Tensor&, const at::Tensor&, const RopeCosSin&) { return {}; }
 
 at::Tensor fused_swiglu(const at::Tensor&, const at::Tensor&) { return {}; }

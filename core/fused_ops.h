@@ -20,6 +20,13 @@ void fused_ops_set_enabled(bool on);
 // RMSNorm as RMSNormImpl computes it: weight * bf16(x * rsqrt(mean(x^2, -1) + eps)).
 at::Tensor fused_rmsnorm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
+// h = x + delta (the residual add, rounded as torch's bf16 add) and y = RMSNorm(h) as fused_rmsnorm
+// computes it, in one kernel; the backward takes the gradients of both and gives x and delta the
+// same gradient, grad_h + RMSNorm's backward of grad_y, in one kernel. Returns {h, y}.
+// FLEXCP_FUSED_ADD_NORM=0 turns this op alone off (A/B timings): the caller's add + fused_rmsnorm.
+std::pair<at::Tensor, at::Tensor> fused_add_rmsnorm(const at::Tensor& x, const at::Tensor& delta,
+                                                    const at::Tensor& weight, double eps);
+
 // rope_apply of q (T, Hq, D) and k (T, Hkv, D) in one kernel launch.
 std::pair<at::Tensor, at::Tensor> fused_rope(const at::Tensor& q, const at::Tensor& k, const RopeCosSin& cs);
 

@@ -31,6 +31,14 @@ std::atomic<bool>& enabled_flag() {
   return on;
 }
 
+bool add_norm_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("FLEXCP_FUSED_ADD_NORM");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
 bool bf16_cuda(const at::Tensor& t) { return t.defined() && t.is_cuda() && t.scalar_type() == at::kBFloat16; }
 
 cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
@@ -75,6 +83,52 @@ struct RMSNormFn : public torch::autograd::Function<RMSNormFn> {
     fused::rmsnorm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr<float>(), dx.data_ptr(),
                             dw.data_ptr<float>(), ws.data_ptr<float>(), rows, cols, stream());
     return {dx, dw.to(w.scalar_type()), at::Tensor()};
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Residual add + RMSNorm: {h, y} = {x + delta, RMSNorm(h)}. Saves h (an output: the residual stream,
+// which the next layer keeps alive anyway), the weight and rstd. Gradients that did not arrive stay
+// undefined (no zero tensors): the last layer's h reaches nothing but its norm.
+
+struct AddRMSNormFn : public torch::autograd::Function<AddRMSNormFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& delta_in,
+                               const at::Tensor& w_in, double eps) {
+    c10::cuda::CUDAGuard guard(x_in.device());
+    const at::Tensor x = dense(x_in), delta = dense(delta_in), w = dense(w_in);
+    const int64_t cols = x.size(-1), rows = x.numel() / cols;
+    at::Tensor h = at::empty_like(x, at::MemoryFormat::Contiguous);
+    at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+    at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+    fused::add_rmsnorm_forward(x.data_ptr(), delta.data_ptr(), w.data_ptr(), h.data_ptr(), y.data_ptr(),
+                               rstd.data_ptr<float>(), rows, cols, static_cast<float>(eps), stream());
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({h, w, rstd});
+    return {h, y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &h = saved[0], &w = saved[1], &rstd = saved[2];
+    c10::cuda::CUDAGuard guard(h.device());
+    const at::Tensor& gh = grad_out[0];
+    const at::Tensor& gy = grad_out[1];
+    if (!gy.defined()) {  // only h was used: the plain add's gradient, for both inputs
+      const at::Tensor dx = gh.defined() ? gh.to(at::kBFloat16) : at::Tensor();
+      return {dx, dx, at::Tensor(), at::Tensor()};
+    }
+    const at::Tensor dy = dense(gy.to(at::kBFloat16));
+    const at::Tensor dres = gh.defined() ? dense(gh.to(at::kBFloat16)) : at::Tensor();
+    const int64_t cols = h.size(-1), rows = h.numel() / cols;
+    at::Tensor dx = at::empty_like(h, at::MemoryFormat::Contiguous);
+    at::Tensor dw = at::empty({cols}, h.options().dtype(at::kFloat));
+    at::Tensor ws = at::empty({std::max<int64_t>(1, fused::rmsnorm_backward_workspace_floats(rows, cols))},
+                              h.options().dtype(at::kFloat));
+    fused::add_rmsnorm_backward(dy.data_ptr(), dres.defined() ? dres.data_ptr() : nullptr, h.data_ptr(), w.data_ptr(),
+                                rstd.data_ptr<float>(), dx.data_ptr(), dw.data_ptr<float>(), ws.data_ptr<float>(), rows,
+                                cols, stream());
+    // x and delta get the same gradient (as an add's backward gives it): one tensor for both.
+    return {dx, dx, dw.to(w.scalar_type()), at::Tensor()};
   }
 };
 
@@ -273,6 +327,16 @@ at::Tensor fused_rmsnorm(const at::Tensor& x, const at::Tensor& weight, double e
       x.device() != weight.device() || weight.size(0) != x.size(-1) || !fused::rmsnorm_supported(x.size(-1)))
     return {};
   return RMSNormFn::apply(x, weight, eps);
+}
+
+std::pair<at::Tensor, at::Tensor> fused_add_rmsnorm(const at::Tensor& x, const at::Tensor& delta,
+                                                    const at::Tensor& weight, double eps) {
+  if (!fused_ops_enabled() || !add_norm_enabled() || !bf16_cuda(x) || !bf16_cuda(delta) || !bf16_cuda(weight) ||
+      x.dim() < 1 || weight.dim() != 1 || x.sizes() != delta.sizes() || x.device() != delta.device() ||
+      x.device() != weight.device() || weight.size(0) != x.size(-1) || !fused::rmsnorm_supported(x.size(-1)))
+    return {};
+  variable_list out = AddRMSNormFn::apply(x, delta, weight, eps);
+  return {out[0], out[1]};
 }
 
 std::pair<at::Tensor, at::Tensor> fused_rope(const at::Tensor& q, const at::Tensor& k, const RopeCosSin& cs) {

@@ -5,6 +5,9 @@
 #include <torch/nn/init.h>
 
 #include <cmath>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include "core/errors.h"
 #include "core/fused_ops.h"
@@ -98,10 +101,30 @@ LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaArch& a) {
   post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(a.hidden_size, a.rms_norm_eps));
 }
 
+namespace {
+
+// {x + delta, norm(x + delta)}; without a norm, {x + delta, undefined}.
+std::pair<at::Tensor, at::Tensor> residual_add_norm(const at::Tensor& x, const at::Tensor& delta, RMSNormImpl* norm) {
+  if (norm == nullptr) return {x + delta, at::Tensor()};
+  if (auto hy = fused_add_rmsnorm(x, delta, norm->weight, norm->eps); hy.first.defined()) return hy;  // CUDA bf16
+  at::Tensor h = x + delta;
+  return {h, norm->forward(h)};
+}
+
+}  // namespace
+
 at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& x, const RopeCosSin& rope, const AttentionSpec& spec,
                                           AttentionBackend& backend) {
-  at::Tensor h = x + self_attn->forward(input_layernorm->forward(x), rope, spec, backend);
-  return h + mlp->forward(post_attention_layernorm->forward(h));
+  return forward_normed(x, input_layernorm->forward(x), nullptr, rope, spec, backend).first;
+}
+
+std::pair<at::Tensor, at::Tensor> LlamaDecoderLayerImpl::forward_normed(const at::Tensor& x, const at::Tensor& normed,
+                                                                        RMSNormImpl* next_norm, const RopeCosSin& rope,
+                                                                        const AttentionSpec& spec,
+                                                                        AttentionBackend& backend) {
+  auto [h, h_normed] =
+      residual_add_norm(x, self_attn->forward(normed, rope, spec, backend), post_attention_layernorm.get());
+  return residual_add_norm(h, mlp->forward(h_normed), next_norm);
 }
 
 LlamaBackboneImpl::LlamaBackboneImpl(const LlamaArch& a) {
@@ -115,40 +138,69 @@ LlamaBackboneImpl::LlamaBackboneImpl(const LlamaArch& a) {
 // Activation checkpointing: a layer's forward runs without a graph; the backward pass runs it
 // again with one and differentiates that. Recomputation must give the same values: Llama layers
 // have no dropout and the attention backends are deterministic in the forward.
+//
+// A layer maps (x, normed = input_layernorm(x)) to (out, next_norm(out)). Only x is kept: the
+// backward recomputes normed from it with the layer's input_layernorm, which gives the values the
+// forward received bit for bit (the previous layer's fused add + norm computes its norm output
+// exactly as the norm alone does; the first layer's came from the same module). The parameters are
+// the layer's own and next_norm's weight.
 
 namespace {
 
 struct CheckpointState : torch::CustomClassHolder {
   LlamaDecoderLayerImpl* layer = nullptr;  // owned by the model, which outlives its graphs
+  RMSNormImpl* next_norm = nullptr;        // likewise
   RopeCosSin rope_copy;
   AttentionSpec spec;
   std::shared_ptr<AttentionBackend> backend;
 };
 
+std::vector<at::Tensor> checkpoint_params(const CheckpointState& state) {
+  std::vector<at::Tensor> params = state.layer->parameters();
+  params.push_back(state.next_norm->weight);
+  return params;
+}
+
 struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList params,
-                            c10::intrusive_ptr<CheckpointState> state) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& normed,
+                               at::TensorList params, c10::intrusive_ptr<CheckpointState> state) {
+    ctx->set_materialize_grads(false);  // the last layer's out reaches nothing: no zero gradient for it
     ctx->save_for_backward({x});
     ctx->saved_data["state"] = c10::IValue::make_capsule(state);
     ctx->saved_data["num_params"] = static_cast<int64_t>(params.size());
-    return state->layer->forward(x, state->rope_copy, state->spec, *state->backend);
+    auto out = state->layer->forward_normed(x, normed, state->next_norm, state->rope_copy, state->spec, *state->backend);
+    return {out.first, out.second};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     auto state = c10::static_intrusive_pointer_cast<CheckpointState>(ctx->saved_data["state"].toCapsule());
     const int64_t num_params = ctx->saved_data["num_params"].toInt();
-    at::Tensor x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
-    std::vector<at::Tensor> params = state->layer->parameters();
-    variable_list inputs{x};
+    const at::Tensor x_saved = ctx->get_saved_variables()[0].detach();
+    std::vector<at::Tensor> params = checkpoint_params(*state);
+    TORCH_CHECK(static_cast<int64_t>(params.size()) == num_params, "checkpoint: layer parameters changed");
+    at::Tensor normed;
+    {
+      torch::NoGradGuard no_grad;
+      normed = state->layer->input_layernorm->forward(x_saved);
+    }
+    normed.requires_grad_(true);  // a leaf of its own: its gradient is the normed input's
+    at::Tensor x = x_saved.detach().requires_grad_(true);
+    variable_list inputs{x, normed};
     inputs.insert(inputs.end(), params.begin(), params.end());
-    at::Tensor out;
+    variable_list outs, grads_in;
     {
       torch::AutoGradMode grad_on(true);
-      out = state->layer->forward(x, state->rope_copy, state->spec, *state->backend);
+      auto out = state->layer->forward_normed(x, normed, state->next_norm, state->rope_copy, state->spec, *state->backend);
+      for (int i = 0; i < 2; ++i) {
+        if (!grad_out[i].defined()) continue;
+        outs.push_back(i == 0 ? out.first : out.second);
+        grads_in.push_back(grad_out[i]);
+      }
     }
-    variable_list grads = torch::autograd::grad({out}, inputs, {grad_out[0]}, /*retain_graph=*/false,
-                                                /*create_graph=*/false, /*allow_unused=*/true);
-    TORCH_CHECK(static_cast<int64_t>(params.size()) == num_params, "checkpoint: layer parameters changed");
+    variable_list grads(inputs.size());
+    if (!outs.empty())
+      grads = torch::autograd::grad(outs, inputs, grads_in, /*retain_graph=*/false, /*create_graph=*/false,
+                                    /*allow_unused=*/true);
     grads.push_back(at::Tensor());  // for the state argument
     return grads;
   }
@@ -200,21 +252,30 @@ at::Tensor LlamaModelImpl::forward_hidden(const at::Tensor& tokens, const at::Te
     else
       fail("model", "activation checkpointing needs the attention backend set with set_attention_backend");
   }
-  for (const auto& m : *model->layers) {
-    auto* layer = m->as<LlamaDecoderLayerImpl>();
+  // Layers pass (x, normed) pairs: each residual add and the norm after it (the next layer's
+  // input_layernorm, or the final norm after the last layer) are one op; see forward_normed.
+  const size_t num_layers = model->layers->size();
+  at::Tensor normed = model->layers->at<LlamaDecoderLayerImpl>(0).input_layernorm->forward(x);
+  for (size_t i = 0; i < num_layers; ++i) {
+    auto* layer = &model->layers->at<LlamaDecoderLayerImpl>(i);
+    RMSNormImpl* next_norm = i + 1 < num_layers ? model->layers->at<LlamaDecoderLayerImpl>(i + 1).input_layernorm.get()
+                                                : model->norm.get();
     if (checkpoint) {
       auto state = c10::make_intrusive<CheckpointState>();
       state->layer = layer;
+      state->next_norm = next_norm;
       state->rope_copy = rope;
       state->spec = spec;
       state->backend = backend_ref;
-      std::vector<at::Tensor> params = layer->parameters();
-      x = CheckpointedLayer::apply(x, at::TensorList(params), state);
+      std::vector<at::Tensor> params = checkpoint_params(*state);
+      variable_list out = CheckpointedLayer::apply(x, normed, at::TensorList(params), state);
+      x = out[0];
+      normed = out[1];
     } else {
-      x = layer->forward(x, rope, spec, backend);
+      std::tie(x, normed) = layer->forward_normed(x, normed, next_norm, rope, spec, backend);
     }
   }
-  return model->norm->forward(x);
+  return normed;
 }
 
 at::Tensor LlamaModelImpl::lm_head_weight() const {

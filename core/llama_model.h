@@ -13,6 +13,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <memory>
+#include <utility>
 
 #include "core/attention_backend.h"
 #include "core/attention_spec.h"
@@ -49,8 +50,16 @@ TORCH_MODULE(LlamaMLP);
 
 struct LlamaDecoderLayerImpl : torch::nn::Module {
   explicit LlamaDecoderLayerImpl(const LlamaArch& arch);
+  // x (T, hidden) -> h + mlp(post_attention_layernorm(h)) with h = x + self_attn(input_layernorm(x)).
   at::Tensor forward(const at::Tensor& x, const RopeCosSin& rope, const AttentionSpec& spec,
                      AttentionBackend& backend);
+  // The same from x and normed = input_layernorm(x), also returning next_norm(out) (the next layer's
+  // input_layernorm or the model's final norm; null: no norm, second result undefined). Each
+  // residual add and the norm after it are one op (fused_add_rmsnorm on CUDA bf16; the plain add and
+  // RMSNorm elsewhere, the same ops as forward), so the model passes (residual, normed) pairs.
+  std::pair<at::Tensor, at::Tensor> forward_normed(const at::Tensor& x, const at::Tensor& normed,
+                                                   RMSNormImpl* next_norm, const RopeCosSin& rope,
+                                                   const AttentionSpec& spec, AttentionBackend& backend);
   LlamaAttention self_attn{nullptr};
   LlamaMLP mlp{nullptr};
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};

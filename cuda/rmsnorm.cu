@@ -1,5 +1,5 @@
-// Fused RMSNorm forward and backward (cuda/train_kernels.h). A block of 256 threads works on one row
-// at a time; each thread owns SLOTS groups of 8 consecutive columns (column (slot * 256 + tid) * 8),
+// Fused RMSNorm forward and backward (cuda/train_kernels.h), alone or after a residual add (the
+// Llama layer's h = x + delta; y = norm(h)). A block of 256 threads works on one row at a time; each thread owns SLOTS groups of 8 consecutive columns (column (slot * 256 + tid) * 8),
 // so a row of up to 2048 * SLOTS columns sits in registers between the reduction and the output.
 // The backward keeps each thread's share of dweight in registers over all the rows its block
 // handles, writes them once as the block's partial sum, and a second kernel adds the partials
@@ -15,11 +15,14 @@ constexpr int kThreads = 256;
 constexpr int kColsPerSlot = kThreads * 8;
 constexpr int64_t kMaxBlocks = 512;  // backward grid cap: bounds the dweight partials (512 x cols fp32)
 
-template <int SLOTS>
+// ADD: the row is h = bf16(x + delta) (torch's bf16 add: the fp32 sum rounded once), written to
+// h_out, and normalised from those rounded values, so y equals the plain kernel's y of h.
+template <int SLOTS, bool ADD>
 __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(const bf16* __restrict__ x,
-                                                                   const bf16* __restrict__ weight, bf16* __restrict__ y,
-                                                                   float* __restrict__ rstd, int64_t rows, int cols,
-                                                                   float eps) {
+                                                                   const bf16* __restrict__ delta,
+                                                                   const bf16* __restrict__ weight, bf16* __restrict__ h_out,
+                                                                   bf16* __restrict__ y, float* __restrict__ rstd,
+                                                                   int64_t rows, int cols, float eps) {
   __shared__ float smem[32];
   float w[SLOTS][8];
 #pragma unroll
@@ -36,6 +39,13 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(const bf16* _
       const int c = (s * kThreads + threadIdx.x) * 8;
       if (c < cols) {
         load_bf16<8>(xr + c, v[s]);
+        if constexpr (ADD) {
+          float d[8];
+          load_bf16<8>(delta + row * cols + c, d);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[s][i] = round_bf16(v[s][i] + d[i]);
+          store_bf16<8>(h_out + row * cols + c, v[s]);  // exact: the values are bf16 already
+        }
 #pragma unroll
         for (int i = 0; i < 8; ++i) ss += v[s][i] * v[s][i];
       }
@@ -60,8 +70,10 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(const bf16* _
 
 // dx = rstd * g - x * rstd^3 * mean(g * x) with g = dy * weight (the exact derivative of
 // x * rstd(x), in fp32); dweight += dy * bf16(x * rstd), the value the weight multiplied.
+// dres (or null): the gradient that reaches x by the residual path, added before the one rounding.
 template <int SLOTS>
 __global__ void __launch_bounds__(kThreads) rmsnorm_backward_kernel(const bf16* __restrict__ dy,
+                                                                    const bf16* __restrict__ dres,
                                                                     const bf16* __restrict__ x,
                                                                     const bf16* __restrict__ weight,
                                                                     const float* __restrict__ rstd, bf16* __restrict__ dx,
@@ -103,6 +115,12 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_backward_kernel(const bf16* 
         float o[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) o[i] = r * g[s][i] - xv[s][i] * k;
+        if (dres != nullptr) {
+          float d[8];
+          load_bf16<8>(dres + row * cols + c, d);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) o[i] += d[i];
+        }
         store_bf16<8>(dx + row * cols + c, o);
       }
     }
@@ -136,25 +154,45 @@ int64_t backward_blocks(int64_t rows) { return rows < kMaxBlocks ? rows : kMaxBl
 
 bool rmsnorm_supported(int64_t cols) { return cols > 0 && cols % 8 == 0 && cols <= kRmsNormMaxCols; }
 
-void rmsnorm_forward(const void* x, const void* weight, void* y, float* rstd, int64_t rows, int64_t cols, float eps,
-                     cudaStream_t stream) {
-  using namespace detail;
-  if (!rmsnorm_supported(cols)) throw std::runtime_error("rmsnorm_forward: unsupported row length");
-  for (const void* p : {x, weight, static_cast<const void*>(y)}) require_aligned("rmsnorm_forward", p);
+namespace detail {
+namespace {
+
+template <bool ADD>
+void forward_launch(const void* x, const void* delta, const void* weight, void* h, void* y, float* rstd, int64_t rows,
+                    int64_t cols, float eps, cudaStream_t stream, const char* what) {
+  if (!rmsnorm_supported(cols)) throw std::runtime_error(std::string(what) + ": unsupported row length");
+  for (const void* p : {x, weight, static_cast<const void*>(y)}) require_aligned(what, p);
+  if (ADD)
+    for (const void* p : {delta, static_cast<const void*>(h)}) require_aligned(what, p);
   if (rows == 0) return;
   const unsigned grid = static_cast<unsigned>(rows < 65536 ? rows : 65536);
   const auto* xb = static_cast<const bf16*>(x);
+  const auto* db = static_cast<const bf16*>(delta);
   const auto* wb = static_cast<const bf16*>(weight);
+  auto* hb = static_cast<bf16*>(h);
   auto* yb = static_cast<bf16*>(y);
   const int c = static_cast<int>(cols);
   switch (slots_for(cols)) {
-    case 1: rmsnorm_forward_kernel<1><<<grid, kThreads, 0, stream>>>(xb, wb, yb, rstd, rows, c, eps); break;
-    case 2: rmsnorm_forward_kernel<2><<<grid, kThreads, 0, stream>>>(xb, wb, yb, rstd, rows, c, eps); break;
+    case 1: rmsnorm_forward_kernel<1, ADD><<<grid, kThreads, 0, stream>>>(xb, db, wb, hb, yb, rstd, rows, c, eps); break;
+    case 2: rmsnorm_forward_kernel<2, ADD><<<grid, kThreads, 0, stream>>>(xb, db, wb, hb, yb, rstd, rows, c, eps); break;
     case 3:
-    case 4: rmsnorm_forward_kernel<4><<<grid, kThreads, 0, stream>>>(xb, wb, yb, rstd, rows, c, eps); break;
-    default: throw std::runtime_error("rmsnorm_forward: row too long");
+    case 4: rmsnorm_forward_kernel<4, ADD><<<grid, kThreads, 0, stream>>>(xb, db, wb, hb, yb, rstd, rows, c, eps); break;
+    default: throw std::runtime_error(std::string(what) + ": row too long");
   }
-  launch_check("rmsnorm_forward");
+  launch_check(what);
+}
+
+}  // namespace
+}  // namespace detail
+
+void rmsnorm_forward(const void* x, const void* weight, void* y, float* rstd, int64_t rows, int64_t cols, float eps,
+                     cudaStream_t stream) {
+  detail::forward_launch<false>(x, nullptr, weight, nullptr, y, rstd, rows, cols, eps, stream, "rmsnorm_forward");
+}
+
+void add_rmsnorm_forward(const void* x, const void* delta, const void* weight, void* h, void* y, float* rstd,
+                         int64_t rows, int64_t cols, float eps, cudaStream_t stream) {
+  detail::forward_launch<true>(x, delta, weight, h, y, rstd, rows, cols, eps, stream, "add_rmsnorm_forward");
 }
 
 int64_t rmsnorm_backward_workspace_floats(int64_t rows, int64_t cols) {
@@ -163,9 +201,15 @@ int64_t rmsnorm_backward_workspace_floats(int64_t rows, int64_t cols) {
 
 void rmsnorm_backward(const void* dy, const void* x, const void* weight, const float* rstd, void* dx, float* dweight,
                       float* workspace, int64_t rows, int64_t cols, cudaStream_t stream) {
+  add_rmsnorm_backward(dy, nullptr, x, weight, rstd, dx, dweight, workspace, rows, cols, stream);
+}
+
+void add_rmsnorm_backward(const void* dy, const void* dres, const void* x, const void* weight, const float* rstd,
+                          void* dx, float* dweight, float* workspace, int64_t rows, int64_t cols, cudaStream_t stream) {
   using namespace detail;
   if (!rmsnorm_supported(cols)) throw std::runtime_error("rmsnorm_backward: unsupported row length");
   for (const void* p : {dy, x, weight, static_cast<const void*>(dx)}) require_aligned("rmsnorm_backward", p);
+  if (dres != nullptr) require_aligned("rmsnorm_backward", dres);
   const int c = static_cast<int>(cols);
   if (rows == 0) {
     cudaMemsetAsync(dweight, 0, static_cast<size_t>(cols) * sizeof(float), stream);
@@ -175,14 +219,15 @@ void rmsnorm_backward(const void* dy, const void* x, const void* weight, const f
   const int64_t blocks = backward_blocks(rows);
   const unsigned grid = static_cast<unsigned>(blocks);
   const auto* dyb = static_cast<const bf16*>(dy);
+  const auto* drb = static_cast<const bf16*>(dres);
   const auto* xb = static_cast<const bf16*>(x);
   const auto* wb = static_cast<const bf16*>(weight);
   auto* dxb = static_cast<bf16*>(dx);
   switch (slots_for(cols)) {
-    case 1: rmsnorm_backward_kernel<1><<<grid, kThreads, 0, stream>>>(dyb, xb, wb, rstd, dxb, workspace, rows, c); break;
-    case 2: rmsnorm_backward_kernel<2><<<grid, kThreads, 0, stream>>>(dyb, xb, wb, rstd, dxb, workspace, rows, c); break;
+    case 1: rmsnorm_backward_kernel<1><<<grid, kThreads, 0, stream>>>(dyb, drb, xb, wb, rstd, dxb, workspace, rows, c); break;
+    case 2: rmsnorm_backward_kernel<2><<<grid, kThreads, 0, stream>>>(dyb, drb, xb, wb, rstd, dxb, workspace, rows, c); break;
     case 3:
-    case 4: rmsnorm_backward_kernel<4><<<grid, kThreads, 0, stream>>>(dyb, xb, wb, rstd, dxb, workspace, rows, c); break;
+    case 4: rmsnorm_backward_kernel<4><<<grid, kThreads, 0, stream>>>(dyb, drb, xb, wb, rstd, dxb, workspace, rows, c); break;
     default: throw std::runtime_error("rmsnorm_backward: row too long");
   }
   launch_check("rmsnorm_backward");

@@ -27,6 +27,17 @@ int64_t rmsnorm_backward_workspace_floats(int64_t rows, int64_t cols);
 void rmsnorm_backward(const void* dy, const void* x, const void* weight, const float* rstd, void* dx,
                       float* dweight, float* workspace, int64_t rows, int64_t cols, cudaStream_t stream);
 
+// ---- Residual add + RMSNorm (the Llama layer's h = x + delta, then the next norm of h): h is the bf16
+// sum rounded once, as torch's bf16 add gives it, and y = RMSNorm(h) bit for bit as rmsnorm_forward
+// computes it from h. x, delta, h, y: bf16 (rows, cols); rstd as above.
+void add_rmsnorm_forward(const void* x, const void* delta, const void* weight, void* h, void* y, float* rstd,
+                         int64_t rows, int64_t cols, float eps, cudaStream_t stream);
+// The backward of both outputs at once: dx = dres + d RMSNorm(h) / dh . dy, rounded to bf16 once
+// (dres: the gradient of h itself, from the residual path; null counts as zeros). It is the
+// gradient of x and of delta alike. x here is the forward's h; dweight as in rmsnorm_backward.
+void add_rmsnorm_backward(const void* dy, const void* dres, const void* x, const void* weight, const float* rstd,
+                          void* dx, float* dweight, float* workspace, int64_t rows, int64_t cols, cudaStream_t stream);
+
 // ---- Rotary embeddings, HF's rotate_half convention, for q (tokens, heads_q, head_dim) and
 // k (tokens, heads_k, head_dim) in one launch: out = x * cos + rotate_half(x) * sin with
 // rotate_half(x) = cat(-x[D/2:], x[:D/2]). cos, sin: fp32 (tokens, head_dim) as core/rope.h makes

@@ -5,7 +5,8 @@
 // for the outputs and every gradient (the convention of test/gpu/ffa_check.py). Then tiny Llamas'
 // loss and parameter gradients (bf16, with and without the fused ops, against the fp32 model) by the
 // same rule in whole-tensor norms with atol 5e-3 * |g|, plus cosine > 0.99, and activation
-// checkpointing must not change the fused gradients. Tagged [gpu].
+// checkpointing must not change the fused gradients. The fused residual add + RMSNorm must also give
+// torch's bf16 add and the plain fused norm bit for bit. Tagged [gpu].
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
@@ -13,6 +14,8 @@
 #include <cmath>
 #include <map>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "core/attention_backend.h"
 #include "core/attention_spec.h"
@@ -109,6 +112,90 @@ TEST_CASE("fused RMSNorm forward and backward match the torch composite", "[gpu]
   CHECK_FALSE(fused_rmsnorm(at::randn({3, 64}).to(at::kBFloat16), at::ones({64}).to(at::kBFloat16), 1e-5).defined());
   fused_ops_set_enabled(false);
   CHECK_FALSE(fused_rmsnorm(x3, w3, 1e-5).defined());
+}
+
+TEST_CASE("fused residual add + RMSNorm matches x + delta then the norm, forward and backward", "[gpu][fused]") {
+  FusedSwitch restore;
+  at::manual_seed(16);
+  for (int64_t rows : {1, 37, 1031}) {
+    for (int64_t cols : {64, 2048, 2056, 8192}) {
+      INFO("rows " << rows << " cols " << cols);
+      const at::Tensor x = (at::randn({rows, cols}, cuda(at::kFloat)) * 3 + 0.5).to(at::kBFloat16);
+      const at::Tensor delta = (at::randn({rows, cols}, cuda(at::kFloat)) * 0.7).to(at::kBFloat16);
+      const at::Tensor w = (1 + 0.2 * at::randn({cols}, cuda(at::kFloat))).to(at::kBFloat16);
+      const at::Tensor dh = at::randn({rows, cols}, cuda(at::kFloat)).to(at::kBFloat16);
+      const at::Tensor dy = at::randn({rows, cols}, cuda(at::kFloat)).to(at::kBFloat16);
+      struct Out {
+        at::Tensor h, y, dx, ddelta, dw;
+      };
+      // use_h / use_y: which outputs reach the loss (the last layer's h reaches only the final norm).
+      auto run = [&](at::ScalarType dt, bool fused, bool use_h, bool use_y) {
+        fused_ops_set_enabled(fused);
+        RMSNorm norm(cols, 1e-5);
+        norm->to(at::kCUDA, dt);
+        {
+          torch::NoGradGuard no_grad;
+          norm->weight.copy_(w);
+        }
+        at::Tensor xl = leaf(x, dt), dl = leaf(delta, dt), h, y;
+        if (fused) {
+          std::tie(h, y) = fused_add_rmsnorm(xl, dl, norm->weight, 1e-5);
+          REQUIRE(h.defined());
+          REQUIRE(y.defined());
+        } else {
+          h = xl + dl;
+          y = norm->forward(h);
+        }
+        std::vector<at::Tensor> outs, grads;
+        if (use_h) outs.push_back(h), grads.push_back(dh.to(dt));
+        if (use_y) outs.push_back(y), grads.push_back(dy.to(dt));
+        torch::autograd::backward(outs, grads);
+        return Out{h.detach(), y.detach(), xl.grad(), dl.grad(), norm->weight.grad()};
+      };
+      const Out f = run(at::kBFloat16, true, true, true), c = run(at::kBFloat16, false, true, true),
+                r = run(at::kFloat, false, true, true);
+      // h is torch's bf16 add bit for bit, and y the plain fused norm of it bit for bit (activation
+      // checkpointing recomputes a layer's normed input with the plain norm).
+      CHECK(at::equal(f.h, c.h));
+      fused_ops_set_enabled(true);
+      CHECK(at::equal(f.y, fused_rmsnorm(c.h, w, 1e-5)));
+      check_2x("y", f.y, c.y, r.y);
+      check_2x("dx", f.dx, c.dx, r.dx);
+      CHECK(at::equal(f.dx, f.ddelta));
+      check_2x("ddelta", f.ddelta, c.ddelta, r.ddelta);
+      check_2x("dweight", f.dw, c.dw, r.dw);
+      // Only y reaches the loss: the plain fused norm's backward of h, bit for bit.
+      const Out fy = run(at::kBFloat16, true, false, true);
+      {
+        fused_ops_set_enabled(true);
+        RMSNorm norm(cols, 1e-5);
+        norm->to(at::kCUDA, at::kBFloat16);
+        {
+          torch::NoGradGuard no_grad;
+          norm->weight.copy_(w);
+        }
+        at::Tensor hl = leaf(c.h, at::kBFloat16);
+        norm->forward(hl).backward(dy);
+        CHECK(at::equal(fy.dx, hl.grad()));
+        CHECK(at::equal(fy.ddelta, hl.grad()));
+        CHECK(at::equal(fy.dw, norm->weight.grad()));
+      }
+      // Only h reaches the loss: both inputs get dh, the weight nothing.
+      const Out fh = run(at::kBFloat16, true, true, false);
+      CHECK(at::equal(fh.dx, dh));
+      CHECK(at::equal(fh.ddelta, dh));
+      CHECK((!fh.dw.defined() || fh.dw.abs().max().item<float>() == 0.f));
+    }
+  }
+  // Inputs the kernel does not take fall back (undefined: the caller adds and norms itself).
+  fused_ops_set_enabled(true);
+  const at::Tensor a = at::randn({3, 64}, cuda(at::kBFloat16)), w = at::ones({64}, cuda(at::kBFloat16));
+  CHECK(fused_add_rmsnorm(a, a, w, 1e-5).first.defined());
+  CHECK_FALSE(fused_add_rmsnorm(a, at::randn({2, 64}, cuda(at::kBFloat16)), w, 1e-5).first.defined());
+  CHECK_FALSE(fused_add_rmsnorm(a.to(at::kFloat), a.to(at::kFloat), w.to(at::kFloat), 1e-5).first.defined());
+  CHECK_FALSE(fused_add_rmsnorm(a.cpu(), a.cpu(), w.cpu(), 1e-5).first.defined());
+  fused_ops_set_enabled(false);
+  CHECK_FALSE(fused_add_rmsnorm(a, a, w, 1e-5).first.defined());
 }
 
 TEST_CASE("fused RoPE of q and k matches rope_apply, forward and backward", "[gpu][fused]") {
