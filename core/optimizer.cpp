@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <unordered_set>
 
 #include "core/errors.h"
@@ -81,16 +82,42 @@ FlatAdamW::FlatAdamW(const std::vector<std::pair<std::string, at::Tensor>>& name
 
 void FlatAdamW::zero_grad() {
   // Fused: the first accumulate_grads overwrites grad_, and the model-dtype gradients are zero
-  // already (every accumulate_grads leaves them so; autograd only adds into them in between).
+  // already (every accumulate_grads leaves them so, and so does every direct step that applied;
+  // autograd only adds into them in between).
   if (fused_ && low_precision_) {
     grad_stale_ = true;
+#ifdef FLEXCP_OPTIMIZER_FUSED
+    if (grad_in_model_) model_grad_flat_.zero_();  // a direct gradient no step used
+    else if (direct_skip_.defined()) fused_zero_if(model_grad_flat_, direct_skip_);  // one a skipped step left
+#endif
+    grad_in_model_ = direct_stepped_ = false;
+    direct_skip_ = at::Tensor();
     return;
   }
   grad_.zero_();
   if (low_precision_) model_grad_flat_.zero_();
 }
 
+void FlatAdamW::set_single_micro_batch(bool on) {
+  const char* env = std::getenv("FLEXCP_OPTIM_DIRECT_GRADS");
+  const bool allowed = fused_ && low_precision_ && !(env && std::strcmp(env, "0") == 0);
+  if (direct_ && !(on && allowed)) grad_flat();  // settles a pending direct gradient into grad_
+  direct_ = on && allowed;
+}
+
 at::Tensor& FlatAdamW::grad_flat() {
+#ifdef FLEXCP_OPTIMIZER_FUSED
+  if (grad_in_model_) {  // direct: the fp32 copy now; the step then reads it
+    fused_grads_accumulate(grad_, model_grad_flat_, /*overwrite=*/true);
+    grad_in_model_ = grad_stale_ = false;
+    return grad_;
+  }
+  if (direct_stepped_) {  // what the direct step left: its gradient where it was skipped, else zeros
+    grad_.copy_(model_grad_flat_);
+    grad_stale_ = false;
+    return grad_;
+  }
+#endif
   if (grad_stale_) {
     grad_.zero_();
     grad_stale_ = false;
@@ -111,6 +138,12 @@ void FlatAdamW::accumulate_grads() {
     fp.param.mutable_grad() = view;
   }
   if (!low_precision_) return;
+  if (grad_in_model_)
+    throw std::logic_error("FlatAdamW: a second micro-batch in one step with set_single_micro_batch on");
+  if (direct_ && grad_stale_) {  // the step's only micro-batch: its gradient stays where autograd put it
+    grad_in_model_ = true;
+    return;
+  }
 #ifdef FLEXCP_OPTIMIZER_FUSED
   if (fused_) {
     fused_grads_accumulate(grad_, model_grad_flat_, grad_stale_);
@@ -124,7 +157,10 @@ void FlatAdamW::accumulate_grads() {
 
 at::Tensor FlatAdamW::clip_grad_norm(double max_norm) {
   at::NoGradGuard no_grad;
-  auto norm = grad_flat().norm(2);  // one read pass: torch's reduction runs at about memory bandwidth
+  // One read pass: torch's reduction runs at about memory bandwidth. A direct gradient is read in
+  // bf16 and summed in fp32 (one kernel, no fp32 copy).
+  auto norm = grad_in_model_ ? at::linalg_vector_norm(model_grad_flat_, 2, c10::nullopt, false, at::kFloat)
+                             : grad_flat().norm(2);
   // A non-finite norm leaves the gradient as it is (no host sync to test it): scaling by NaN or 0
   // would hide which parameters went bad, and the trainer's numerics guard drops such a step anyway.
   clip_scale_ = max_norm > 0 ? at::where(at::isfinite(norm), (max_norm / (norm + 1e-6)).clamp_max(1.0), at::ones_like(norm))
@@ -134,12 +170,19 @@ at::Tensor FlatAdamW::clip_grad_norm(double max_norm) {
 
 void FlatAdamW::step(double lr, const at::Tensor& skip) {
   at::NoGradGuard no_grad;
-  grad_flat();  // settles a stale gradient (step without accumulate_grads)
+  if (!grad_in_model_) grad_flat();  // settles a stale gradient (step without accumulate_grads)
 #ifdef FLEXCP_OPTIMIZER_FUSED
   if (fused_) {
     const AdamWScalars s = adamw_scalars(hyper_, lr, steps_ + 1);
-    fused_adamw_step(master_, exp_avg_, exp_avg_sq_, grad_, low_precision_ ? model_flat_ : at::Tensor(),
-                     hyper_.weight_decay != 0 ? decay_numel_ : 0, s, clip_scale_, skip);
+    // Direct: the kernel reads the bf16 gradient and zeroes it (unless skip is set).
+    fused_adamw_step(master_, exp_avg_, exp_avg_sq_, grad_in_model_ ? model_grad_flat_ : grad_,
+                     low_precision_ ? model_flat_ : at::Tensor(), hyper_.weight_decay != 0 ? decay_numel_ : 0, s,
+                     clip_scale_, skip);
+    if (grad_in_model_) {
+      grad_in_model_ = false;
+      direct_stepped_ = true;
+      direct_skip_ = skip;
+    }
   } else
 #endif
   {

@@ -49,6 +49,16 @@ class FlatAdamW {
   // After each micro-batch's backward: moves low-precision parameter gradients into the fp32
   // buffer (nothing to do for fp32 models, whose gradients are views of it).
   void accumulate_grads();
+  // For steps of exactly one micro-batch and no gradient all-reduce (one rank): on the fused
+  // low-precision path the fp32 gradient buffer is then skipped. accumulate_grads() moves nothing,
+  // clip_grad_norm() and step() read the model's bf16 gradients (the same update bit for bit: the
+  // fp32 buffer would hold them converted exactly), and step() zeroes them for the next backward.
+  // grad_flat() still gives the fp32 gradient: reading it makes the copy, which the step then uses.
+  // A no-op elsewhere (CPU, fp32 models, FLEXCP_OPTIM_FUSED=0) and with FLEXCP_OPTIM_DIRECT_GRADS=0.
+  // While on, a second accumulate_grads() in one step throws (autograd would have summed the
+  // micro-batches in bf16).
+  void set_single_micro_batch(bool on);
+  bool direct_grads() const { return direct_; }
   // Global L2 norm of the gradient and the factor that brings it to at most max_norm (0: no
   // clipping); the next step() applies the factor (the gradient buffer itself is left as it is).
   // Returns the norm before clipping, on the device (no host sync).
@@ -84,6 +94,11 @@ class FlatAdamW {
   // Fused low-precision path: zero_grad() leaves grad_ to the first accumulate_grads, which
   // overwrites it (one pass fewer); grad_flat() zeroes it if read before that.
   bool grad_stale_ = false;
+  // set_single_micro_batch on the fused low-precision path:
+  bool direct_ = false;
+  bool grad_in_model_ = false;   // this step's gradient is in model_grad_flat_ only (no fp32 copy yet)
+  bool direct_stepped_ = false;  // the last step read model_grad_flat_ (and zeroed it unless skipped)
+  at::Tensor direct_skip_;       // that step's device skip flag: where set, model_grad_flat_ still holds its gradient
   at::Tensor clip_scale_;    // fp32 scalar from clip_grad_norm, used and dropped by the next step()
   at::Tensor master_, grad_, exp_avg_, exp_avg_sq_;  // fp32, flat
   at::Tensor model_flat_, model_grad_flat_;          // model dtype, flat (low precision only)

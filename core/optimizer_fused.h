@@ -23,9 +23,14 @@ struct AdamWScalars {
 
 // master, exp_avg, exp_avg_sq, grad: flat fp32 CUDA tensors of one size; model: the flat bf16 copy
 // to refresh, or undefined. grad_scale (fp32) and skip (bool): device scalars, or undefined.
-void fused_adamw_step(at::Tensor& master, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& grad,
+// grad may instead be the model's flat bf16 gradient: the step then reads it as fp32 (the same update
+// bit for bit as from its fp32 copy) and zeroes it, unless skip is set.
+void fused_adamw_step(at::Tensor& master, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& grad,
                       const at::Tensor& model, int64_t decay_numel, const AdamWScalars& s,
                       const at::Tensor& grad_scale, const at::Tensor& skip);
+
+// buf (flat bf16) = 0 where the device flag (bool scalar) is true, without a host sync.
+void fused_zero_if(at::Tensor& buf, const at::Tensor& flag);
 
 // grad (fp32) (+)= model_grad (bf16), then model_grad = 0; overwrite: grad = model_grad.
 void fused_grads_accumulate(at::Tensor& grad, at::Tensor& model_grad, bool overwrite);

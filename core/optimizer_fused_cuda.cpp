@@ -19,14 +19,15 @@ uint16_t* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.d
 
 }  // namespace
 
-void fused_adamw_step(at::Tensor& master, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& grad,
+void fused_adamw_step(at::Tensor& master, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& grad,
                       const at::Tensor& model, int64_t decay_numel, const AdamWScalars& s,
                       const at::Tensor& grad_scale, const at::Tensor& skip) {
   const int64_t n = master.numel();
   check_flat(master, at::kFloat, n, "master");
   check_flat(exp_avg, at::kFloat, n, "exp_avg");
   check_flat(exp_avg_sq, at::kFloat, n, "exp_avg_sq");
-  check_flat(grad, at::kFloat, n, "grad");
+  const bool bf16_grad = grad.scalar_type() == at::kBFloat16;
+  check_flat(grad, bf16_grad ? at::kBFloat16 : at::kFloat, n, "grad");
   if (model.defined()) check_flat(model, at::kBFloat16, n, "model");
   if (grad_scale.defined()) check_flat(grad_scale, at::kFloat, 1, "grad_scale");
   if (skip.defined()) check_flat(skip, at::kBool, 1, "skip");
@@ -35,7 +36,10 @@ void fused_adamw_step(at::Tensor& master, at::Tensor& exp_avg, at::Tensor& exp_a
   a.master = master.data_ptr<float>();
   a.exp_avg = exp_avg.data_ptr<float>();
   a.exp_avg_sq = exp_avg_sq.data_ptr<float>();
-  a.grad = grad.data_ptr<float>();
+  if (bf16_grad)
+    a.grad_bf16 = bf16_ptr(grad);
+  else
+    a.grad = grad.data_ptr<float>();
   a.model = model.defined() ? bf16_ptr(model) : nullptr;
   a.numel = n;
   a.decay_numel = decay_numel;
@@ -54,10 +58,18 @@ void fused_adamw_step(at::Tensor& master, at::Tensor& exp_avg, at::Tensor& exp_a
 
 void fused_grads_accumulate(at::Tensor& grad, at::Tensor& model_grad, bool overwrite) {
   const int64_t n = grad.numel();
-  check_flat(grad, at::kFloat, n, "grad");
+  const bool bf16_grad = grad.scalar_type() == at::kBFloat16;
+  check_flat(grad, bf16_grad ? at::kBFloat16 : at::kFloat, n, "grad");
   check_flat(model_grad, at::kBFloat16, n, "model_grad");
   c10::cuda::CUDAGuard guard(grad.device());
   optim::grads_accumulate(grad.data_ptr<float>(), bf16_ptr(model_grad), n, overwrite, at::cuda::getCurrentCUDAStream());
+}
+
+void fused_zero_if(at::Tensor& buf, const at::Tensor& flag) {
+  check_flat(buf, at::kBFloat16, buf.numel(), "buf");
+  check_flat(flag, at::kBool, 1, "flag");
+  c10::cuda::CUDAGuard guard(buf.device());
+  optim::zero_bf16_if(bf16_ptr(buf), buf.numel(), flag.data_ptr<bool>(), at::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace flexcp

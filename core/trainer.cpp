@@ -163,6 +163,9 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
     model->set_attention_backend(make_attention_backend(cfg.parallel.attention));
   model->train();
   FlatAdamW opt(model->named_parameters().pairs(), {t.beta1, t.beta2, t.eps, t.weight_decay});
+  // One micro-batch per step on one rank: no fp32 gradient copy (the `accumulate grads` pass); the
+  // update reads the model's bf16 gradients. More micro-batches or ranks sum them in fp32.
+  opt.set_single_micro_batch(dn.grad_accum == 1 && rt.world == 1);
 
   // Resume: weights (fp32 master), moments and the step; the data order is a function of the step.
   int64_t start_step = 0;

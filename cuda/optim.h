@@ -19,6 +19,9 @@ struct AdamWStep {
   float* exp_avg = nullptr;     // fp32 first moment
   float* exp_avg_sq = nullptr;  // fp32 second moment
   const float* grad = nullptr;  // fp32 gradient (not modified)
+  // Or, instead of grad: the model's bf16 gradient (one micro-batch, no fp32 copy). The step zeroes
+  // it after reading, so the next backward accumulates into zeros; a skipped step leaves it as is.
+  uint16_t* grad_bf16 = nullptr;
   uint16_t* model = nullptr;    // bf16 copy of the new weights (the model's parameters), or null
   int64_t numel = 0;
   int64_t decay_numel = 0;      // weight decay applies to elements [0, decay_numel)
@@ -34,8 +37,13 @@ struct AdamWStep {
   const bool* skip = nullptr;         // true: leave every buffer untouched (non-finite step)
 };
 
-// One AdamW step (PyTorch's math: decoupled weight decay, bias correction).
+// One AdamW step (PyTorch's math: decoupled weight decay, bias correction). With grad_bf16 the
+// update is bit for bit the one from grad = float(grad_bf16).
 void adamw_step(const AdamWStep& s, cudaStream_t stream);
+
+// buf[0, numel) = 0 (bf16) when *flag is true; nothing when false (the kernel reads the flag, so the
+// host need not know it).
+void zero_bf16_if(uint16_t* buf, int64_t numel, const bool* flag, cudaStream_t stream);
 
 // grad (+)= float(model_grad), then model_grad = 0: moves one micro-batch's bf16 gradients into the
 // fp32 accumulator and readies them for the next backward. overwrite: grad = float(model_grad)

@@ -51,8 +51,9 @@ __device__ __forceinline__ void store_bf16(uint16_t* p, const float (&x)[V]) {
 }
 
 // The same operations in the same order as the torch-op path of FlatAdamW::step, so the two agree
-// to rounding (fp32, IEEE division and square root: no fast math in this library).
-template <int V>
+// to rounding (fp32, IEEE division and square root: no fast math in this library). BF16_GRAD reads
+// s.grad_bf16 (converted exactly to fp32) instead of s.grad and zeroes it.
+template <int V, bool BF16_GRAD>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStep s, int64_t groups) {
   if (s.skip && *s.skip) return;
   const float scale = s.grad_scale ? *s.grad_scale : 1.f;
@@ -63,7 +64,13 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStep s, int64_t gr
     load<V>(s.master + i, w);
     load<V>(s.exp_avg + i, m);
     load<V>(s.exp_avg_sq + i, v);
-    load<V>(s.grad + i, g);
+    if constexpr (BF16_GRAD) {
+      load_bf16<V>(s.grad_bf16 + i, g);
+      const float zero[V] = {};
+      store_bf16<V>(s.grad_bf16 + i, zero);
+    } else {
+      load<V>(s.grad + i, g);
+    }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const float gk = g[k] * scale;
@@ -78,6 +85,23 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStep s, int64_t gr
     store<V>(s.exp_avg_sq + i, v);
     if (s.model) store_bf16<V>(s.model + i, w);
   }
+}
+
+template <int V>
+void adamw_launch(const AdamWStep& s, int64_t groups, int grid, cudaStream_t stream) {
+  if (s.grad_bf16)
+    adamw_kernel<V, true><<<grid, kThreads, 0, stream>>>(s, groups);
+  else
+    adamw_kernel<V, false><<<grid, kThreads, 0, stream>>>(s, groups);
+}
+
+template <int V>
+__global__ void __launch_bounds__(kThreads) zero_if_kernel(uint16_t* buf, int64_t groups, const bool* flag) {
+  if (!*flag) return;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const float zero[V] = {};
+  for (int64_t gi = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; gi < groups; gi += stride)
+    store_bf16<V>(buf + gi * V, zero);
 }
 
 template <int V>
@@ -122,20 +146,35 @@ bool aligned(const void* p, uintptr_t bytes) { return p == nullptr || reinterpre
 void adamw_step(const AdamWStep& s, cudaStream_t stream) {
   if (s.numel <= 0) return;
   const bool vec = aligned(s.master, 16) && aligned(s.exp_avg, 16) && aligned(s.exp_avg_sq, 16) &&
-                   aligned(s.grad, 16) && aligned(s.model, 8);
+                   aligned(s.grad, 16) && aligned(s.grad_bf16, 8) && aligned(s.model, 8);
   const int64_t head = vec ? s.numel / 4 * 4 : 0;
   if (head > 0) {
-    adamw_kernel<4><<<grid_for(head / 4), kThreads, 0, stream>>>(s, head / 4);
+    adamw_launch<4>(s, head / 4, grid_for(head / 4), stream);
     check_launch("optim::adamw_step");
   }
   if (head < s.numel) {  // the tail (or everything, unaligned) one element per thread
     AdamWStep t = s;
-    t.master += head, t.exp_avg += head, t.exp_avg_sq += head, t.grad += head;
+    t.master += head, t.exp_avg += head, t.exp_avg_sq += head;
+    if (t.grad) t.grad += head;
+    if (t.grad_bf16) t.grad_bf16 += head;
     if (t.model) t.model += head;
     t.numel = s.numel - head;
     t.decay_numel = std::max<int64_t>(0, s.decay_numel - head);
-    adamw_kernel<1><<<grid_for(t.numel), kThreads, 0, stream>>>(t, t.numel);
+    adamw_launch<1>(t, t.numel, grid_for(t.numel), stream);
     check_launch("optim::adamw_step");
+  }
+}
+
+void zero_bf16_if(uint16_t* buf, int64_t numel, const bool* flag, cudaStream_t stream) {
+  if (numel <= 0) return;
+  const int64_t head = aligned(buf, 8) ? numel / 4 * 4 : 0;
+  if (head > 0) {
+    zero_if_kernel<4><<<grid_for(head / 4), kThreads, 0, stream>>>(buf, head / 4, flag);
+    check_launch("optim::zero_bf16_if");
+  }
+  if (head < numel) {
+    zero_if_kernel<1><<<grid_for(numel - head), kThreads, 0, stream>>>(buf + head, numel - head, flag);
+    check_launch("optim::zero_bf16_if");
   }
 }
 

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <limits>
 #include <map>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -96,6 +97,93 @@ TEST_CASE("fused AdamW matches the torch-op step: accumulate, clip, decay prefix
     for (const auto& p : gpu.params())
       CHECK(at::equal(p.param, g.at("master." + p.name).to(at::kBFloat16)));
   }
+}
+
+TEST_CASE("fused AdamW, one micro-batch: the bf16 gradients read directly give the fp32 path's update", "[gpu][optimizer]") {
+  // a: today's path (bf16 gradients summed into the fp32 buffer); b: set_single_micro_batch (no fp32
+  // copy). Same parameters and gradients; unclipped steps must agree bit for bit.
+  auto pa = make_params(at::Device(at::kCUDA, 0)), pb = make_params(at::Device(at::kCUDA, 0));
+  FlatAdamW a(pa, kHyper), b(pb, kHyper);
+  b.set_single_micro_batch(true);
+  REQUIRE(b.direct_grads());
+  REQUIRE_FALSE(a.direct_grads());
+  const auto on_cuda = at::TensorOptions(at::kBool).device(at::kCUDA);
+  auto backward = [&](double scale) {  // one micro-batch's gradients, added as autograd adds them
+    a.zero_grad();
+    b.zero_grad();
+    for (size_t i = 0; i < a.params().size(); ++i) {
+      const at::Tensor g = (at::randn(a.params()[i].param.sizes(), a.params()[i].param.options().dtype(at::kFloat)) * scale)
+                               .to(at::kBFloat16);
+      a.params()[i].param.mutable_grad().add_(g);
+      b.params()[i].param.mutable_grad().add_(g);
+    }
+    a.accumulate_grads();
+    b.accumulate_grads();
+  };
+  auto model_grads_zero = [](FlatAdamW& o) {
+    for (const auto& p : o.params())
+      if (p.param.grad().abs().max().item<float>() != 0.f) return false;
+    return true;
+  };
+  auto check_equal_state = [&](const std::string& when) {
+    const auto sa = snapshot(a), sb = snapshot(b);
+    for (const auto& [name, t] : sa) {
+      INFO(when << ": " << name);
+      CHECK(at::equal(sb.at(name), t));
+    }
+  };
+  at::manual_seed(21);
+  for (int step = 0; step < 4; ++step) {
+    INFO("step " << step);
+    backward(1e-3 * (1 + step));
+    // The fp32 buffer is skipped: the gradient is still in the model's bf16 buffer.
+    CHECK_FALSE(model_grads_zero(b));
+    const double na = a.clip_grad_norm(0).item<double>(), nb = b.clip_grad_norm(0).item<double>();
+    CHECK(nb == Approx(na).epsilon(1e-6));
+    a.step(1e-2 / (1 + step));
+    b.step(1e-2 / (1 + step));
+    check_equal_state("unclipped step " + std::to_string(step));
+    CHECK(model_grads_zero(b));  // the step zeroed them for the next backward
+  }
+  // A skipped step (device flag) leaves weights, moments and b's bf16 gradient as they were; the
+  // gradient reads back through grad_flat(), and the next zero_grad clears it.
+  backward(2e-3);
+  const auto before = snapshot(b);
+  a.clip_grad_norm(0);
+  b.clip_grad_norm(0);
+  a.step(1e-2, at::ones({}, on_cuda));
+  b.step(1e-2, at::ones({}, on_cuda));
+  for (const auto& [name, t] : snapshot(b)) CHECK(at::equal(t, before.at(name)));
+  CHECK(at::equal(b.grad_flat(), a.grad_flat()));
+  a.uncount_step();
+  b.uncount_step();
+  b.zero_grad();
+  CHECK(model_grads_zero(b));
+  // Reading grad_flat() mid-step (as the numerics guard's injection does) moves the gradient to the
+  // fp32 buffer; the step then takes it from there: still the same update.
+  backward(3e-3);
+  CHECK(at::equal(b.grad_flat(), a.grad_flat()));
+  CHECK(model_grads_zero(b));
+  a.clip_grad_norm(0);
+  b.clip_grad_norm(0);
+  a.step(5e-3);
+  b.step(5e-3);
+  check_equal_state("step after grad_flat()");
+  // Clipping: the norms come from different reductions (bf16 read in fp32 vs fp32), so the factor may
+  // differ in its last bit: close, not equal.
+  backward(4e-3);
+  const double na = a.clip_grad_norm(0.5).item<double>(), nb = b.clip_grad_norm(0.5).item<double>();
+  REQUIRE(na > 0.5);
+  CHECK(nb == Approx(na).epsilon(1e-6));
+  a.step(5e-3);
+  b.step(5e-3);
+  const auto sa = a.state_tensors(), sb = b.state_tensors();
+  for (const auto& [name, t] : sa) check_close(sb.at(name), t, 1e-5, name);
+  // A second micro-batch in one step is an error on the direct path (autograd summed them in bf16).
+  backward(1e-3);
+  CHECK_THROWS_AS(b.accumulate_grads(), std::logic_error);
+  b.zero_grad();
+  CHECK(model_grads_zero(b));
 }
 
 TEST_CASE("fused AdamW: a device skip flag leaves everything untouched, a clear one steps", "[gpu][optimizer]") {
