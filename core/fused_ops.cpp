@@ -20,6 +20,13 @@ std::pair<at::Tensor, at::Tensor> fused_rope(const at::Tensor&, const at::Tensor
 
 at::Tensor fused_swiglu(const at::Tensor&, const at::Tensor&) { return {}; }
 
+std::vector<at::Tensor> fused_qkv_rope(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const RopeCosSin&, int64_t, int64_t, int64_t) {
+  return {};
+}
+
+at::Tensor fused_gate_up_swiglu(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return {}; }
+
 at::Tensor fused_cross_entropy_sum(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t) {
   return {};
 }

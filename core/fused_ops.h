@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <utility>
+#include <vector>
 
 #include "core/rope.h"
 
@@ -32,6 +33,18 @@ std::pair<at::Tensor, at::Tensor> fused_rope(const at::Tensor& q, const at::Tens
 
 // silu(gate) * up.
 at::Tensor fused_swiglu(const at::Tensor& gate, const at::Tensor& up);
+
+// Projections as one GEMM where their weights are one matrix already: wk's rows start where wq's end
+// in one storage (and wv's where wk's end), as in the optimizer's flat bf16 model buffer. No copy of
+// the weights; elsewhere (separate tensors, as in a model without FlatAdamW) these do not apply.
+//
+// x (T, hidden) -> q (T, Hq, D), k and v (T, Hkv, D): rope_apply of x @ wq^T and x @ wk^T, and
+// x @ wv^T. Returns {} when it does not apply, else {q, k, v}.
+std::vector<at::Tensor> fused_qkv_rope(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& wk,
+                                       const at::Tensor& wv, const RopeCosSin& cs, int64_t heads_q, int64_t heads_kv,
+                                       int64_t head_dim);
+// x (T, hidden) -> silu(x @ wg^T) * (x @ wu^T), wu's rows after wg's.
+at::Tensor fused_gate_up_swiglu(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& wu);
 
 // The scalar fp32 sum of -log softmax(hidden @ weight^T)[label] over labels != ignore_index, as
 // chunked_cross_entropy computes it; labels are int64 on hidden's device and already validated.

@@ -12,6 +12,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "core/fused_ops.h"
 #include "cuda/train_kernels.h"
@@ -34,6 +35,14 @@ std::atomic<bool>& enabled_flag() {
 bool add_norm_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("FLEXCP_FUSED_ADD_NORM");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
+bool packed_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("FLEXCP_FUSED_PACKED");
     return v == nullptr || std::string(v) != "0";
   }();
   return on;
@@ -165,6 +174,91 @@ struct RopeFn : public torch::autograd::Function<RopeFn> {
     fused::rope_apply(gq.data_ptr(), gk.data_ptr(), dq.data_ptr(), dk.data_ptr(), cos.data_ptr<float>(),
                       sin.data_ptr<float>(), tokens, heads_q, heads_k, head_dim, /*inverse=*/true, stream());
     return {dq, dk, at::Tensor(), at::Tensor()};
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Packed projections: q|k|v (with RoPE) and gate|up (with SwiGLU) as one GEMM each, forward and
+// backward (dx and dW), on weights that are one matrix already (rows_follow). The weight gradients
+// go out as row blocks of the one dW, and x's gradient needs no sum over three or two GEMMs.
+
+// Whether b's rows follow a's in one storage: [a; b] is then one matrix, with no copy.
+bool rows_follow(const at::Tensor& a, const at::Tensor& b) {
+  return a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.is_contiguous() && b.is_contiguous() &&
+         a.scalar_type() == b.scalar_type() && a.device() == b.device() &&
+         a.storage().unsafeGetStorageImpl() == b.storage().unsafeGetStorageImpl() &&
+         b.storage_offset() == a.storage_offset() + a.numel();
+}
+
+// `rows` rows from first's on, as one (rows, cols) matrix over first's storage (rows_follow holds).
+at::Tensor stacked_rows(const at::Tensor& first, int64_t rows) {
+  return first.detach().as_strided({rows, first.size(1)}, {first.size(1), 1}, first.storage_offset());
+}
+
+struct QkvRopeFn : public torch::autograd::Function<QkvRopeFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& wq, const at::Tensor& wk,
+                               const at::Tensor& wv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads_q,
+                               int64_t heads_kv, int64_t head_dim) {
+    c10::cuda::CUDAGuard guard(x_in.device());
+    const at::Tensor x = dense(x_in);
+    const int64_t tokens = x.size(0), rows = wq.size(0) + wk.size(0) + wv.size(0);
+    const at::Tensor qkv = at::mm(x, stacked_rows(wq, rows).t());  // (tokens, rows)
+    at::Tensor q = at::empty({tokens, heads_q, head_dim}, x.options());
+    at::Tensor k = at::empty({tokens, heads_kv, head_dim}, x.options());
+    at::Tensor v = at::empty({tokens, heads_kv, head_dim}, x.options());
+    fused::rope_qkv_forward(qkv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr<float>(),
+                            sin.data_ptr<float>(), tokens, heads_q, heads_kv, head_dim, stream());
+    ctx->save_for_backward({x, wq, cos, sin});
+    ctx->saved_data["heads_q"] = heads_q;
+    ctx->saved_data["heads_kv"] = heads_kv;
+    return {q, k, v};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &wq = saved[1], &cos = saved[2], &sin = saved[3];
+    c10::cuda::CUDAGuard guard(x.device());
+    const int64_t tokens = x.size(0), head_dim = cos.size(1);
+    const int64_t heads_q = ctx->saved_data["heads_q"].toInt(), heads_kv = ctx->saved_data["heads_kv"].toInt();
+    const int64_t nq = heads_q * head_dim, nkv = heads_kv * head_dim, rows = nq + 2 * nkv;
+    // Outputs that did not reach the loss come as zeros (materialized grads).
+    const at::Tensor dq = dense(grad_out[0].to(at::kBFloat16)), dk = dense(grad_out[1].to(at::kBFloat16)),
+                     dv = dense(grad_out[2].to(at::kBFloat16));
+    at::Tensor dqkv = at::empty({tokens, rows}, x.options());
+    fused::rope_qkv_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dqkv.data_ptr(), cos.data_ptr<float>(),
+                             sin.data_ptr<float>(), tokens, heads_q, heads_kv, head_dim, stream());
+    const at::Tensor dx = at::mm(dqkv, stacked_rows(wq, rows));
+    const at::Tensor dw = at::mm(dqkv.t(), x);  // (rows, hidden)
+    return {dx,          dw.narrow(0, 0, nq), dw.narrow(0, nq, nkv), dw.narrow(0, nq + nkv, nkv), at::Tensor(),
+            at::Tensor(), at::Tensor(),       at::Tensor(),          at::Tensor()};
+  }
+};
+
+struct GateUpSwiGLUFn : public torch::autograd::Function<GateUpSwiGLUFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& wg, const at::Tensor& wu) {
+    c10::cuda::CUDAGuard guard(x_in.device());
+    const at::Tensor x = dense(x_in);
+    const int64_t tokens = x.size(0), inner = wg.size(0);
+    const at::Tensor y = at::mm(x, stacked_rows(wg, 2 * inner).t());  // (tokens, 2 * inner): gate | up
+    at::Tensor h = at::empty({tokens, inner}, x.options());
+    fused::swiglu_forward_rows(y.data_ptr(), y.narrow(1, inner, inner).data_ptr(), 2 * inner, h.data_ptr(), tokens,
+                               inner, stream());
+    ctx->save_for_backward({x, wg, y});
+    return h;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &wg = saved[1], &y = saved[2];
+    c10::cuda::CUDAGuard guard(x.device());
+    const int64_t tokens = x.size(0), inner = wg.size(0);
+    const at::Tensor dh = dense(grad_out[0].to(at::kBFloat16));
+    at::Tensor dy = at::empty({tokens, 2 * inner}, x.options());
+    fused::swiglu_backward_rows(dh.data_ptr(), y.data_ptr(), y.narrow(1, inner, inner).data_ptr(), 2 * inner,
+                                dy.data_ptr(), dy.narrow(1, inner, inner).data_ptr(), tokens, inner, stream());
+    const at::Tensor dx = at::mm(dy, stacked_rows(wg, 2 * inner));
+    const at::Tensor dw = at::mm(dy.t(), x);  // (2 * inner, hidden)
+    return {dx, dw.narrow(0, 0, inner), dw.narrow(0, inner, inner)};
   }
 };
 
@@ -339,18 +433,46 @@ std::pair<at::Tensor, at::Tensor> fused_add_rmsnorm(const at::Tensor& x, const a
   return {out[0], out[1]};
 }
 
+namespace {
+
+// A cos or sin table the rope kernels take: fp32 (tokens, head_dim), dense, aligned, on the device.
+bool rope_table_ok(const at::Tensor& t, int64_t tokens, int64_t head_dim, const at::Device& device) {
+  return t.defined() && t.scalar_type() == at::kFloat && t.device() == device && !t.requires_grad() && t.dim() == 2 &&
+         t.size(0) == tokens && t.size(1) == head_dim && t.is_contiguous() &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+}  // namespace
+
 std::pair<at::Tensor, at::Tensor> fused_rope(const at::Tensor& q, const at::Tensor& k, const RopeCosSin& cs) {
-  const auto f32_table = [&](const at::Tensor& t) {
-    return t.defined() && t.scalar_type() == at::kFloat && t.device() == q.device() && !t.requires_grad() &&
-           t.dim() == 2 && t.size(0) == q.size(0) && t.size(1) == q.size(2) && t.is_contiguous() &&
-           reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  };
   if (!fused_ops_enabled() || !bf16_cuda(q) || !bf16_cuda(k) || q.dim() != 3 || k.dim() != 3 ||
       q.device() != k.device() || q.size(0) != k.size(0) || q.size(2) != k.size(2) ||
-      !fused::rope_supported(q.size(2)) || !f32_table(cs.cos) || !f32_table(cs.sin))
+      !fused::rope_supported(q.size(2)) || !rope_table_ok(cs.cos, q.size(0), q.size(2), q.device()) ||
+      !rope_table_ok(cs.sin, q.size(0), q.size(2), q.device()))
     return {};
   variable_list out = RopeFn::apply(q, k, cs.cos, cs.sin);
   return {out[0], out[1]};
+}
+
+std::vector<at::Tensor> fused_qkv_rope(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& wk,
+                                       const at::Tensor& wv, const RopeCosSin& cs, int64_t heads_q, int64_t heads_kv,
+                                       int64_t head_dim) {
+  if (!fused_ops_enabled() || !packed_enabled() || !bf16_cuda(x) || !bf16_cuda(wq) || x.dim() != 2 ||
+      x.size(0) == 0 || wq.dim() != 2 || x.size(1) != wq.size(1) || x.device() != wq.device() ||
+      !fused::rope_supported(head_dim) || heads_q <= 0 || heads_kv <= 0 || wq.size(0) != heads_q * head_dim ||
+      wk.dim() != 2 || wk.size(0) != heads_kv * head_dim || wv.dim() != 2 || wv.size(0) != heads_kv * head_dim ||
+      !rows_follow(wq, wk) || !rows_follow(wk, wv) || !rope_table_ok(cs.cos, x.size(0), head_dim, x.device()) ||
+      !rope_table_ok(cs.sin, x.size(0), head_dim, x.device()))
+    return {};
+  return QkvRopeFn::apply(x, wq, wk, wv, cs.cos, cs.sin, heads_q, heads_kv, head_dim);
+}
+
+at::Tensor fused_gate_up_swiglu(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& wu) {
+  if (!fused_ops_enabled() || !packed_enabled() || !bf16_cuda(x) || !bf16_cuda(wg) || x.dim() != 2 ||
+      x.size(0) == 0 || wg.dim() != 2 || x.size(1) != wg.size(1) || x.device() != wg.device() ||
+      wu.dim() != 2 || wu.size(0) != wg.size(0) || !rows_follow(wg, wu))
+    return {};
+  return GateUpSwiGLUFn::apply(x, wg, wu);
 }
 
 at::Tensor fused_swiglu(const at::Tensor& gate, const at::Tensor& up) {

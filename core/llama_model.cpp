@@ -67,15 +67,23 @@ LlamaAttentionImpl::LlamaAttentionImpl(const LlamaArch& a)
 at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const RopeCosSin& rope, const AttentionSpec& spec,
                                        AttentionBackend& backend) {
   const int64_t T = x.size(0);
-  at::Tensor q = q_proj->forward(x).view({T, num_heads, head_dim});
-  at::Tensor k = k_proj->forward(x).view({T, num_kv_heads, head_dim});
-  at::Tensor v = v_proj->forward(x).view({T, num_kv_heads, head_dim});
-  if (auto qk = fused_rope(q, k, rope); qk.first.defined()) {  // CUDA bf16: q and k in one kernel
-    q = qk.first;
-    k = qk.second;
+  at::Tensor q, k, v;
+  // CUDA bf16 with the weights in one buffer (FlatAdamW's): one GEMM for q|k|v, RoPE in one kernel.
+  if (auto qkv = fused_qkv_rope(x, q_proj->weight, k_proj->weight, v_proj->weight, rope, num_heads, num_kv_heads,
+                                head_dim);
+      !qkv.empty()) {
+    q = qkv[0], k = qkv[1], v = qkv[2];
   } else {
-    q = rope_apply(q, rope);
-    k = rope_apply(k, rope);
+    q = q_proj->forward(x).view({T, num_heads, head_dim});
+    k = k_proj->forward(x).view({T, num_kv_heads, head_dim});
+    v = v_proj->forward(x).view({T, num_kv_heads, head_dim});
+    if (auto qk = fused_rope(q, k, rope); qk.first.defined()) {  // CUDA bf16: q and k in one kernel
+      q = qk.first;
+      k = qk.second;
+    } else {
+      q = rope_apply(q, rope);
+      k = rope_apply(k, rope);
+    }
   }
   at::Tensor out = backend.attend(q, k, v, spec, 1.0 / std::sqrt(static_cast<double>(head_dim)));
   return o_proj->forward(out.reshape({T, num_heads * head_dim}));
@@ -88,6 +96,9 @@ LlamaMLPImpl::LlamaMLPImpl(const LlamaArch& a) {
 }
 
 at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
+  // CUDA bf16 with the weights in one buffer (FlatAdamW's): one GEMM for gate|up, then SwiGLU.
+  if (at::Tensor h = fused_gate_up_swiglu(x, gate_proj->weight, up_proj->weight); h.defined())
+    return down_proj->forward(h);
   const at::Tensor gate = gate_proj->forward(x), up = up_proj->forward(x);
   at::Tensor h = fused_swiglu(gate, up);  // CUDA bf16 (core/fused_ops.h)
   if (!h.defined()) h = at::silu(gate) * up;

@@ -55,6 +55,79 @@ __global__ void rope_kernel(const bf16* __restrict__ q_in, const bf16* __restric
   store_bf16<8>(out + half + j, o2);
 }
 
+// One of q, k, v in rope_qkv: rows of heads * head_dim elements at a row stride (elements).
+struct QkvPart {
+  const bf16* in;
+  int64_t in_stride;
+  bf16* out;
+  int64_t out_stride;
+};
+
+// As rope_kernel, over the heads of q, then k, then v (v is copied, not rotated).
+template <bool Inverse>
+__global__ void rope_qkv_kernel(QkvPart q, QkvPart k, QkvPart v, const float* __restrict__ cos,
+                                const float* __restrict__ sin, int64_t tokens, int heads_q, int heads_kv, int head_dim) {
+  const int half = head_dim / 2, groups = half / 8, heads = heads_q + 2 * heads_kv;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= tokens * heads * groups) return;
+  const int g = static_cast<int>(idx % groups);
+  int head = static_cast<int>((idx / groups) % heads);
+  const int64_t t = idx / (static_cast<int64_t>(groups) * heads);
+  const int which = head < heads_q ? 0 : head < heads_q + heads_kv ? 1 : 2;
+  head -= which == 0 ? 0 : which == 1 ? heads_q : heads_q + heads_kv;
+  const QkvPart& part = which == 0 ? q : which == 1 ? k : v;
+  const bf16* in = part.in + t * part.in_stride + static_cast<int64_t>(head) * head_dim;
+  bf16* out = part.out + t * part.out_stride + static_cast<int64_t>(head) * head_dim;
+  const int j = g * 8;
+  float x1[8], x2[8];
+  load_bf16<8>(in + j, x1);
+  load_bf16<8>(in + half + j, x2);
+  if (which == 2) {  // v: bf16 values in, the same out
+    store_bf16<8>(out + j, x1);
+    store_bf16<8>(out + half + j, x2);
+    return;
+  }
+  float c1[8], c2[8], s1[8], s2[8];
+  load_f32x8_as_bf16(cos + t * head_dim + j, c1);
+  load_f32x8_as_bf16(cos + t * head_dim + half + j, c2);
+  load_f32x8_as_bf16(sin + t * head_dim + j, s1);
+  load_f32x8_as_bf16(sin + t * head_dim + half + j, s2);
+  float o1[8], o2[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (Inverse) {
+      o1[i] = x1[i] * c1[i] + x2[i] * s2[i];
+      o2[i] = x2[i] * c2[i] - x1[i] * s1[i];
+    } else {
+      o1[i] = x1[i] * c1[i] - x2[i] * s1[i];
+      o2[i] = x2[i] * c2[i] + x1[i] * s2[i];
+    }
+  }
+  store_bf16<8>(out + j, o1);
+  store_bf16<8>(out + half + j, o2);
+}
+
+template <bool Inverse>
+void rope_qkv_launch(QkvPart q, QkvPart k, QkvPart v, const float* cos, const float* sin, int64_t tokens,
+                     int64_t heads_q, int64_t heads_kv, int64_t head_dim, cudaStream_t stream, const char* what) {
+  if (!rope_supported(head_dim)) throw std::runtime_error(std::string(what) + ": head_dim must be a multiple of 16");
+  for (const QkvPart& p : {q, k, v}) {
+    require_aligned(what, p.in);
+    require_aligned(what, p.out);
+    if (p.in_stride % 8 != 0 || p.out_stride % 8 != 0)
+      throw std::runtime_error(std::string(what) + ": row strides must be multiples of 8 elements");
+  }
+  require_aligned(what, cos);
+  require_aligned(what, sin);
+  const int64_t threads = tokens * (heads_q + 2 * heads_kv) * (head_dim / 16);
+  if (threads == 0) return;
+  const int block = 256;
+  const unsigned grid = static_cast<unsigned>((threads + block - 1) / block);
+  rope_qkv_kernel<Inverse><<<grid, block, 0, stream>>>(q, k, v, cos, sin, tokens, static_cast<int>(heads_q),
+                                                       static_cast<int>(heads_kv), static_cast<int>(head_dim));
+  launch_check(what);
+}
+
 }  // namespace
 }  // namespace detail
 
@@ -81,6 +154,26 @@ void rope_apply(const void* q_in, const void* k_in, void* q_out, void* k_out, co
   else
     rope_kernel<false><<<grid, block, 0, stream>>>(qi, ki, qo, ko, cos, sin, tokens, hq, hk, d);
   launch_check("rope_apply");
+}
+
+void rope_qkv_forward(const void* qkv, void* q, void* k, void* v, const float* cos, const float* sin, int64_t tokens,
+                      int64_t heads_q, int64_t heads_kv, int64_t head_dim, cudaStream_t stream) {
+  using namespace detail;
+  const auto* in = static_cast<const bf16*>(qkv);
+  const int64_t row = (heads_q + 2 * heads_kv) * head_dim, nq = heads_q * head_dim, nkv = heads_kv * head_dim;
+  rope_qkv_launch<false>({in, row, static_cast<bf16*>(q), nq}, {in + nq, row, static_cast<bf16*>(k), nkv},
+                         {in + nq + nkv, row, static_cast<bf16*>(v), nkv}, cos, sin, tokens, heads_q, heads_kv, head_dim,
+                         stream, "rope_qkv_forward");
+}
+
+void rope_qkv_backward(const void* dq, const void* dk, const void* dv, void* dqkv, const float* cos, const float* sin,
+                       int64_t tokens, int64_t heads_q, int64_t heads_kv, int64_t head_dim, cudaStream_t stream) {
+  using namespace detail;
+  auto* out = static_cast<bf16*>(dqkv);
+  const int64_t row = (heads_q + 2 * heads_kv) * head_dim, nq = heads_q * head_dim, nkv = heads_kv * head_dim;
+  rope_qkv_launch<true>({static_cast<const bf16*>(dq), nq, out, row}, {static_cast<const bf16*>(dk), nkv, out + nq, row},
+                        {static_cast<const bf16*>(dv), nkv, out + nq + nkv, row}, cos, sin, tokens, heads_q, heads_kv,
+                        head_dim, stream, "rope_qkv_backward");
 }
 
 }  // namespace fused

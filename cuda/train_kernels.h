@@ -49,10 +49,26 @@ void rope_apply(const void* q_in, const void* k_in, void* q_out, void* k_out, co
                 int64_t tokens, int64_t heads_q, int64_t heads_k, int64_t head_dim, bool inverse,
                 cudaStream_t stream);
 
+// q|k|v packed: the rows of one projection GEMM, x @ [Wq; Wk; Wv]^T, (tokens, (heads_q + 2 heads_kv)
+// * head_dim). The forward writes dense q (tokens, heads_q, head_dim), k and v (tokens, heads_kv,
+// head_dim): q and k rotated as rope_apply does, v copied. The backward takes dense dq, dk, dv and
+// writes the packed gradient rows (the transposed rotation for q and k), ready for the two GEMMs.
+void rope_qkv_forward(const void* qkv, void* q, void* k, void* v, const float* cos, const float* sin, int64_t tokens,
+                      int64_t heads_q, int64_t heads_kv, int64_t head_dim, cudaStream_t stream);
+void rope_qkv_backward(const void* dq, const void* dk, const void* dv, void* dqkv, const float* cos, const float* sin,
+                       int64_t tokens, int64_t heads_q, int64_t heads_kv, int64_t head_dim, cudaStream_t stream);
+
 // ---- SwiGLU: out = silu(gate) * up over n bf16 elements; the backward recomputes silu.
 void swiglu_forward(const void* gate, const void* up, void* out, int64_t n, cudaStream_t stream);
 void swiglu_backward(const void* dout, const void* gate, const void* up, void* dgate, void* dup, int64_t n,
                      cudaStream_t stream);
+// The same by rows: gate, up (and dgate, dup) rows of `cols` elements at row stride in_stride, out
+// and dout dense (rows, cols). gate = y, up = y + cols, in_stride = 2 * cols reads the two halves of
+// one GEMM output y = x @ [Wg; Wu]^T, and the backward writes its gradient in the same layout.
+void swiglu_forward_rows(const void* gate, const void* up, int64_t in_stride, void* out, int64_t rows, int64_t cols,
+                         cudaStream_t stream);
+void swiglu_backward_rows(const void* dout, const void* gate, const void* up, int64_t in_stride, void* dgate, void* dup,
+                          int64_t rows, int64_t cols, cudaStream_t stream);
 
 // ---- Cross-entropy over one chunk of bf16 logits (rows, vocab), one block per row, in fp32:
 //   row_loss[r] = logsumexp(logits[r]) - logits[r][label[r]], or 0 where label is ignore_index;

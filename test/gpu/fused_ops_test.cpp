@@ -5,7 +5,8 @@
 // for the outputs and every gradient (the convention of test/gpu/ffa_check.py). Then tiny Llamas'
 // loss and parameter gradients (bf16, with and without the fused ops, against the fp32 model) by the
 // same rule in whole-tensor norms with atol 5e-3 * |g|, plus cosine > 0.99, and activation
-// checkpointing must not change the fused gradients. The fused residual add + RMSNorm must also give
+// checkpointing must not change the fused gradients, also with the parameters in FlatAdamW's one
+// buffer (the packed q|k|v and gate|up projections). The fused residual add + RMSNorm must also give
 // torch's bf16 add and the plain fused norm bit for bit. Tagged [gpu].
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -23,6 +24,7 @@
 #include "core/hf_config.h"
 #include "core/hf_weights.h"
 #include "core/llama_model.h"
+#include "core/optimizer.h"
 #include "core/rope.h"
 
 using namespace flexcp;
@@ -280,6 +282,92 @@ TEST_CASE("fused SwiGLU matches silu(gate) * up, forward and backward", "[gpu][f
   CHECK_FALSE(fused_swiglu(at::randn({2, 8}, cuda(at::kFloat)), at::randn({2, 8}, cuda(at::kFloat))).defined());
 }
 
+TEST_CASE("packed q|k|v + RoPE and gate|up + SwiGLU on one weight buffer match the separate ops", "[gpu][fused]") {
+  FusedSwitch restore;
+  at::manual_seed(17);
+  struct Case {
+    int64_t tokens, hidden, heads_q, heads_kv, head_dim, inner;
+  };
+  // inner 100: the SwiGLU rows' scalar path (not a multiple of 8).
+  for (const Case cs : {Case{37, 256, 8, 2, 64, 688}, Case{1031, 128, 4, 2, 16, 100}, Case{64, 256, 2, 1, 128, 512}}) {
+    INFO("tokens " << cs.tokens << " hidden " << cs.hidden << " head_dim " << cs.head_dim << " inner " << cs.inner);
+    const int64_t H = cs.hidden, nq = cs.heads_q * cs.head_dim, nkv = cs.heads_kv * cs.head_dim, I = cs.inner;
+    // One buffer, as FlatAdamW's bf16 model copy lays the weights out: q, k, v, then gate, up.
+    const at::Tensor buf = (at::randn({(nq + 2 * nkv + 2 * I) * H}, cuda(at::kFloat)) * 0.08).to(at::kBFloat16);
+    const at::Tensor x = at::randn({cs.tokens, H}, cuda(at::kBFloat16));
+    LlamaArch arch;
+    arch.head_dim = cs.head_dim;
+    const RopeCosSin rope = rope_cos_sin(rope_inv_freq(arch), at::randint(0, 8192, {cs.tokens}, cuda(at::kLong)));
+    const at::Tensor gq = at::randn({cs.tokens, cs.heads_q, cs.head_dim}, cuda(at::kBFloat16));
+    const at::Tensor gk = at::randn({cs.tokens, cs.heads_kv, cs.head_dim}, cuda(at::kBFloat16));
+    const at::Tensor gv = at::randn({cs.tokens, cs.heads_kv, cs.head_dim}, cuda(at::kBFloat16));
+    const at::Tensor gh = at::randn({cs.tokens, I}, cuda(at::kBFloat16));
+    // Leaves over the buffer (packed = true: views of one storage, as the optimizer binds them) or
+    // copies in their own storage (the separate ops' path).
+    struct Weights {
+      at::Tensor q, k, v, g, u;
+    };
+    auto weights = [&](at::ScalarType dt, bool packed) {
+      int64_t off = 0;
+      auto take = [&](int64_t rows) {
+        at::Tensor w = buf.narrow(0, off, rows * H).view({rows, H});
+        off += rows * H;
+        return (packed && dt == at::kBFloat16 ? w.detach() : w.to(dt).clone()).requires_grad_(true);
+      };
+      Weights w;
+      w.q = take(nq), w.k = take(nkv), w.v = take(nkv), w.g = take(I), w.u = take(I);
+      return w;
+    };
+    struct Out {
+      at::Tensor q, k, v, h, dx, dwq, dwk, dwv, dwg, dwu;
+    };
+    auto run = [&](at::ScalarType dt, bool fused) {
+      fused_ops_set_enabled(fused);
+      Weights w = weights(dt, fused);
+      at::Tensor xl = leaf(x, dt), q, k, v, h;
+      if (fused) {
+        std::vector<at::Tensor> qkv =
+            fused_qkv_rope(xl, w.q, w.k, w.v, rope, cs.heads_q, cs.heads_kv, cs.head_dim);
+        REQUIRE(qkv.size() == 3);
+        q = qkv[0], k = qkv[1], v = qkv[2];
+        h = fused_gate_up_swiglu(xl, w.g, w.u);
+        REQUIRE(h.defined());
+      } else {
+        q = rope_apply(at::mm(xl, w.q.t()).view({cs.tokens, cs.heads_q, cs.head_dim}), rope);
+        k = rope_apply(at::mm(xl, w.k.t()).view({cs.tokens, cs.heads_kv, cs.head_dim}), rope);
+        v = at::mm(xl, w.v.t()).view({cs.tokens, cs.heads_kv, cs.head_dim});
+        h = at::silu(at::mm(xl, w.g.t())) * at::mm(xl, w.u.t());
+      }
+      torch::autograd::backward({q, k, v, h}, {gq.to(dt), gk.to(dt), gv.to(dt), gh.to(dt)});
+      return Out{q.detach(), k.detach(), v.detach(), h.detach(), xl.grad(), w.q.grad(),
+                 w.k.grad(), w.v.grad(), w.g.grad(), w.u.grad()};
+    };
+    const Out f = run(at::kBFloat16, true), c = run(at::kBFloat16, false), r = run(at::kFloat, false);
+    CHECK(f.q.is_contiguous());
+    CHECK(f.v.is_contiguous());
+    check_2x("q", f.q, c.q, r.q);
+    check_2x("k", f.k, c.k, r.k);
+    check_2x("v", f.v, c.v, r.v);
+    check_2x("h", f.h, c.h, r.h);
+    check_2x("dx", f.dx, c.dx, r.dx);
+    check_2x("dwq", f.dwq, c.dwq, r.dwq);
+    check_2x("dwk", f.dwk, c.dwk, r.dwk);
+    check_2x("dwv", f.dwv, c.dwv, r.dwv);
+    check_2x("dwgate", f.dwg, c.dwg, r.dwg);
+    check_2x("dwup", f.dwu, c.dwu, r.dwu);
+    // Weights in separate storages, or out of order, are not one matrix: no packed op.
+    fused_ops_set_enabled(true);
+    const Weights own = weights(at::kBFloat16, false), flat = weights(at::kBFloat16, true);
+    CHECK(fused_qkv_rope(x, own.q, own.k, own.v, rope, cs.heads_q, cs.heads_kv, cs.head_dim).empty());
+    CHECK(fused_qkv_rope(x, flat.q, flat.v, flat.k, rope, cs.heads_q, cs.heads_kv, cs.head_dim).empty());
+    CHECK_FALSE(fused_gate_up_swiglu(x, own.g, own.u).defined());
+    CHECK_FALSE(fused_gate_up_swiglu(x, flat.u, flat.g).defined());
+    fused_ops_set_enabled(false);
+    CHECK(fused_qkv_rope(x, flat.q, flat.k, flat.v, rope, cs.heads_q, cs.heads_kv, cs.head_dim).empty());
+    CHECK_FALSE(fused_gate_up_swiglu(x, flat.g, flat.u).defined());
+  }
+}
+
 TEST_CASE("fused cross-entropy matches the chunked composite: loss, dhidden, dweight", "[gpu][fused][loss]") {
   FusedSwitch restore;
   at::manual_seed(14);
@@ -402,12 +490,29 @@ void compare_models(const LlamaArch& arch, const std::string& weights_dir) {
   const ModelRun fused = run_model(m16, ids, labels, B, S);
   m16->set_activation_checkpointing(true);
   const ModelRun fused_ckpt = run_model(m16, ids, labels, B, S);
+  // The trainer's layout: FlatAdamW makes the parameters views of one bf16 buffer, so q|k|v and
+  // gate|up are one matrix each and the packed projections run.
+  m16->set_activation_checkpointing(false);
+  FlatAdamW flat(m16->named_parameters().pairs(), AdamWHyper{});
+  {
+    auto& mlp = *m16->model->layers->at<LlamaDecoderLayerImpl>(0).mlp;
+    REQUIRE(fused_gate_up_swiglu(at::zeros({1, arch.hidden_size}, cuda(at::kBFloat16)), mlp.gate_proj->weight,
+                                 mlp.up_proj->weight)
+                .defined());
+  }
+  const ModelRun packed = run_model(m16, ids, labels, B, S);
+  m16->set_activation_checkpointing(true);
+  const ModelRun packed_ckpt = run_model(m16, ids, labels, B, S);
 
   {
     const double ef = std::abs(fused.loss - ref.loss), ec = std::abs(composite.loss - ref.loss);
     INFO("loss fused " << fused.loss << " bf16 composite " << composite.loss << " fp32 " << ref.loss);
     CHECK(ef <= 2 * ec + 2e-3);
     CHECK(fused_ckpt.loss == fused.loss);
+    const double ep = std::abs(packed.loss - ref.loss);
+    INFO("loss packed " << packed.loss);
+    CHECK(ep <= 2 * ec + 2e-3);
+    CHECK(packed_ckpt.loss == packed.loss);
   }
   for (const auto& kv : ref.grads) {
     const std::string& name = kv.first;
@@ -424,6 +529,11 @@ void compare_models(const LlamaArch& arch, const std::string& weights_dir) {
     // Checkpointing recomputes with the same kernels: the same gradients, up to the order of
     // CUDA reductions outside these ops (a couple of bf16 ulps at most).
     CHECK(max_err(fused_ckpt.grads.at(name), gf) <= 8e-3 * gf.abs().max().item<double>());
+    const at::Tensor& gp = packed.grads.at(name);
+    const double ep = (gp - g32).norm().item<double>();
+    INFO("packed err " << ep);
+    CHECK(ep <= 2 * ec + 5e-3 * nr);
+    CHECK(max_err(packed_ckpt.grads.at(name), gp) <= 8e-3 * gp.abs().max().item<double>());
   }
 }
 
