@@ -20,6 +20,8 @@ std::pair<at::Tensor, at::Tensor> fused_rope(const at::Tensor&, const at::Tensor
 
 at::Tensor fused_swiglu(const at::Tensor&, const at::Tensor&) { return {}; }
 
+at::Tensor fused_linear(const at::Tensor&, const at::Tensor&) { return {}; }
+
 std::vector<at::Tensor> fused_qkv_rope(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const RopeCosSin&, int64_t, int64_t, int64_t) {
   return {};

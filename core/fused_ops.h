@@ -34,6 +34,13 @@ std::pair<at::Tensor, at::Tensor> fused_rope(const at::Tensor& q, const at::Tens
 // silu(gate) * up.
 at::Tensor fused_swiglu(const at::Tensor& gate, const at::Tensor& up);
 
+// x (T, in) @ w^T for a weight whose .grad is a dense bf16 tensor already (the optimizer's flat
+// gradient view): the backward's dW GEMM adds into .grad itself and hands autograd no gradient for
+// w, saving autograd's separate accumulation pass. Undefined when that does not apply (then
+// torch's linear). The packed projections below add their weight gradients the same way.
+// FLEXCP_FUSED_WGRAD=0 turns the in-place accumulation off (autograd accumulates, as before).
+at::Tensor fused_linear(const at::Tensor& x, const at::Tensor& w);
+
 // Projections as one GEMM where their weights are one matrix already: wk's rows start where wq's end
 // in one storage (and wv's where wk's end), as in the optimizer's flat bf16 model buffer. No copy of
 // the weights; elsewhere (separate tensors, as in a model without FlatAdamW) these do not apply.

@@ -48,6 +48,14 @@ bool packed_enabled() {
   return on;
 }
 
+bool wgrad_inplace_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("FLEXCP_FUSED_WGRAD");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
 bool bf16_cuda(const at::Tensor& t) { return t.defined() && t.is_cuda() && t.scalar_type() == at::kBFloat16; }
 
 cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
@@ -195,6 +203,65 @@ at::Tensor stacked_rows(const at::Tensor& first, int64_t rows) {
   return first.detach().as_strided({rows, first.size(1)}, {first.size(1), 1}, first.storage_offset());
 }
 
+// Weight gradients added by the GEMM itself. When a weight's .grad is already a dense bf16 tensor
+// (the optimizer binds each parameter's .grad to a view of its flat gradient buffer), dW = dy^T x is
+// added into it by the GEMM (beta 1: one rounding of the fp32 sum), and the backward returns no
+// gradient for the weight, so autograd's own accumulation (a separate add pass over every weight,
+// reading dW and .grad and writing .grad) does not run. Without such a .grad (a model without the
+// optimizer, a zero_grad that set it to none) dW goes back to autograd as usual. Activation
+// checkpointing differentiates its recomputed layer with autograd::grad: these weights then come back
+// without gradient there too, and the checkpoint passes none on, so nothing counts twice.
+at::Tensor grad_target(const at::Tensor& w) {
+  if (!wgrad_inplace_enabled() || !w.defined() || !w.is_leaf()) return {};
+  const at::Tensor& g = w.grad();
+  if (!g.defined() || g.scalar_type() != at::kBFloat16 || !g.is_contiguous() || g.sizes() != w.sizes() ||
+      g.device() != w.device())
+    return {};
+  return g;
+}
+
+// dW = dy^T x for weights whose row blocks are ws (rows_follow, in order): {} for each when their
+// gradients are one matrix that the GEMM added dW into, else the row blocks of dW.
+std::vector<at::Tensor> weight_grads(const std::vector<at::Tensor>& ws, const at::Tensor& dy, const at::Tensor& x) {
+  std::vector<at::Tensor> targets;
+  bool inplace = true;
+  for (const auto& w : ws) {
+    targets.push_back(grad_target(w));
+    inplace = inplace && targets.back().defined() && (targets.size() == 1 || rows_follow(targets[targets.size() - 2], targets.back()));
+  }
+  const int64_t rows = dy.size(1);
+  if (inplace) {
+    at::Tensor acc = stacked_rows(targets.front(), rows);
+    acc.addmm_(dy.t(), x);
+    return std::vector<at::Tensor>(ws.size());
+  }
+  const at::Tensor dw = at::mm(dy.t(), x);  // (rows, cols)
+  std::vector<at::Tensor> out;
+  int64_t start = 0;
+  for (const auto& w : ws) {
+    out.push_back(dw.narrow(0, start, w.size(0)));
+    start += w.size(0);
+  }
+  return out;
+}
+
+// y = x w^T for 2-d x, with the weight gradient added in place (grad_target).
+struct LinearFn : public torch::autograd::Function<LinearFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
+    c10::cuda::CUDAGuard guard(x.device());
+    ctx->save_for_backward({x, w});
+    return at::mm(x, w.t());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1];
+    c10::cuda::CUDAGuard guard(x.device());
+    const at::Tensor dy = grad_out[0].to(x.scalar_type()).contiguous();
+    return {at::mm(dy, w), weight_grads({w}, dy, x)[0]};
+  }
+};
+
 struct QkvRopeFn : public torch::autograd::Function<QkvRopeFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& wq, const at::Tensor& wk,
                                const at::Tensor& wv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads_q,
@@ -208,7 +275,7 @@ struct QkvRopeFn : public torch::autograd::Function<QkvRopeFn> {
     at::Tensor v = at::empty({tokens, heads_kv, head_dim}, x.options());
     fused::rope_qkv_forward(qkv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr<float>(),
                             sin.data_ptr<float>(), tokens, heads_q, heads_kv, head_dim, stream());
-    ctx->save_for_backward({x, wq, cos, sin});
+    ctx->save_for_backward({x, wq, cos, sin, wk, wv});  // wk, wv: their .grad (weight_grads)
     ctx->saved_data["heads_q"] = heads_q;
     ctx->saved_data["heads_kv"] = heads_kv;
     return {q, k, v};
@@ -228,9 +295,8 @@ struct QkvRopeFn : public torch::autograd::Function<QkvRopeFn> {
     fused::rope_qkv_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dqkv.data_ptr(), cos.data_ptr<float>(),
                              sin.data_ptr<float>(), tokens, heads_q, heads_kv, head_dim, stream());
     const at::Tensor dx = at::mm(dqkv, stacked_rows(wq, rows));
-    const at::Tensor dw = at::mm(dqkv.t(), x);  // (rows, hidden)
-    return {dx,          dw.narrow(0, 0, nq), dw.narrow(0, nq, nkv), dw.narrow(0, nq + nkv, nkv), at::Tensor(),
-            at::Tensor(), at::Tensor(),       at::Tensor(),          at::Tensor()};
+    const std::vector<at::Tensor> dw = weight_grads({wq, saved[4], saved[5]}, dqkv, x);
+    return {dx, dw[0], dw[1], dw[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -243,7 +309,7 @@ struct GateUpSwiGLUFn : public torch::autograd::Function<GateUpSwiGLUFn> {
     at::Tensor h = at::empty({tokens, inner}, x.options());
     fused::swiglu_forward_rows(y.data_ptr(), y.narrow(1, inner, inner).data_ptr(), 2 * inner, h.data_ptr(), tokens,
                                inner, stream());
-    ctx->save_for_backward({x, wg, y});
+    ctx->save_for_backward({x, wg, y, wu});  // wu: its .grad (weight_grads)
     return h;
   }
 
@@ -257,8 +323,8 @@ struct GateUpSwiGLUFn : public torch::autograd::Function<GateUpSwiGLUFn> {
     fused::swiglu_backward_rows(dh.data_ptr(), y.data_ptr(), y.narrow(1, inner, inner).data_ptr(), 2 * inner,
                                 dy.data_ptr(), dy.narrow(1, inner, inner).data_ptr(), tokens, inner, stream());
     const at::Tensor dx = at::mm(dy, stacked_rows(wg, 2 * inner));
-    const at::Tensor dw = at::mm(dy.t(), x);  // (2 * inner, hidden)
-    return {dx, dw.narrow(0, 0, inner), dw.narrow(0, inner, inner)};
+    const std::vector<at::Tensor> dw = weight_grads({wg, saved[3]}, dy, x);
+    return {dx, dw[0], dw[1]};
   }
 };
 
@@ -391,7 +457,7 @@ struct CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
                             const at::Tensor& labels, int64_t chunk, int64_t ignore_index, bool need_dh, bool need_dw) {
     CeChunks r = cross_entropy_chunks(hidden, weight, labels, chunk, ignore_index, need_dh, need_dw);
-    ctx->save_for_backward({r.dhidden, r.dweight});
+    ctx->save_for_backward({r.dhidden, r.dweight, weight});  // weight: its .grad (grad_target)
     ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
     return r.loss;
   }
@@ -402,7 +468,9 @@ struct CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
     const at::Tensor g = grad_out[0].to(at::kFloat);
     at::Tensor dhidden, dweight;
     if (dh.defined()) dhidden = at::mul(dh, g);  // bf16 result, product in fp32
-    if (dw.defined()) {
+    if (at::Tensor target = dw.defined() ? grad_target(saved[2]) : at::Tensor(); target.defined()) {
+      target.addcmul_(dw, g);  // .grad += dw * g in one pass (fp32 math, one rounding); autograd adds nothing
+    } else if (dw.defined()) {
       const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
       dweight = at::empty(dw.sizes(), dw.options().dtype(dtype));
       at::mul_out(dweight, dw, g);  // one pass: fp32 product, stored in the weight's dtype
@@ -473,6 +541,13 @@ at::Tensor fused_gate_up_swiglu(const at::Tensor& x, const at::Tensor& wg, const
       wu.dim() != 2 || wu.size(0) != wg.size(0) || !rows_follow(wg, wu))
     return {};
   return GateUpSwiGLUFn::apply(x, wg, wu);
+}
+
+at::Tensor fused_linear(const at::Tensor& x, const at::Tensor& w) {
+  if (!fused_ops_enabled() || !bf16_cuda(x) || !bf16_cuda(w) || x.dim() != 2 || w.dim() != 2 ||
+      x.size(1) != w.size(1) || x.device() != w.device() || !grad_target(w).defined())
+    return {};
+  return LinearFn::apply(x, w);
 }
 
 at::Tensor fused_swiglu(const at::Tensor& gate, const at::Tensor& up) {

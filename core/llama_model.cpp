@@ -39,6 +39,12 @@ void arch_validate(const LlamaArch& a) {
 
 torch::nn::Linear linear(int64_t in, int64_t out) { return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)); }
 
+// lin(x), through fused_linear where it applies (CUDA bf16, the optimizer's flat gradient buffer).
+at::Tensor linear_apply(torch::nn::LinearImpl& lin, const at::Tensor& x) {
+  if (at::Tensor y = fused_linear(x, lin.weight); y.defined()) return y;
+  return lin.forward(x);
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
@@ -86,7 +92,7 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const RopeCosSin& ro
     }
   }
   at::Tensor out = backend.attend(q, k, v, spec, 1.0 / std::sqrt(static_cast<double>(head_dim)));
-  return o_proj->forward(out.reshape({T, num_heads * head_dim}));
+  return linear_apply(*o_proj, out.reshape({T, num_heads * head_dim}));
 }
 
 LlamaMLPImpl::LlamaMLPImpl(const LlamaArch& a) {
@@ -98,11 +104,11 @@ LlamaMLPImpl::LlamaMLPImpl(const LlamaArch& a) {
 at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
   // CUDA bf16 with the weights in one buffer (FlatAdamW's): one GEMM for gate|up, then SwiGLU.
   if (at::Tensor h = fused_gate_up_swiglu(x, gate_proj->weight, up_proj->weight); h.defined())
-    return down_proj->forward(h);
+    return linear_apply(*down_proj, h);
   const at::Tensor gate = gate_proj->forward(x), up = up_proj->forward(x);
   at::Tensor h = fused_swiglu(gate, up);  // CUDA bf16 (core/fused_ops.h)
   if (!h.defined()) h = at::silu(gate) * up;
-  return down_proj->forward(h);
+  return linear_apply(*down_proj, h);
 }
 
 LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaArch& a) {

@@ -307,12 +307,17 @@ TEST_CASE("packed q|k|v + RoPE and gate|up + SwiGLU on one weight buffer match t
     struct Weights {
       at::Tensor q, k, v, g, u;
     };
-    auto weights = [&](at::ScalarType dt, bool packed) {
+    // flat_grads: each .grad a view of one zeroed bf16 buffer in the same layout (FlatAdamW's
+    // gradient buffer): the backward then adds dW into it in place (fused_linear's rule).
+    auto weights = [&](at::ScalarType dt, bool packed, bool flat_grads = false) {
       int64_t off = 0;
+      const at::Tensor gbuf = at::zeros_like(buf);
       auto take = [&](int64_t rows) {
         at::Tensor w = buf.narrow(0, off, rows * H).view({rows, H});
+        at::Tensor out = (packed && dt == at::kBFloat16 ? w.detach() : w.to(dt).clone()).requires_grad_(true);
+        if (flat_grads) out.mutable_grad() = gbuf.narrow(0, off, rows * H).view({rows, H});
         off += rows * H;
-        return (packed && dt == at::kBFloat16 ? w.detach() : w.to(dt).clone()).requires_grad_(true);
+        return out;
       };
       Weights w;
       w.q = take(nq), w.k = take(nkv), w.v = take(nkv), w.g = take(I), w.u = take(I);
@@ -321,9 +326,11 @@ TEST_CASE("packed q|k|v + RoPE and gate|up + SwiGLU on one weight buffer match t
     struct Out {
       at::Tensor q, k, v, h, dx, dwq, dwk, dwv, dwg, dwu;
     };
-    auto run = [&](at::ScalarType dt, bool fused) {
+    auto run = [&](at::ScalarType dt, bool fused, bool flat_grads = false) {
       fused_ops_set_enabled(fused);
-      Weights w = weights(dt, fused);
+      Weights w = weights(dt, fused, flat_grads);
+      const std::vector<void*> grad_ptrs = {w.q.grad().defined() ? w.q.grad().data_ptr() : nullptr,
+                                            w.u.grad().defined() ? w.u.grad().data_ptr() : nullptr};
       at::Tensor xl = leaf(x, dt), q, k, v, h;
       if (fused) {
         std::vector<at::Tensor> qkv =
@@ -339,10 +346,22 @@ TEST_CASE("packed q|k|v + RoPE and gate|up + SwiGLU on one weight buffer match t
         h = at::silu(at::mm(xl, w.g.t())) * at::mm(xl, w.u.t());
       }
       torch::autograd::backward({q, k, v, h}, {gq.to(dt), gk.to(dt), gv.to(dt), gh.to(dt)});
+      if (flat_grads) {  // added in place: still the buffer's views
+        CHECK(w.q.grad().data_ptr() == grad_ptrs[0]);
+        CHECK(w.u.grad().data_ptr() == grad_ptrs[1]);
+      }
       return Out{q.detach(), k.detach(), v.detach(), h.detach(), xl.grad(), w.q.grad(),
                  w.k.grad(), w.v.grad(), w.g.grad(), w.u.grad()};
     };
     const Out f = run(at::kBFloat16, true), c = run(at::kBFloat16, false), r = run(at::kFloat, false);
+    const Out fg = run(at::kBFloat16, true, true);
+    // With the gradients in one flat buffer the GEMMs add dW into it: the same values.
+    check_2x("in place dx", fg.dx, c.dx, r.dx);
+    check_2x("in place dwq", fg.dwq, c.dwq, r.dwq);
+    check_2x("in place dwk", fg.dwk, c.dwk, r.dwk);
+    check_2x("in place dwv", fg.dwv, c.dwv, r.dwv);
+    check_2x("in place dwgate", fg.dwg, c.dwg, r.dwg);
+    check_2x("in place dwup", fg.dwu, c.dwu, r.dwu);
     CHECK(f.q.is_contiguous());
     CHECK(f.v.is_contiguous());
     check_2x("q", f.q, c.q, r.q);
@@ -366,6 +385,36 @@ TEST_CASE("packed q|k|v + RoPE and gate|up + SwiGLU on one weight buffer match t
     CHECK(fused_qkv_rope(x, flat.q, flat.k, flat.v, rope, cs.heads_q, cs.heads_kv, cs.head_dim).empty());
     CHECK_FALSE(fused_gate_up_swiglu(x, flat.g, flat.u).defined());
   }
+}
+
+TEST_CASE("fused linear adds dW into a bf16 .grad in place, as autograd's accumulation would", "[gpu][fused]") {
+  FusedSwitch restore;
+  at::manual_seed(18);
+  const at::Tensor x = at::randn({1031, 256}, cuda(at::kBFloat16));
+  const at::Tensor w = (at::randn({96, 256}, cuda(at::kFloat)) * 0.1).to(at::kBFloat16);
+  const at::Tensor g0 = (at::randn({96, 256}, cuda(at::kFloat)) * 10).to(at::kBFloat16);  // earlier gradient
+  const at::Tensor dy = at::randn({1031, 96}, cuda(at::kBFloat16));
+  struct Out {
+    at::Tensor y, dx, dw;
+  };
+  auto run = [&](at::ScalarType dt, bool fused) {
+    fused_ops_set_enabled(fused);
+    at::Tensor xl = leaf(x, dt), wl = leaf(w, dt);
+    wl.mutable_grad() = g0.to(dt).clone();
+    void* before = wl.grad().data_ptr();
+    at::Tensor y = fused ? fused_linear(xl, wl) : at::mm(xl, wl.t());
+    REQUIRE(y.defined());
+    y.backward(dy.to(dt));
+    if (fused) CHECK(wl.grad().data_ptr() == before);
+    return Out{y.detach(), xl.grad(), wl.grad()};
+  };
+  const Out f = run(at::kBFloat16, true), c = run(at::kBFloat16, false), r = run(at::kFloat, false);
+  CHECK(at::equal(f.y, c.y));
+  check_2x("dx", f.dx, c.dx, r.dx);
+  check_2x("grad", f.dw, c.dw, r.dw);
+  // No .grad to add into (a model without the optimizer): torch's linear instead.
+  fused_ops_set_enabled(true);
+  CHECK_FALSE(fused_linear(x, leaf(w, at::kBFloat16)).defined());
 }
 
 TEST_CASE("fused cross-entropy matches the chunked composite: loss, dhidden, dweight", "[gpu][fused][loss]") {
@@ -426,6 +475,15 @@ TEST_CASE("fused cross-entropy matches the chunked composite: loss, dhidden, dwe
     CHECK(rw.sum.item<double>() == f.loss);
     (rw.sum * 0.37).backward();
     CHECK(max_err(w_only.grad(), f.dw) == 0.0);
+    // A bf16 .grad already there (the optimizer's flat view) gets dW added in place: from zeros, the
+    // same bits.
+    at::Tensor w_acc = leaf(weight, at::kBFloat16);
+    w_acc.mutable_grad() = at::zeros_like(weight);
+    void* w_acc_grad = w_acc.grad().data_ptr();
+    LossResult racc = chunked_cross_entropy(hidden, w_acc, labels, o);
+    (racc.sum * 0.37).backward();
+    CHECK(w_acc.grad().data_ptr() == w_acc_grad);
+    CHECK(max_err(w_acc.grad(), f.dw) == 0.0);
     {
       torch::NoGradGuard no_grad;
       LossResult rn = chunked_cross_entropy(hidden, weight, labels, o);
@@ -443,8 +501,19 @@ struct ModelRun {
 
 // One forward + backward of the mean token loss on a fixed batch, the reference attention kernel
 // (deterministic, any device).
-ModelRun run_model(LlamaModel& m, const at::Tensor& ids, const at::Tensor& labels, int64_t B, int64_t S) {
-  m->zero_grad();
+// keep_grads: zero the existing .grad tensors in place (as FlatAdamW leaves its flat views) instead of
+// module zero_grad (which may drop them).
+ModelRun run_model(LlamaModel& m, const at::Tensor& ids, const at::Tensor& labels, int64_t B, int64_t S,
+                   bool keep_grads = false) {
+  if (keep_grads) {
+    torch::NoGradGuard no_grad;
+    for (auto& p : m->parameters()) {
+      REQUIRE(p.grad().defined());
+      p.mutable_grad().zero_();
+    }
+  } else {
+    m->zero_grad();
+  }
   at::Tensor positions = at::arange(S, cuda(at::kLong)).repeat({B});
   at::Tensor hidden = m->forward_hidden(ids.reshape({-1}), positions, spec_causal_batch(B, S));
   LossResult r = llama_loss(*m, hidden, labels.reshape({-1}));
@@ -500,9 +569,10 @@ void compare_models(const LlamaArch& arch, const std::string& weights_dir) {
                                  mlp.up_proj->weight)
                 .defined());
   }
-  const ModelRun packed = run_model(m16, ids, labels, B, S);
+  // The flat gradient views stay bound, so the weight gradients are added in place (fused_linear).
+  const ModelRun packed = run_model(m16, ids, labels, B, S, /*keep_grads=*/true);
   m16->set_activation_checkpointing(true);
-  const ModelRun packed_ckpt = run_model(m16, ids, labels, B, S);
+  const ModelRun packed_ckpt = run_model(m16, ids, labels, B, S, /*keep_grads=*/true);
 
   {
     const double ef = std::abs(fused.loss - ref.loss), ec = std::abs(composite.loss - ref.loss);
