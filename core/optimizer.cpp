@@ -99,10 +99,9 @@ void FlatAdamW::zero_grad() {
 }
 
 void FlatAdamW::set_single_micro_batch(bool on) {
-  const char* env = std::getenv("FLEXCP_OPTIM_DIRECT_GRADS");
-  const bool allowed = fused_ && low_precision_ && !(env && std::strcmp(env, "0") == 0);
-  if (direct_ && !(on && allowed)) grad_flat();  // settles a pending direct gradient into grad_
-  direct_ = on && allowed;
+  const bool direct = on && fused_ && low_precision_;
+  if (direct_ && !direct) grad_flat();  // settles a pending direct gradient into grad_
+  direct_ = direct;
 }
 
 at::Tensor& FlatAdamW::grad_flat() {

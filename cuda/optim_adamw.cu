@@ -64,13 +64,10 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStep s, int64_t gr
     load<V>(s.master + i, w);
     load<V>(s.exp_avg + i, m);
     load<V>(s.exp_avg_sq + i, v);
-    if constexpr (BF16_GRAD) {
+    if constexpr (BF16_GRAD)
       load_bf16<V>(s.grad_bf16 + i, g);
-      const float zero[V] = {};
-      store_bf16<V>(s.grad_bf16 + i, zero);
-    } else {
+    else
       load<V>(s.grad + i, g);
-    }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const float gk = g[k] * scale;
@@ -84,6 +81,14 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStep s, int64_t gr
     store<V>(s.exp_avg + i, m);
     store<V>(s.exp_avg_sq + i, v);
     if (s.model) store_bf16<V>(s.model + i, w);
+    if constexpr (BF16_GRAD) {
+      // Last, after the stores that wait for the loaded values: a first version stored the zeros
+      // right after the gradient's load (the compiler issued it before the data came back) and the
+      // step took 25.8 ms instead of 13.3 on the H100 (Llama-3.2-1B), for the same bytes. Not yet
+      // re-measured with this order.
+      const float zero[V] = {};
+      store_bf16<V>(s.grad_bf16 + i, zero);
+    }
   }
 }
 
