@@ -83,7 +83,17 @@ if want watchdog && [ "$ngpu" -ge 2 ]; then
     FLEXCP_TEST_HANG_AT_STEP=1:3 timeout 120 "$0" -np 2 --allow-run-as-root --bind-to none -x FLEXCP_TEST_HANG_AT_STEP \
       -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH "$1" train configs/tiny-cp1.yaml --set train.device=cuda \
       --set data.synthetic=true --set train.steps=10 --set parallel.cp=2 --set parallel.communicator=nccl \
-      --set parallel.timeout_s=8 --set checkpoint.every=0 --set logging.dir="$2/nccl-watchdog" --quiet >"$2/nccl-watchdog.inner" 2>&1
+      --set parallel.timeout_s=8 --set checkpoint.every=0 --set logging.dir="$2/nccl-watchdog" --quiet >"$2/nccl-watchdog.inner" 2>&1 &
+    job=$!
+    sleep 45
+    if kill -0 $job 2>/dev/null; then  # still there long after the timeout: show where each rank waits
+      for pid in $(pgrep -f "flexcp train configs/tiny-cp1.yaml" | grep -v "^$job\$"); do
+        echo "-- pid $pid threads (name wchan):"
+        for t in /proc/$pid/task/*; do echo "   $(cat $t/comm) $(cat $t/wchan 2>/dev/null)"; done
+        command -v gdb >/dev/null && gdb -p $pid -batch -ex "thread apply all bt 12" 2>/dev/null | grep -E "^Thread|^#" | head -80
+      done
+    fi
+    wait $job
     rc=$?; t=$((SECONDS - t0)); cat "$2/nccl-watchdog.inner"
     echo "exit $rc after $t s"
     [ $rc -eq 3 ] && [ $t -le 60 ] && grep -qE "rank 1 has not reached it" "$2/nccl-watchdog.inner"' \
