@@ -25,6 +25,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/ffa_device.cuh"
 #include "cuda/ffa_hopper.cuh"
@@ -180,21 +181,43 @@ __global__ void __launch_bounds__(kThreads, 1)
         wg_commit();
         const float* lse2 = sLse + s * QS;
         const float* dlt = sDelta + s * QS;
+        // Masked steps: the visible queries of each of this thread's two keys form one interval of step
+        // columns [vlo, vhi] (slice bounds and diagonal band intersected once per step), so the per-element
+        // test is two compares. The element loops are instantiated with and without it (a runtime test
+        // inside them made the compiler branch per element and serialize on each MUFU result).
+        int vlo[2] = {0, 0}, vhi[2] = {-1, -1};
+        if (masked) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int j = key_lo + 8 * r;
+            if (j >= cut.k_start && j < cut.k_end) {
+              vlo[r] = max(cut.q_start, j - cut.hi) - q0;
+              vhi[r] = min(cut.q_end - 1, j - cut.lo) - q0;
+            }
+          }
+        }
+        auto visible = [&](int c, int r) { return c >= vlo[r] && c <= vhi[r]; };
         if constexpr (QS == 128) {
           // The exponentials of P^T run while the dP^T GEMM is still in flight.
           wg_wait<1>();
           reg_fence(sc);
+          auto p_loop = [&](auto mask_tag) {
+            constexpr bool kMask = decltype(mask_tag)::value;
 #pragma unroll
-          for (int j = 0; j < QS / 8; ++j) {
-            const int col = j * 8 + (lane & 3) * 2;
-            const float2 l2 = *reinterpret_cast<const float2*>(lse2 + col);
+            for (int j = 0; j < QS / 8; ++j) {
+              const int col = j * 8 + (lane & 3) * 2;
+              const float2 l2 = *reinterpret_cast<const float2*>(lse2 + col);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              float pr = exp2_ftz(fmaf(sc[4 * j + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
-              if (masked && !cut_visible(cut, q0 + col + (e & 1), key_lo + (e >> 1) * 8)) pr = 0.f;
-              sc[4 * j + e] = pr;
+              for (int e = 0; e < 4; ++e) {
+                const float pr = exp2_ftz(fmaf(sc[4 * j + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
+                sc[4 * j + e] = !kMask || visible(col + (e & 1), e >> 1) ? pr : 0.f;
+              }
             }
-          }
+          };
+          if (masked)
+            p_loop(std::true_type{});
+          else
+            p_loop(std::false_type{});
           wg_wait<0>();
           reg_fence(dp);
 #pragma unroll
@@ -209,16 +232,23 @@ __global__ void __launch_bounds__(kThreads, 1)
           wg_wait<0>();
           reg_fence(sc);
           reg_fence(dp);
+          auto pds_loop = [&](auto mask_tag) {
+            constexpr bool kMask = decltype(mask_tag)::value;
 #pragma unroll
-          for (int j = 0; j < QS / 8; ++j)
+            for (int j = 0; j < QS / 8; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int col = j * 8 + (lane & 3) * 2 + (e & 1);
-              float pr = exp2_ftz(fmaf(sc[4 * j + e], p.scale_log2, -lse2[col]));
-              if (masked && !cut_visible(cut, q0 + col, key_lo + (e >> 1) * 8)) pr = 0.f;
-              sc[4 * j + e] = pr;
-              dp[4 * j + e] = pr * (dp[4 * j + e] - dlt[col]);
-            }
+              for (int e = 0; e < 4; ++e) {
+                const int col = j * 8 + (lane & 3) * 2 + (e & 1);
+                float pr = exp2_ftz(fmaf(sc[4 * j + e], p.scale_log2, -lse2[col]));
+                if (kMask && !visible(col, e >> 1)) pr = 0.f;
+                sc[4 * j + e] = pr;
+                dp[4 * j + e] = pr * (dp[4 * j + e] - dlt[col]);
+              }
+          };
+          if (masked)
+            pds_loop(std::true_type{});
+          else
+            pds_loop(std::false_type{});
         }
         uint32_t pa[QS / 16][4], da[QS / 16][4];
 #pragma unroll
@@ -285,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (QS == 128 || has_job) {
           reg_fence(dq);
           // This warp's 16 rows: wait until the bulk reductions of its previous rows have read them.
-          if (lane < 16) bulk_wait_read<0>();
+          if (lane == 0) bulk_wait_read<0>();
           __syncwarp();
           unsigned char* st = smem + (dq_stage - base);
           const int r0 = wq * 16 + (lane >> 2);
@@ -298,12 +328,21 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           fence_async_smem();
           __syncwarp();
-          const int qrow = q0 + mb * 64 + wq * 16 + lane;
-          if (has_job && lane < 16 && qrow < p.num_q) {
-            float* dst = p.dq_accum + (static_cast<int64_t>(qrow) * p.heads_q + h) * D + job * 64;
-            bulk_reduce_add_f32(dst, dq_stage + (wq * 16 + lane) * kDqRowFloats * 4, 64 * 4);
+          // One lane issues the warp's 16 row reductions (per-lane issue made the compiler loop over the
+          // lanes with uniform-register moves).
+          if (lane == 0) {
+            const int qrow = q0 + mb * 64 + wq * 16;
+            if (has_job) {
+              const int rows = min(16, p.num_q - qrow);
+              float* dst = p.dq_accum + (static_cast<int64_t>(qrow) * p.heads_q + h) * D + job * 64;
+              const uint32_t src = dq_stage + wq * 16 * kDqRowFloats * 4;
+#pragma unroll
+              for (int r = 0; r < 16; ++r)
+                if (r < rows)
+                  bulk_reduce_add_f32(dst + static_cast<int64_t>(r) * p.heads_q * D, src + r * kDqRowFloats * 4, 64 * 4);
+            }
+            bulk_commit();
           }
-          if (lane < 16) bulk_commit();
         }
         if constexpr (QS == 128) {
           wg_wait<0>();
@@ -314,7 +353,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  if (lane < 16) bulk_wait<0>();  // the shared source must outlive the reductions
+  if (lane == 0) bulk_wait<0>();  // the shared source must outlive the reductions
 
   // Epilogue: both warpgroups' last dQ GEMMs (which read all of K) are done before K/V are reused as
   // staging for dK (times the softmax scale) and dV.
