@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (QS == 128 || has_job) {
           reg_fence(dq);
           // This warp's 16 rows: wait until the bulk reductions of its previous rows have read them.
-          if (lane == 0) bulk_wait_read<0>();
+          if (lane < 16) bulk_wait_read<0>();
           __syncwarp();
           unsigned char* st = smem + (dq_stage - base);
           const int r0 = wq * 16 + (lane >> 2);
@@ -328,21 +328,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           fence_async_smem();
           __syncwarp();
-          // One lane issues the warp's 16 row reductions (per-lane issue made the compiler loop over the
-          // lanes with uniform-register moves).
-          if (lane == 0) {
-            const int qrow = q0 + mb * 64 + wq * 16;
-            if (has_job) {
-              const int rows = min(16, p.num_q - qrow);
-              float* dst = p.dq_accum + (static_cast<int64_t>(qrow) * p.heads_q + h) * D + job * 64;
-              const uint32_t src = dq_stage + wq * 16 * kDqRowFloats * 4;
-#pragma unroll
-              for (int r = 0; r < 16; ++r)
-                if (r < rows)
-                  bulk_reduce_add_f32(dst + static_cast<int64_t>(r) * p.heads_q * D, src + r * kDqRowFloats * 4, 64 * 4);
-            }
-            bulk_commit();
+          // Lane r < 16 reduces row r: the compiler issues them in one elect loop. (One lane issuing all 16
+          // compiled to 16 such loops, ~3x the instructions; D=128 ran 3% slower with it, docs/kernel-log.md v7.)
+          const int qrow = q0 + mb * 64 + wq * 16 + lane;
+          if (has_job && lane < 16 && qrow < p.num_q) {
+            float* dst = p.dq_accum + (static_cast<int64_t>(qrow) * p.heads_q + h) * D + job * 64;
+            bulk_reduce_add_f32(dst, dq_stage + (wq * 16 + lane) * kDqRowFloats * 4, 64 * 4);
           }
+          if (lane < 16) bulk_commit();
         }
         if constexpr (QS == 128) {
           wg_wait<0>();
@@ -353,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  if (lane == 0) bulk_wait<0>();  // the shared source must outlive the reductions
+  if (lane < 16) bulk_wait<0>();  // the shared source must outlive the reductions
 
   // Epilogue: both warpgroups' last dQ GEMMs (which read all of K) are done before K/V are reused as
   // staging for dK (times the softmax scale) and dV.
