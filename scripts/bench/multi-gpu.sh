@@ -85,7 +85,7 @@ if want watchdog && [ "$ngpu" -ge 2 ]; then
       --set data.synthetic=true --set train.steps=10 --set parallel.cp=2 --set parallel.communicator=nccl \
       --set parallel.timeout_s=8 --set checkpoint.every=0 --set logging.dir="$2/nccl-watchdog" --quiet >"$2/nccl-watchdog.inner" 2>&1 &
     job=$!
-    sleep 45
+    for _ in $(seq 45); do kill -0 $job 2>/dev/null || break; sleep 1; done
     if kill -0 $job 2>/dev/null; then  # still there long after the timeout: show where each rank waits
       for pid in $(pgrep -f "flexcp train configs/tiny-cp1.yaml" | grep -v "^$job\$"); do
         echo "-- pid $pid threads (name wchan):"
