@@ -125,23 +125,22 @@ struct ComputeOnly {
   double scale = 1;
 
   AttnForward forward(const at::Tensor& q) const {
-    at::Tensor out = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
-    at::Tensor lse = at::full({q.size(0), q.size(1)}, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
+    StageForwardSum sum{local.get(), cp_last_stage_with_work(*rp), {}};
     for (size_t st = 0; st < rp->stages.size(); ++st) {
       if (rp->stages[st].spec.slices.empty()) continue;
-      AttnForward part = local->forward(q, ks[st], vs[st], rp->stages[st].spec, scale);
-      attn_merge_into(out, lse, part.out, part.lse);
+      sum.add(static_cast<int64_t>(st), local->forward(q, ks[st], vs[st], rp->stages[st].spec, scale));
     }
-    return {out.to(q.scalar_type()), lse};
+    return sum.result(q);
   }
   void backward(const at::Tensor& dout, const at::Tensor& q, const AttnForward& f) const {
-    at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    StageDqSum dq{cp_last_stage_with_work(*rp), {}};
     for (size_t st = 0; st < rp->stages.size(); ++st) {
       if (rp->stages[st].spec.slices.empty()) continue;
       AttnGrads g = local->backward(dout, q, ks[st], vs[st], f.out, f.lse, rp->stages[st].spec, scale);
-      dq.add_(g.dq.to(at::kFloat));
-      (void)at::stack({g.dk.to(at::kFloat), g.dv.to(at::kFloat)}, 1);  // the kernel's dK/dV packing
+      dq.add(static_cast<int64_t>(st), g.dq);
+      (void)at::stack({g.dk, g.dv}, 1);  // the kernel's dK/dV packing
     }
+    (void)dq.result(q);
   }
 };
 
@@ -150,7 +149,7 @@ struct CommOnly {
   Communicator* group = nullptr;
   const CpRankPlan* rp = nullptr;
   std::vector<at::Tensor> send;  // per stage: kv rows sent (packed k and v, the kernel's dtype)
-  std::vector<at::Tensor> grad;  // per stage: fp32 dK/dV of the stage's buffer
+  std::vector<at::Tensor> grad;  // per stage: dK/dV of the stage's buffer (k's dtype, as the kernel sends them)
 
   void casts() const {
     for (size_t st = 1; st < rp->stages.size(); ++st) {
@@ -272,7 +271,7 @@ int cp_attn_run(const CpAttnOptions& o) {
       co.vs.push_back(at::randn({rows, hkv, d}, gen).to(dev, dt));
       const at::Tensor idx = at::tensor(rp.stages[st].send_index, at::TensorOptions().dtype(at::kLong)).to(dev);
       cm.send.push_back(kv.index_select(0, idx).contiguous());
-      cm.grad.push_back(at::zeros({rows, 2, hkv, d}, kv.options().dtype(at::kFloat)));
+      cm.grad.push_back(at::zeros({rows, 2, hkv, d}, kv.options()));
     }
     row[kCompF] = median_ms(o.iters, dev, comm, [&] { co.forward(ql); });
     row[kCompFB] = median_ms(o.iters, dev, comm, [&] { co.backward(dl, ql, co.forward(ql)); });

@@ -34,6 +34,11 @@ class AttentionKernel {
   virtual AttnGrads backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                              const AttentionSpec& spec, double scale) = 0;
+  // Merges `part`, a partial result for the same queries over other keys, into `acc`
+  // (attention-spec.md, "Merging"); math in fp32. acc.out keeps its dtype when acc.out and part.out
+  // share one, else it becomes fp32. The base version runs torch ops (cp_attention.cpp); a kernel
+  // may override it with one fused pass (ffa).
+  virtual void merge_into(AttnForward& acc, const AttnForward& part);
 };
 
 // What the model calls. Returns out (Tq, Hq, D), differentiable with respect to q, k and v.

@@ -76,6 +76,27 @@ class FfaKernel : public AttentionKernel {
     return {out, lse};
   }
 
+  // Two parts of one dtype (what CP's single remote stage gives): one fused pass (cuda/ffa_merge.cu)
+  // in fp32, written over acc's tensors. Anything else: the torch ops of the base class.
+  void merge_into(AttnForward& acc, const AttnForward& part) override {
+    const at::Tensor &o1 = acc.out, &o2 = part.out;
+    const bool fused = o1.is_cuda() && o2.device() == o1.device() && o1.scalar_type() == o2.scalar_type() &&
+                       (o1.scalar_type() == at::kBFloat16 || o1.scalar_type() == at::kHalf) && o1.dim() == 3 &&
+                       o1.sizes() == o2.sizes() && o1.stride(2) == 1 && o2.stride(2) == 1 &&
+                       acc.lse.scalar_type() == at::kFloat && part.lse.scalar_type() == at::kFloat &&
+                       acc.lse.dim() == 2 && part.lse.dim() == 2;
+    if (!fused) return AttentionKernel::merge_into(acc, part);
+    c10::cuda::CUDAGuard guard(o1.device());
+    ffa::MergeArgs m;
+    m.num_tokens = o1.size(0);
+    m.heads = static_cast<int32_t>(o1.size(1));
+    m.head_dim = static_cast<int32_t>(o1.size(2));
+    m.dtype = dtype_of(o1, "attention ffa merge");
+    m.o1 = ref(o1), m.o2 = ref(o2), m.out = ref(o1);
+    m.lse1 = lse_ref(acc.lse), m.lse2 = lse_ref(part.lse), m.lse = lse_ref(acc.lse);
+    ffa::merge(m, at::cuda::getCurrentCUDAStream());
+  }
+
   AttnGrads backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
                      const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
                      const AttentionSpec& spec, double scale) override {

@@ -98,6 +98,7 @@ CommWatchdog::CommWatchdog(Options o) : o_(std::move(o)) {
   const double tick_s = std::clamp(o_.timeout_s / 10, 0.02, 1.0);
   tick_ = std::chrono::milliseconds(static_cast<int64_t>(std::ceil(tick_s * 1000)));
   thread_ = std::thread([this] { loop(); });
+  poller_ = std::thread([this] { poll_loop(); });
 }
 
 CommWatchdog::~CommWatchdog() {
@@ -107,6 +108,7 @@ CommWatchdog::~CommWatchdog() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  if (poller_.joinable()) poller_.join();
 }
 
 CommWatchdog::Scope CommWatchdog::watch(const char* what) { return Scope(this, begin(what, {})); }
@@ -155,39 +157,23 @@ void CommWatchdog::set_on_fire_for_test(std::function<void(const std::string&)> 
   on_fire_for_test_ = std::move(f);
 }
 
+// The timing thread: reads the table, never calls into CUDA, NCCL or the network, so that it fires
+// even when those are what is stuck.
 void CommWatchdog::loop() {
   std::unique_lock<std::mutex> lk(m_);
   while (!stop_) {
     cv_.wait_for(lk, tick_);
     if (stop_) return;
-    for (auto it = ops_.begin(); it != ops_.end();) {
-      bool finished = false;
-      if (it->second.done) {
-        try {
-          finished = it->second.done();
-        } catch (...) {
-          finished = true;  // the stream is broken: the error probe or the next call reports it
-        }
-      }
-      it = finished ? ops_.erase(it) : std::next(it);
-    }
     const uint64_t oldest = ops_.empty() ? 0 : ops_.begin()->first;
     const std::string what = ops_.empty() ? std::string("communication") : ops_.begin()->second.what;
-    for (const auto& probe : error_probes_) {
-      std::string err;
-      try {
-        err = probe();
-      } catch (const std::exception& e) {
-        err = e.what();
-      }
-      if (!err.empty()) {
-        lk.unlock();
-        fire("flexcp: rank " + std::to_string(o_.rank) + " of " + std::to_string(o_.world_size) + " (" + o_.backend +
-                 "): " + err + " during " + what + (oldest ? " (collective #" + std::to_string(oldest) + "): %LATE%" : "") +
-                 "; stopping this rank (exit code " + std::to_string(kRankFailureExitCode) + ")",
-             oldest);
-        return;
-      }
+    if (!async_error_.empty()) {
+      const std::string err = async_error_;
+      lk.unlock();
+      fire("flexcp: rank " + std::to_string(o_.rank) + " of " + std::to_string(o_.world_size) + " (" + o_.backend +
+               "): " + err + " during " + what + (oldest ? " (collective #" + std::to_string(oldest) + "): %LATE%" : "") +
+               "; stopping this rank (exit code " + std::to_string(kRankFailureExitCode) + ")",
+           oldest);
+      return;
     }
     if (oldest == 0) continue;
     const double waited = seconds_since(ops_.begin()->second.start);
@@ -195,6 +181,57 @@ void CommWatchdog::loop() {
     lk.unlock();
     fire(comm_watchdog_line(o_, what, oldest, waited, "%LATE%"), oldest);
     return;
+  }
+}
+
+// The polling thread: asks the back-end whether asynchronous collectives are done and whether it
+// saw an error. Those calls (cudaEventQuery, ncclCommGetAsyncError) can block for as long as the
+// CUDA driver does, e.g. while the main thread waits for room to launch behind a stuck NCCL kernel;
+// they run here, without the lock, so that a blocked poll only leaves its collective unfinished,
+// which the timing thread then reports.
+void CommWatchdog::poll_loop() {
+  while (true) {
+    std::vector<std::pair<uint64_t, std::function<bool()>>> pending;
+    std::vector<std::function<std::string()>> probes;
+    std::vector<Op> released;  // ops that ended: destroyed (their CUDA events with them) after the lock
+    {
+      std::unique_lock<std::mutex> lk(m_);
+      cv_.wait_for(lk, tick_);
+      if (stop_) return;
+      for (const auto& [id, op] : ops_)
+        if (op.done) pending.emplace_back(id, op.done);
+      probes = error_probes_;
+    }
+    std::vector<uint64_t> finished;
+    for (const auto& [id, done] : pending) {
+      bool is_done = false;
+      try {
+        is_done = done();
+      } catch (...) {
+        is_done = true;  // the stream is broken: the error probe or the next call reports it
+      }
+      if (is_done) finished.push_back(id);
+    }
+    std::string err;
+    for (const auto& probe : probes) {
+      try {
+        err = probe();
+      } catch (const std::exception& e) {
+        err = e.what();
+      }
+      if (!err.empty()) break;
+    }
+    std::lock_guard<std::mutex> lk(m_);
+    for (uint64_t id : finished) {
+      if (auto it = ops_.find(id); it != ops_.end()) {
+        released.push_back(std::move(it->second));
+        ops_.erase(it);
+      }
+    }
+    if (!err.empty() && async_error_.empty()) {
+      async_error_ = err;
+      cv_.notify_all();
+    }
   }
 }
 

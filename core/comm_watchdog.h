@@ -96,6 +96,7 @@ class CommWatchdog {
   uint64_t begin(const char* what, std::function<bool()> done);
   void end(uint64_t id);
   void loop();
+  void poll_loop();
   void fire(const std::string& reason, uint64_t seq);
 
   Options o_;
@@ -111,7 +112,9 @@ class CommWatchdog {
   std::vector<std::function<std::string()>> error_probes_;
   std::function<void()> stop_note_;
   std::function<void(const std::string&)> on_fire_for_test_;
-  std::thread thread_;
+  std::string async_error_;  // the first error an error probe reported (set by the polling thread)
+  std::thread thread_;       // timing: fires on a timeout or an error; never blocks on the back-end
+  std::thread poller_;       // polling: runs done() and the error probes, which may block
 };
 
 // True once a watchdog of this process has begun to stop it. A collective that fails meanwhile (a

@@ -4,6 +4,7 @@
 
 #include <limits>
 #include <sstream>
+#include <utility>
 
 #include "core/errors.h"
 
@@ -18,6 +19,50 @@ void attn_merge_into(at::Tensor& out1, at::Tensor& lse1, const at::Tensor& out2,
   const at::Tensor inv = at::where(s > 0, s.reciprocal(), at::zeros_like(s));
   out1 = out1 * (w1 * inv).unsqueeze(-1) + out2.to(at::kFloat) * (w2 * inv).unsqueeze(-1);
   lse1 = m_safe + at::log(s);  // log(0) = -inf for rows no part saw
+}
+
+void AttentionKernel::merge_into(AttnForward& acc, const AttnForward& part) {
+  const bool same = acc.out.scalar_type() == part.out.scalar_type();
+  at::Tensor out = acc.out.to(at::kFloat);
+  attn_merge_into(out, acc.lse, part.out, part.lse);
+  acc.out = same ? out.to(part.out.scalar_type()) : out;
+}
+
+int64_t cp_last_stage_with_work(const CpRankPlan& rp) {
+  for (int64_t st = static_cast<int64_t>(rp.stages.size()) - 1; st >= 0; --st)
+    if (!rp.stages[st].spec.slices.empty()) return st;
+  return -1;
+}
+
+void StageForwardSum::add(int64_t stage, AttnForward part) {
+  if (!acc.out.defined()) {
+    acc = std::move(part);
+    return;
+  }
+  if (stage != last) acc.out = acc.out.to(at::kFloat);  // more merges follow: no rounding in between
+  kernel->merge_into(acc, part);
+}
+
+AttnForward StageForwardSum::result(const at::Tensor& q) const {
+  if (!acc.out.defined())
+    return {at::zeros(q.sizes(), q.options()),
+            at::full({q.size(0), q.size(1)}, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat))};
+  return {acc.out.to(q.scalar_type()), acc.lse};
+}
+
+void StageDqSum::add(int64_t stage, const at::Tensor& part) {
+  if (!dq.defined()) {
+    dq = part;
+  } else if (stage == last) {
+    dq = at::add(dq, part);  // bf16 + bf16: fp32 math, one rounding; fp32 + bf16: fp32
+  } else {
+    if (dq.scalar_type() != at::kFloat) dq = dq.to(at::kFloat);
+    dq.add_(part);
+  }
+}
+
+at::Tensor StageDqSum::result(const at::Tensor& q) const {
+  return dq.defined() ? dq.to(q.scalar_type()) : at::zeros(q.sizes(), q.options());
 }
 
 namespace {
@@ -56,9 +101,7 @@ class CpAttentionKernel final : public AttentionKernel {
       ctx_->stats.forward_received += S.buf.size() * row_bytes;
     };
 
-    const int64_t tq = q.size(0), hq = q.size(1), d = q.size(2);
-    at::Tensor out = at::zeros({tq, hq, d}, q.options().dtype(at::kFloat));
-    at::Tensor lse = at::full({tq, hq}, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
+    StageForwardSum sum{local_.get(), cp_last_stage_with_work(rp), {}};
     start_cast(1);
     for (int64_t st = 0; st < nst; ++st) {
       at::Tensor ks = k, vs = v;
@@ -71,11 +114,10 @@ class CpAttentionKernel final : public AttentionKernel {
       }
       const CpStage& S = rp.stages[st];
       if (S.spec.slices.empty()) continue;
-      AttnForward part = local_->forward(q, ks, vs, S.spec, scale);
-      attn_merge_into(out, lse, part.out, part.lse);
+      sum.add(st, local_->forward(q, ks, vs, S.spec, scale));
     }
     ++ctx_->stats.forward_calls;
-    return {out.to(q.scalar_type()), lse};
+    return sum.result(q);
   }
 
   AttnGrads backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -85,7 +127,9 @@ class CpAttentionKernel final : public AttentionKernel {
     const int64_t nst = static_cast<int64_t>(rp.stages.size());
     at::Tensor kv = at::stack({k, v}, 1);
     const int64_t row_bytes = 2 * k.size(1) * k.size(2) * static_cast<int64_t>(kv.element_size());
-    const int64_t grad_row_bytes = row_bytes / kv.element_size() * 4;  // dK/dV travel in fp32
+    // The local kernel's partial dK/dV are already rounded to k's dtype: they travel in it (no
+    // information is lost) and are summed by their owner in fp32.
+    const int64_t grad_row_bytes = row_bytes;
 
     std::vector<std::unique_ptr<CommWork>> cast(static_cast<size_t>(nst)), reduce(static_cast<size_t>(nst));
     auto start_cast = [&](int64_t st) {
@@ -95,11 +139,13 @@ class CpAttentionKernel final : public AttentionKernel {
       ctx_->stats.backward_sent += static_cast<int64_t>(S.send_index.size()) * row_bytes;
       ctx_->stats.backward_received += S.buf.size() * row_bytes;
     };
-    at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    // dQ: the stages' parts (StageDqSum); dK/dV: this rank's own part plus what the other ranks
+    // send back, in fp32.
+    StageDqSum dq{cp_last_stage_with_work(rp), {}};
     at::Tensor dkv = at::zeros(kv.sizes(), kv.options().dtype(at::kFloat));
     auto finish_reduce = [&](int64_t st) {
       if (st < 1 || !reduce[st]) return;
-      dkv.index_add_(0, idx.send[st], reduce[st]->wait());
+      dkv.index_add_(0, idx.send[st], reduce[st]->wait().to(at::kFloat));
       reduce[st].reset();
     };
 
@@ -117,10 +163,10 @@ class CpAttentionKernel final : public AttentionKernel {
       at::Tensor dkv_stage;
       if (!S.spec.slices.empty()) {
         AttnGrads g = local_->backward(dout, q, ks, vs, out, lse, S.spec, scale);
-        dq.add_(g.dq.to(at::kFloat));
-        dkv_stage = at::stack({g.dk.to(at::kFloat), g.dv.to(at::kFloat)}, 1);
+        dq.add(st, g.dq);
+        dkv_stage = at::stack({g.dk, g.dv}, 1);
       } else {
-        dkv_stage = at::zeros({ks.size(0), 2, ks.size(1), ks.size(2)}, dkv.options());
+        dkv_stage = at::zeros({ks.size(0), 2, ks.size(1), ks.size(2)}, kv.options());
       }
       if (st == 0) {
         dkv.add_(dkv_stage);
@@ -135,7 +181,7 @@ class CpAttentionKernel final : public AttentionKernel {
     }
     finish_reduce(nst - 1);
     ++ctx_->stats.backward_calls;
-    return {dq.to(q.scalar_type()), dkv.select(1, 0).to(k.scalar_type()).contiguous(),
+    return {dq.result(q), dkv.select(1, 0).to(k.scalar_type()).contiguous(),
             dkv.select(1, 1).to(v.scalar_type()).contiguous()};
   }
 

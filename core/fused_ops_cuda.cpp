@@ -407,6 +407,18 @@ bool fp32_gemm_accumulation_works(const at::Device& device) {
   return works;
 }
 
+// MiB of bf16 logits per chunk when the caller does not choose: larger chunks mean fewer passes of
+// the fp32 dW accumulation (1 GiB read and written per chunk at the 1B shapes) and shorter-K GEMMs
+// avoided, at the price of the chunk's logits buffer. FLEXCP_CE_CHUNK_MIB overrides it (A/B timings).
+int64_t ce_chunk_mib() {
+  static const int64_t mib = [] {
+    const char* env = std::getenv("FLEXCP_CE_CHUNK_MIB");
+    const int64_t v = env != nullptr ? std::atoll(env) : 0;
+    return v > 0 ? v : int64_t(256);
+  }();
+  return mib;
+}
+
 struct CeChunks {
   at::Tensor loss;     // scalar fp32
   at::Tensor dhidden;  // (T, H) bf16, when asked for
@@ -565,7 +577,7 @@ at::Tensor fused_cross_entropy_sum(const at::Tensor& hidden, const at::Tensor& w
       labels.dim() != 1 || labels.size(0) != hidden.size(0))
     return {};
   const int64_t V = weight.size(0);
-  const int64_t chunk = chunk_tokens > 0 ? chunk_tokens : std::max<int64_t>(1, (int64_t(256) << 20) / (V * 2));
+  const int64_t chunk = chunk_tokens > 0 ? chunk_tokens : std::max<int64_t>(1, (ce_chunk_mib() << 20) / (V * 2));
   // Gradients are computed in the forward, so only when the backward can ask for them.
   const bool grad = c10::GradMode::is_enabled();
   const bool need_dh = grad && hidden.requires_grad(), need_dw = grad && weight.requires_grad();

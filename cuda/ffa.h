@@ -68,8 +68,9 @@ struct BackwardArgs {
   bool deterministic = false;
   void* workspace = nullptr;  // backward_workspace_bytes(dims, deterministic), 256-byte aligned
   // dK/dV kernel: 0 = TMA producer + two wgmma consumer warpgroups (sm_90a, the default; the
-  // deterministic mode runs 1 instead), 1 = wgmma with cp.async loads, 2 = mma.sync (FlashAttention-2
-  // style fallback).
+  // deterministic mode runs 1 instead; 128-query steps at D=64), 1 = wgmma with cp.async loads,
+  // 2 = mma.sync (FlashAttention-2 style fallback), 3 = as 0 with 64-query steps at D=64 too (the
+  // previous default, kept for comparison; the same as 0 at D=128).
   int kernel = 0;
 };
 

@@ -145,8 +145,9 @@ void backward(const BackwardArgs& a, const DevicePlan& plan, cudaStream_t stream
   p.scale_log2 = p.scale * kLog2e;
   p.q_side = q_view(plan);
   p.k_side = k_view(plan);
-  if (a.kernel < 0 || a.kernel > 2)
-    fail(where, "unknown backward kernel " + std::to_string(a.kernel), "use 0 (tma), 1 (wgmma) or 2 (mma.sync)");
+  if (a.kernel < 0 || a.kernel > 3)
+    fail(where, "unknown backward kernel " + std::to_string(a.kernel),
+         "use 0 (tma), 1 (wgmma), 2 (mma.sync) or 3 (tma with 64-query steps)");
   detail::launch_backward(static_cast<int>(a.dtype), d.head_dim, a.deterministic, a.kernel, p, stream);
 }
 

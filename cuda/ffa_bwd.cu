@@ -431,9 +431,9 @@ void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& p, c
   }
   constexpr int kSmemKV = 6 * 64 * D * 2 + 64 * 64 * 2 + 4 * 64 * 4;
   const int64_t grid_kv = 2 * static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;  // two CTAs per item
-  if (grid_kv > 0 && dkdv == 0 && !deterministic && dkdv_tma_supported(p)) {
-    launch_dkdv_tma(dtype, D, p, stream);
-  } else if (grid_kv > 0 && dkdv <= 1) {
+  if (grid_kv > 0 && (dkdv == 0 || dkdv == 3) && !deterministic && dkdv_tma_supported(p)) {
+    launch_dkdv_tma(dtype, D, dkdv == 3, p, stream);
+  } else if (grid_kv > 0 && dkdv != 2) {
     launch_dkdv_wgmma(dtype, D, !deterministic, p, stream);
   } else if (grid_kv > 0) {
     auto kernel = deterministic ? dkdv_kernel<T, D, false> : dkdv_kernel<T, D, true>;

@@ -143,13 +143,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m[r], mx * p.scale_log2);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = exp2f(m[r] - m_use);
+        const float alpha = exp2_ftz(m[r] - m_use);
         m[r] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < kBN / 8; ++j) {
-          const float p0 = exp2f(fmaf(sc[4 * j + 2 * r], p.scale_log2, -m_use));
-          const float p1 = exp2f(fmaf(sc[4 * j + 2 * r + 1], p.scale_log2, -m_use));
+          const float p0 = exp2_ftz(fmaf(sc[4 * j + 2 * r], p.scale_log2, -m_use));
+          const float p1 = exp2_ftz(fmaf(sc[4 * j + 2 * r + 1], p.scale_log2, -m_use));
           sc[4 * j + 2 * r] = p0;
           sc[4 * j + 2 * r + 1] = p1;
           sum += p0 + p1;

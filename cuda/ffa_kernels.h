@@ -65,12 +65,13 @@ void launch_forward(int dtype, int head_dim, const FwdParams& p, cudaStream_t st
 void launch_forward_wgmma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);  // sm_90a wgmma
 void launch_forward_tma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);    // + TMA, warp-specialized
 // dkdv_kernel: 0 = TMA warp-specialized (sm_90a; atomic dQ only: deterministic calls use 1), 1 = wgmma
-// with cp.async loads (sm_90a), 2 = mma.sync.
+// with cp.async loads (sm_90a), 2 = mma.sync, 3 = as 0 with 64-query steps at D=64 too (the v6 default).
 void launch_backward(int dtype, int head_dim, bool deterministic, int dkdv_kernel, const BwdParams& p,
                      cudaStream_t stream);
 void launch_dkdv_wgmma(int dtype, int head_dim, bool atomic_dq, const BwdParams& p, cudaStream_t stream);
 bool dkdv_tma_supported(const BwdParams& p);  // needs queries, keys and the fp32 dQ accumulator
-void launch_dkdv_tma(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream);
+// q64_steps: 64 queries per step at D=64 as well (otherwise 128 there; D=128 always steps by 64).
+void launch_dkdv_tma(int dtype, int head_dim, bool q64_steps, const BwdParams& p, cudaStream_t stream);
 void launch_merge(int dtype, const MergeParams& p, cudaStream_t stream);
 
 }  // namespace detail

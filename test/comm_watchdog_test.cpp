@@ -130,6 +130,22 @@ TEST_CASE("watchdog: an async collective that never completes fires, an error pr
                     "rank (exit code 3)") != std::string::npos);
 }
 
+TEST_CASE("watchdog: a done() poll that blocks (a stuck CUDA driver) still fires on time", "[comm][watchdog]") {
+  // On the H100, rank 0's cudaEventQuery blocked while its main thread waited behind a hung peer's
+  // NCCL kernel, and a watchdog that polled on its timing thread never printed its line.
+  Fired f;
+  auto wd = test_watchdog(0.2, f);
+  auto stuck = std::make_shared<std::atomic<bool>>(true);
+  wd->watch_async("all_to_all_v", [stuck] {
+    while (*stuck) std::this_thread::sleep_for(10ms);
+    return true;
+  });
+  const bool fired = wait_until([&] { return f.fired(); }, 3000ms);
+  *stuck = false;  // lets the polling thread end before the watchdog is destroyed
+  REQUIRE(fired);
+  CHECK(f.line.find("all_to_all_v (collective #1) has waited") != std::string::npos);
+}
+
 TEST_CASE("watchdog: a probe that blocks does not hold the line back", "[comm][watchdog]") {
   Fired f;
   auto wd = test_watchdog(0.1, f);

@@ -105,6 +105,8 @@ def run_shape(sh, dtype, which):
     res["ours_fwdbwd_ms"] = bench_ms(ours_fwdbwd)
     # The previous default backward (wgmma + cp.async, 64 keys per CTA), measured in the same process.
     res["ours_wgmma_cpasync_fwdbwd_ms"] = bench_ms(ours_fwdbwd_kernel(1))
+    if d == 64:  # kernel 3 (64-query steps, the v6 default) differs from 0 only at D=64
+        res["ours_q64_fwdbwd_ms"] = bench_ms(ours_fwdbwd_kernel(3))
     if "fallbacks" in which:
         res["ours_wgmma_cpasync_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan, q, k, v, kernel=1))
         res["ours_mmasync_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan, q, k, v, kernel=2))
@@ -211,7 +213,9 @@ def main():
               f"{g('ours_fwdbwd_tflops') / g('sdpa_fwdbwd_tflops'):7.2f} {g('ours_fwdbwd_tflops') / g('flex_fwdbwd_tflops'):7.2f}")
     for r in base:
         print(f"{r['shape']:<40} f+b with the wgmma+cp.async backward (previous default): "
-              f"{r['ours_wgmma_cpasync_fwdbwd_tflops']:.1f}")
+              f"{r['ours_wgmma_cpasync_fwdbwd_tflops']:.1f}"
+              + (f", with the 64-query-step TMA backward (kernel 3): {r['ours_q64_fwdbwd_tflops']:.1f}"
+                 if "ours_q64_fwdbwd_tflops" in r else ""))
     if args.json:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
                 "flop_convention": "fwd = 4*D*Hq*visible_pairs; fwd+bwd = 3.5x fwd", "results": results}

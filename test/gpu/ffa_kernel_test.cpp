@@ -11,6 +11,7 @@
 #include "core/attention_backend.h"
 #include "core/attention_ffa.h"
 #include "core/attention_spec.h"
+#include "core/cp_attention.h"
 
 namespace {
 
@@ -125,4 +126,51 @@ TEST_CASE("ffa kernel refuses fp32 and CPU tensors with a clear message", "[gpu]
   CHECK_THROWS_WITH(ffa->forward(q, q, q, spec, 0.125), Catch::Contains("bf16 or fp16"));
   auto c = at::randn({16, 2, 64});
   CHECK_THROWS_WITH(ffa->forward(c, c, c, spec, 0.125), Catch::Contains("CUDA"));
+}
+
+TEST_CASE("ffa merge_into and StageForwardSum: key parts merged equal attention over all keys", "[gpu][ffa]") {
+  // Queries [200, 330) of a causal sequence of 330 (rows 0..199 see no key in any part): keys split
+  // into [0, 120), [120, 200) (full) and [200, 330) (causal), as CP's stages see them.
+  AttentionSpec all;
+  all.num_q = 330;
+  all.num_k = 330;
+  all.slices = {{{200, 330}, {0, 330}, MaskType::Causal}};
+  const auto part_spec = [](int64_t k0, int64_t k1, MaskType m) {
+    AttentionSpec s;
+    s.num_q = 330;
+    s.num_k = k1 - k0;
+    s.slices = {{{200, 330}, {0, k1 - k0}, m}};
+    return s;
+  };
+  const auto opt = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  const at::Tensor q = at::randn({330, 8, 64}, opt), k = at::randn({330, 2, 64}, opt), v = at::randn({330, 2, 64}, opt);
+  const double scale = 0.125;
+  auto ffa = make_ffa_kernel();
+  const Ref r = reference(q, k, v, at::zeros_like(q), all, scale);
+  const auto part = [&](int64_t k0, int64_t k1, MaskType m) {
+    return ffa->forward(q, k.narrow(0, k0, k1 - k0), v.narrow(0, k0, k1 - k0), part_spec(k0, k1, m), scale);
+  };
+  const at::Tensor finite = at::isfinite(r.lse);
+  const auto check_like_reference = [&](const AttnForward& f) {
+    CHECK(f.out.scalar_type() == at::kBFloat16);
+    CHECK(max_err(f.out, r.out) < 3e-2);
+    CHECK(at::equal(finite, at::isfinite(f.lse)));
+    CHECK(max_err(f.lse.masked_select(finite), r.lse.masked_select(finite)) < 1e-2);
+    CHECK(max_err(f.out.narrow(0, 0, 200), at::zeros({200, 8, 64}, opt)) == 0.0);  // no key: out 0
+  };
+  SECTION("two parts of one dtype: the fused merge, in place") {
+    AttnForward acc = part(0, 200, MaskType::Full);
+    const void* before = acc.out.data_ptr();
+    ffa->merge_into(acc, part(200, 330, MaskType::Causal));
+    CHECK(acc.out.data_ptr() == before);
+    check_like_reference(acc);
+  }
+  SECTION("three parts: fp32 between merges, one rounding at the end") {
+    StageForwardSum sum{ffa.get(), 2, {}};
+    sum.add(0, part(0, 120, MaskType::Full));
+    sum.add(1, part(120, 200, MaskType::Full));
+    CHECK(sum.acc.out.scalar_type() == at::kFloat);
+    sum.add(2, part(200, 330, MaskType::Causal));
+    check_like_reference(sum.result(q));
+  }
 }

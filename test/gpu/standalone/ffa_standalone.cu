@@ -166,7 +166,7 @@ int run(int D, bool use_merge_split) {
     compare(names[2 * kern], dout_.p, ro, true, 2e-2);
     compare(names[2 * kern + 1], dlse.p, rl, false, 1e-3);
   }
-  for (int variant = 0; variant < 6; ++variant) {  // {atomic, deterministic} x {tma, wgmma, mma.sync}
+  for (int variant = 0; variant < 8; ++variant) {  // {atomic, det} x {tma, wgmma, mma.sync, tma 64-q steps}
     const int det = variant & 1, kern = variant >> 1;
     ffa::BackwardArgs ba;
     ba.dims = fa.dims;
@@ -183,12 +183,14 @@ int run(int D, bool use_merge_split) {
     ba.workspace = ws.p;
     ffa::backward(ba, dp, 0);
     CK(cudaDeviceSynchronize());
-    const char* nm[6][3] = {{"dq", "dk", "dv"},
+    const char* nm[8][3] = {{"dq", "dk", "dv"},
                             {"dq (det)", "dk (det)", "dv (det)"},
                             {"dq (wgmma)", "dk (wgmma)", "dv (wgmma)"},
                             {"dq (wgmma, det)", "dk (wgmma, det)", "dv (wgmma, det)"},
                             {"dq (mma)", "dk (mma)", "dv (mma)"},
-                            {"dq (mma, det)", "dk (mma, det)", "dv (mma, det)"}};
+                            {"dq (mma, det)", "dk (mma, det)", "dv (mma, det)"},
+                            {"dq (q64)", "dk (q64)", "dv (q64)"},
+                            {"dq (q64, det)", "dk (q64, det)", "dv (q64, det)"}};
     compare(nm[variant][0], gq.p, rdq, true, 2e-2);
     compare(nm[variant][1], gk.p, rdk, true, 2e-2);
     compare(nm[variant][2], gv.p, rdv, true, 2e-2);
