@@ -244,7 +244,9 @@ Manifest manifest_from_json_unchecked(const nlohmann::json& j, const std::string
   m.tokenizer_sha256 = field<std::string>(tok, "sha256", where, "tokenizer");
   m.vocab_size = field<int64_t>(tok, "vocab_size", where, "tokenizer");
   m.bos_id = field<int64_t>(tok, "bos_id", where, "tokenizer");
-  m.eos_id = tok.value("eos_id", int64_t(-1));
+  // Optional, but checked like the others when present: nlohmann's value<int64_t> casts a number too
+  // large for int64 (parsed as a double) with undefined behaviour (found by fuzz_manifest).
+  m.eos_id = tok.is_object() && tok.contains("eos_id") ? field<int64_t>(tok, "eos_id", where, "tokenizer") : -1;
   const auto& sf = j.contains("shard_format") ? j["shard_format"] : nlohmann::json();
   m.shard_magic = field<int32_t>(sf, "magic", where, "shard_format");
   m.shard_version = field<int32_t>(sf, "version", where, "shard_format");
