@@ -55,7 +55,7 @@ at::Tensor fused_gate_up_swiglu(const at::Tensor& x, const at::Tensor& wg, const
 
 // The scalar fp32 sum of -log softmax(hidden @ weight^T)[label] over labels != ignore_index, as
 // chunked_cross_entropy computes it; labels are int64 on hidden's device and already validated.
-// chunk_tokens 0 picks chunks of about 256 MiB of bf16 logits.
+// chunk_tokens 0 picks chunks of about 1 GiB of bf16 logits (FLEXCP_CE_CHUNK_MIB overrides).
 at::Tensor fused_cross_entropy_sum(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                                    int64_t chunk_tokens, int64_t ignore_index);
 

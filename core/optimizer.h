@@ -56,7 +56,7 @@ class FlatAdamW {
   // grad_flat() still gives the fp32 gradient: reading it makes the copy, which the step then uses.
   // A no-op elsewhere (CPU, fp32 models, FLEXCP_OPTIM_FUSED=0). While on, a second
   // accumulate_grads() in one step throws (autograd would have summed the micro-batches in bf16).
-  // The trainer uses it only with FLEXCP_OPTIM_DIRECT_GRADS=1 for now (see core/trainer.cpp).
+  // The trainer turns it on for one micro-batch on one rank unless FLEXCP_OPTIM_DIRECT_GRADS=0.
   void set_single_micro_batch(bool on);
   bool direct_grads() const { return direct_; }
   // Global L2 norm of the gradient and the factor that brings it to at most max_norm (0: no

@@ -167,12 +167,12 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
   FlatAdamW opt(model->named_parameters().pairs(), {t.beta1, t.beta2, t.eps, t.weight_decay});
   // One micro-batch per step on one rank: no fp32 gradient copy (the `accumulate grads` pass); the
   // update reads the model's bf16 gradients. More micro-batches or ranks sum them in fp32.
-  // Opt-in (FLEXCP_OPTIM_DIRECT_GRADS=1) until measured again: on the H100 (Llama-3.2-1B, seq 8192)
-  // the first kernel version saved the 3.6 ms pass and 0.8 ms of clip but its step took 25.8 ms
-  // instead of 13.3 (see cuda/optim_adamw.cu).
+  // On the H100 (Llama-3.2-1B, seq 8192) this took the step from 164.8 to 163.1 ms: the 3.6 ms pass
+  // and 0.8 ms of clip gone, the AdamW step unchanged at 13.3 ms. FLEXCP_OPTIM_DIRECT_GRADS=0 turns
+  // it off (A/B, numerics questions).
   const char* direct_env = std::getenv("FLEXCP_OPTIM_DIRECT_GRADS");
-  opt.set_single_micro_batch(dn.grad_accum == 1 && rt.world == 1 && direct_env != nullptr &&
-                             std::string(direct_env) == "1");
+  opt.set_single_micro_batch(dn.grad_accum == 1 && rt.world == 1 &&
+                             !(direct_env != nullptr && std::string(direct_env) == "0"));
 
   // Resume: weights (fp32 master), moments and the step; the data order is a function of the step.
   int64_t start_step = 0;
