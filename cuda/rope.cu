@@ -18,21 +18,11 @@ __device__ __forceinline__ void load_f32x8_as_bf16(const float* p, float (&v)[8]
   for (int i = 0; i < 8; ++i) v[i] = round_bf16(f[i]);  // HF casts cos/sin to the activations' dtype
 }
 
+// Rotates the 8 pairs (j + i, j + i + half) of one head row `in` of token t into `out`.
 template <bool Inverse>
-__global__ void rope_kernel(const bf16* __restrict__ q_in, const bf16* __restrict__ k_in, bf16* __restrict__ q_out,
-                            bf16* __restrict__ k_out, const float* __restrict__ cos, const float* __restrict__ sin,
-                            int64_t tokens, int heads_q, int heads_k, int head_dim) {
-  const int half = head_dim / 2, groups = half / 8, heads = heads_q + heads_k;
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= tokens * heads * groups) return;
-  const int g = static_cast<int>(idx % groups);
-  const int head = static_cast<int>((idx / groups) % heads);
-  const int64_t t = idx / (static_cast<int64_t>(groups) * heads);
-  const bool is_q = head < heads_q;
-  const int64_t off = is_q ? (t * heads_q + head) * head_dim : (t * heads_k + (head - heads_q)) * head_dim;
-  const bf16* in = (is_q ? q_in : k_in) + off;
-  bf16* out = (is_q ? q_out : k_out) + off;
-  const int j = g * 8;
+__device__ __forceinline__ void rotate_pairs(const bf16* in, bf16* out, const float* __restrict__ cos,
+                                             const float* __restrict__ sin, int64_t t, int head_dim, int j) {
+  const int half = head_dim / 2;
   float x1[8], x2[8], c1[8], c2[8], s1[8], s2[8];
   load_bf16<8>(in + j, x1);
   load_bf16<8>(in + half + j, x2);
@@ -53,6 +43,23 @@ __global__ void rope_kernel(const bf16* __restrict__ q_in, const bf16* __restric
   }
   store_bf16<8>(out + j, o1);
   store_bf16<8>(out + half + j, o2);
+}
+
+template <bool Inverse>
+__global__ void rope_kernel(const bf16* __restrict__ q_in, const bf16* __restrict__ k_in, bf16* __restrict__ q_out,
+                            bf16* __restrict__ k_out, const float* __restrict__ cos, const float* __restrict__ sin,
+                            int64_t tokens, int heads_q, int heads_k, int head_dim) {
+  const int half = head_dim / 2, groups = half / 8, heads = heads_q + heads_k;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= tokens * heads * groups) return;
+  const int g = static_cast<int>(idx % groups);
+  const int head = static_cast<int>((idx / groups) % heads);
+  const int64_t t = idx / (static_cast<int64_t>(groups) * heads);
+  const bool is_q = head < heads_q;
+  const int64_t off = is_q ? (t * heads_q + head) * head_dim : (t * heads_k + (head - heads_q)) * head_dim;
+  const bf16* in = (is_q ? q_in : k_in) + off;
+  bf16* out = (is_q ? q_out : k_out) + off;
+  rotate_pairs<Inverse>(in, out, cos, sin, t, head_dim, g * 8);
 }
 
 // One of q, k, v in rope_qkv: rows of heads * head_dim elements at a row stride (elements).
@@ -79,32 +86,15 @@ __global__ void rope_qkv_kernel(QkvPart q, QkvPart k, QkvPart v, const float* __
   const bf16* in = part.in + t * part.in_stride + static_cast<int64_t>(head) * head_dim;
   bf16* out = part.out + t * part.out_stride + static_cast<int64_t>(head) * head_dim;
   const int j = g * 8;
-  float x1[8], x2[8];
-  load_bf16<8>(in + j, x1);
-  load_bf16<8>(in + half + j, x2);
   if (which == 2) {  // v: bf16 values in, the same out
+    float x1[8], x2[8];
+    load_bf16<8>(in + j, x1);
+    load_bf16<8>(in + half + j, x2);
     store_bf16<8>(out + j, x1);
     store_bf16<8>(out + half + j, x2);
     return;
   }
-  float c1[8], c2[8], s1[8], s2[8];
-  load_f32x8_as_bf16(cos + t * head_dim + j, c1);
-  load_f32x8_as_bf16(cos + t * head_dim + half + j, c2);
-  load_f32x8_as_bf16(sin + t * head_dim + j, s1);
-  load_f32x8_as_bf16(sin + t * head_dim + half + j, s2);
-  float o1[8], o2[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    if (Inverse) {
-      o1[i] = x1[i] * c1[i] + x2[i] * s2[i];
-      o2[i] = x2[i] * c2[i] - x1[i] * s1[i];
-    } else {
-      o1[i] = x1[i] * c1[i] - x2[i] * s1[i];
-      o2[i] = x2[i] * c2[i] + x1[i] * s2[i];
-    }
-  }
-  store_bf16<8>(out + j, o1);
-  store_bf16<8>(out + half + j, o2);
+  rotate_pairs<Inverse>(in, out, cos, sin, t, head_dim, j);
 }
 
 template <bool Inverse>
