@@ -11,6 +11,7 @@
 #include <mutex>
 
 #include "core/attention_ffa.h"
+#include "core/env_switch.h"
 #include "core/errors.h"
 #include "cuda/ffa.h"
 
@@ -187,8 +188,7 @@ std::shared_ptr<AttentionKernel> make_ffa_kernel(const FfaOptions& opts) { retur
 
 std::shared_ptr<AttentionKernel> make_ffa_kernel() {
   FfaOptions opts;
-  const char* det = std::getenv("FLEXCP_FFA_DETERMINISTIC");
-  opts.deterministic = det != nullptr && std::string(det) == "1";
+  opts.deterministic = env_switch("FLEXCP_FFA_DETERMINISTIC", false);
   return make_ffa_kernel(opts);
 }
 

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/env_switch.h"
 #include "core/fused_ops.h"
 #include "cuda/train_kernels.h"
 
@@ -25,34 +26,22 @@ using torch::autograd::variable_list;
 namespace {
 
 std::atomic<bool>& enabled_flag() {
-  static std::atomic<bool> on{[] {
-    const char* v = std::getenv("FLEXCP_FUSED_OPS");
-    return v == nullptr || std::string(v) != "0";
-  }()};
+  static std::atomic<bool> on{env_switch("FLEXCP_FUSED_OPS", true)};
   return on;
 }
 
 bool add_norm_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("FLEXCP_FUSED_ADD_NORM");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  static const bool on = env_switch("FLEXCP_FUSED_ADD_NORM", true);
   return on;
 }
 
 bool packed_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("FLEXCP_FUSED_PACKED");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  static const bool on = env_switch("FLEXCP_FUSED_PACKED", true);
   return on;
 }
 
 bool wgrad_inplace_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("FLEXCP_FUSED_WGRAD");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  static const bool on = env_switch("FLEXCP_FUSED_WGRAD", true);
   return on;
 }
 
@@ -413,11 +402,7 @@ bool fp32_gemm_accumulation_works(const at::Device& device) {
 // 256 MiB took the loss phase from 22.9 to 18.9 ms for +0.7 GiB of peak memory.
 // FLEXCP_CE_CHUNK_MIB overrides it (A/B timings, tight memory).
 int64_t ce_chunk_mib() {
-  static const int64_t mib = [] {
-    const char* env = std::getenv("FLEXCP_CE_CHUNK_MIB");
-    const int64_t v = env != nullptr ? std::atoll(env) : 0;
-    return v > 0 ? v : int64_t(1024);
-  }();
+  static const int64_t mib = env_positive_int("FLEXCP_CE_CHUNK_MIB", 1024);
   return mib;
 }
 

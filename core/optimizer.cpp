@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <unordered_set>
 
+#include "core/env_switch.h"
 #include "core/errors.h"
 #include "core/optimizer_fused.h"
 
@@ -18,8 +19,7 @@ constexpr int64_t kStepChunk = int64_t(1) << 26;
 // The fused kernels cover CUDA buffers of fp32 models and bf16 ones (the dtypes train.dtype allows).
 bool fused_wanted(const at::Tensor& param) {
 #ifdef FLEXCP_OPTIMIZER_FUSED
-  const char* env = std::getenv("FLEXCP_OPTIM_FUSED");
-  if (env && std::strcmp(env, "0") == 0) return false;
+  if (!env_switch("FLEXCP_OPTIM_FUSED", true)) return false;
   return param.is_cuda() && (param.scalar_type() == at::kFloat || param.scalar_type() == at::kBFloat16);
 #else
   (void)param;

@@ -19,6 +19,7 @@
 #include "core/cp_run.h"
 #include "core/data_loader.h"
 #include "core/device_info.h"
+#include "core/env_switch.h"
 #include "core/errors.h"
 #include "core/fault_inject.h"
 #include "core/hf_weights.h"
@@ -170,9 +171,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
   // On the H100 (Llama-3.2-1B, seq 8192) this took the step from 164.8 to 163.1 ms: the 3.6 ms pass
   // and 0.8 ms of clip gone, the AdamW step unchanged at 13.3 ms. FLEXCP_OPTIM_DIRECT_GRADS=0 turns
   // it off (A/B, numerics questions).
-  const char* direct_env = std::getenv("FLEXCP_OPTIM_DIRECT_GRADS");
-  opt.set_single_micro_batch(dn.grad_accum == 1 && rt.world == 1 &&
-                             !(direct_env != nullptr && std::string(direct_env) == "0"));
+  opt.set_single_micro_batch(dn.grad_accum == 1 && rt.world == 1 && env_switch("FLEXCP_OPTIM_DIRECT_GRADS", true));
 
   // Resume: weights (fp32 master), moments and the step; the data order is a function of the step.
   int64_t start_step = 0;
