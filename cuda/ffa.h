@@ -50,11 +50,19 @@ struct ForwardArgs {
   LseRef lse;
   float softmax_scale = 0.f;  // 0 means 1/sqrt(D)
   // Kernel: 0 = TMA producer + wgmma consumers (warp-specialized, the default), 1 = wgmma with cp.async
-  // loads, 2 = mma.sync (FlashAttention-2 style fallback).
+  // loads, 2 = mma.sync (FlashAttention-2 style fallback), 3 = v8 (opt-in until measured): 0 plus the
+  // softmax of a key tile overlapped with the next tile's S GEMM inside each consumer warpgroup and, at
+  // D=64, three consumer warpgroups over 192-row q tiles. The plan's q tile must be
+  // forward_tile_q(kernel, head_dim).
   int kernel = 0;
 };
 
 void forward(const ForwardArgs& args, const DevicePlan& plan, cudaStream_t stream);
+
+// Query rows per q-side plan item that forward kernel `kernel` needs at `head_dim`: 192 for kernel 3 at
+// D=64, else 128 (PlanConfig{}.fwd_tile_q). Build the plan with PlanConfig::fwd_tile_q set to it. The
+// backward reads the q side only when deterministic, and then needs 128.
+int forward_tile_q(int kernel, int head_dim);
 
 struct BackwardArgs {
   Dims dims;

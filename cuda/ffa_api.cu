@@ -38,15 +38,19 @@ void check_lse(const char* where, const char* name, const LseRef& l, int64_t tok
   if (tokens > 0 && l.data == nullptr) fail(where, std::string(name) + " is null");
 }
 
-void check_plan(const char* where, const DevicePlan& plan, const Dims& d) {
+// q_rows: the q-side item rows the kernels will read (0: the q side is not read).
+void check_plan(const char* where, const DevicePlan& plan, const Dims& d, int q_rows) {
   const PlanLayout& L = plan.layout;
   if (plan.data == nullptr) fail(where, "plan data is null", "copy plan_serialize(...) to the device");
   if (L.num_q != d.num_q || L.num_k != d.num_k)
     fail(where, "plan was built for num_q=" + std::to_string(L.num_q) + ", num_k=" + std::to_string(L.num_k) +
                     " but the tensors have " + std::to_string(d.num_q) + ", " + std::to_string(d.num_k),
          "build the plan for these tensors");
-  if (L.q_tile_rows != detail::kFwdTileQ || L.q_tile_cols != detail::kPlanTileQCols || L.k_tile_rows != detail::kPlanTileK ||
-      L.k_tile_cols != detail::kBwdTileQ)
+  if (q_rows > 0 && L.q_tile_rows != q_rows)
+    fail(where,
+         "plan q tile has " + std::to_string(L.q_tile_rows) + " rows but the kernel needs " + std::to_string(q_rows),
+         "build the plan with PlanConfig::fwd_tile_q = ffa::forward_tile_q(kernel, head_dim)");
+  if (L.q_tile_cols != detail::kPlanTileQCols || L.k_tile_rows != detail::kPlanTileK || L.k_tile_cols != detail::kBwdTileQ)
     fail(where, "plan tile sizes do not match the kernels", "build the plan with the default PlanConfig");
 }
 
@@ -63,14 +67,14 @@ detail::SideView k_view(const DevicePlan& plan) {
 
 // What forward and backward both read: dims, q/k/v/out/lse shaped by them, and the plan.
 void check_inputs(const char* where, const Dims& d, DType dtype, const TensorRef& q, const TensorRef& k,
-                  const TensorRef& v, const TensorRef& out, const LseRef& lse, const DevicePlan& plan) {
+                  const TensorRef& v, const TensorRef& out, const LseRef& lse, const DevicePlan& plan, int q_rows) {
   check_dims(where, d, dtype);
   check_tensor(where, "q", q, d.num_q);
   check_tensor(where, "k", k, d.num_k);
   check_tensor(where, "v", v, d.num_k);
   check_tensor(where, "out", out, d.num_q);
   check_lse(where, "lse", lse, d.num_q);
-  check_plan(where, plan, d);
+  check_plan(where, plan, d, q_rows);
 }
 
 float resolve_scale(const char* where, float scale, int head_dim) {
@@ -85,10 +89,17 @@ size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 }  // namespace
 
+int forward_tile_q(int kernel, int head_dim) {
+  return kernel == 3 ? detail::forward_overlap_tile_q(head_dim) : detail::kFwdTileQ;
+}
+
 void forward(const ForwardArgs& a, const DevicePlan& plan, cudaStream_t stream) {
   const char* where = "ffa::forward";
   const Dims& d = a.dims;
-  check_inputs(where, d, a.dtype, a.q, a.k, a.v, a.out, a.lse, plan);
+  if (a.kernel < 0 || a.kernel > 3)
+    fail(where, "unknown forward kernel " + std::to_string(a.kernel),
+         "use 0 (tma), 1 (wgmma), 2 (mma.sync) or 3 (v8: tma with intra-warpgroup overlap)");
+  check_inputs(where, d, a.dtype, a.q, a.k, a.v, a.out, a.lse, plan, forward_tile_q(a.kernel, d.head_dim));
   detail::FwdParams p{};
   p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.out = a.out.data, p.lse = a.lse.data;
   p.q_st = a.q.stride_token, p.q_sh = a.q.stride_head, p.k_st = a.k.stride_token, p.k_sh = a.k.stride_head;
@@ -105,7 +116,7 @@ void forward(const ForwardArgs& a, const DevicePlan& plan, cudaStream_t stream) 
   else if (a.kernel == 2)
     detail::launch_forward(static_cast<int>(a.dtype), d.head_dim, p, stream);
   else
-    fail(where, "unknown forward kernel " + std::to_string(a.kernel), "use 0 (tma), 1 (wgmma) or 2 (mma.sync)");
+    detail::launch_forward_overlap(static_cast<int>(a.dtype), d.head_dim, p, stream);
 }
 
 size_t backward_workspace_bytes(const Dims& d, bool deterministic) {
@@ -118,7 +129,8 @@ size_t backward_workspace_bytes(const Dims& d, bool deterministic) {
 void backward(const BackwardArgs& a, const DevicePlan& plan, cudaStream_t stream) {
   const char* where = "ffa::backward";
   const Dims& d = a.dims;
-  check_inputs(where, d, a.dtype, a.q, a.k, a.v, a.out, a.lse, plan);
+  // Only the deterministic dQ pass walks the q side (with 128-row items).
+  check_inputs(where, d, a.dtype, a.q, a.k, a.v, a.out, a.lse, plan, a.deterministic ? detail::kFwdTileQ : 0);
   check_tensor(where, "dout", a.dout, d.num_q);
   check_tensor(where, "dq", a.dq, d.num_q);
   check_tensor(where, "dk", a.dk, d.num_k);

@@ -30,15 +30,19 @@ ffa::LseRef lref(void* p, int heads) { return {static_cast<float*>(p), heads, 1}
 
 extern "C" {
 
-// slices: n rows of (q_start, q_end, k_start, k_end, mask).
-void* ffa_c_plan_create(const int64_t* slices, int n, int64_t num_q, int64_t num_k, char* err, int errlen) {
+// slices: n rows of (q_start, q_end, k_start, k_end, mask). fwd_tile_q: rows per q-side item, 0 for the
+// default (ffa_c_forward_tile_q tells what a forward kernel needs).
+void* ffa_c_plan_create(const int64_t* slices, int n, int64_t num_q, int64_t num_k, int fwd_tile_q, char* err,
+                        int errlen) {
   try {
     std::vector<ffa::Slice> v(static_cast<size_t>(n));
     for (int i = 0; i < n; ++i)
       v[i] = {slices[5 * i], slices[5 * i + 1], slices[5 * i + 2], slices[5 * i + 3],
               static_cast<ffa::Mask>(slices[5 * i + 4])};
+    ffa::PlanConfig cfg;
+    if (fwd_tile_q > 0) cfg.fwd_tile_q = fwd_tile_q;
     auto* cp = new CPlan;
-    cp->plan = ffa::plan_build(v, num_q, num_k);
+    cp->plan = ffa::plan_build(v, num_q, num_k, cfg);
     const std::vector<int32_t> blob = ffa::plan_serialize(cp->plan, &cp->dev.layout);
     if (cudaMalloc(&cp->buf, blob.size() * 4) != cudaSuccess ||
         cudaMemcpy(cp->buf, blob.data(), blob.size() * 4, cudaMemcpyHostToDevice) != cudaSuccess) {
@@ -52,6 +56,8 @@ void* ffa_c_plan_create(const int64_t* slices, int n, int64_t num_q, int64_t num
     return nullptr;
   }
 }
+
+int ffa_c_forward_tile_q(int kernel, int head_dim) { return ffa::forward_tile_q(kernel, head_dim); }
 
 void ffa_c_plan_destroy(void* h) {
   auto* cp = static_cast<CPlan*>(h);

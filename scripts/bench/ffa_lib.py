@@ -20,7 +20,9 @@ def _load():
     lib = ctypes.CDLL(path)
     vp, i64, i32, f32, cp = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_char_p
     lib.ffa_c_plan_create.restype = vp
-    lib.ffa_c_plan_create.argtypes = [ctypes.POINTER(i64), i32, i64, i64, cp, i32]
+    lib.ffa_c_plan_create.argtypes = [ctypes.POINTER(i64), i32, i64, i64, i32, cp, i32]
+    lib.ffa_c_forward_tile_q.restype = i32
+    lib.ffa_c_forward_tile_q.argtypes = [i32, i32]
     lib.ffa_c_plan_destroy.argtypes = [vp]
     lib.ffa_c_plan_stats.argtypes = [vp, ctypes.POINTER(i64)]
     lib.ffa_c_forward.argtypes = [vp, i32, i32, i32, i32, vp, vp, vp, vp, vp, f32, i32, vp, cp, i32]
@@ -54,17 +56,24 @@ def _stream():
     return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
 
 
-class Plan:
-    """Host plan + its device copy for one slice list: [(qs, qe, ks, ke, mask_name_or_int), ...]."""
+def forward_tile_q(kernel, d):
+    """Rows per q-side plan item that forward kernel `kernel` needs at head dim d (192 for kernel 3 at
+    D=64, else 128): pass it as Plan(..., fwd_tile_q=...) for that kernel."""
+    return lib().ffa_c_forward_tile_q(int(kernel), int(d))
 
-    def __init__(self, slices, num_q, num_k):
+
+class Plan:
+    """Host plan + its device copy for one slice list: [(qs, qe, ks, ke, mask_name_or_int), ...].
+    fwd_tile_q: rows per q-side item (0: the default 128, what kernels 0-2 and the backward use)."""
+
+    def __init__(self, slices, num_q, num_k, fwd_tile_q=0):
         flat = []
         for s in slices:
             m = MASKS[s[4]] if isinstance(s[4], str) else int(s[4])
             flat += [int(s[0]), int(s[1]), int(s[2]), int(s[3]), m]
         arr = (ctypes.c_int64 * max(1, len(flat)))(*flat)
         err = _err()
-        self.handle = lib().ffa_c_plan_create(arr, len(slices), num_q, num_k, err, 512)
+        self.handle = lib().ffa_c_plan_create(arr, len(slices), num_q, num_k, int(fwd_tile_q), err, 512)
         if not self.handle:
             raise ValueError(err.value.decode())
         self.num_q, self.num_k = num_q, num_k
@@ -86,7 +95,8 @@ def _p(t):
 
 
 def forward(plan, q, k, v, scale=0.0, out=None, lse=None, kernel=0):
-    """kernel: 0 TMA + wgmma (default), 1 wgmma with cp.async loads, 2 mma.sync fallback."""
+    """kernel: 0 TMA + wgmma (default), 1 wgmma with cp.async loads, 2 mma.sync fallback, 3 v8 (TMA with
+    intra-warpgroup overlap; its plan needs fwd_tile_q=forward_tile_q(3, d))."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty_like(q) if out is None else out

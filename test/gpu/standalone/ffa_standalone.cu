@@ -1,7 +1,9 @@
 // Standalone GPU test of cuda/ffa.h with no LibTorch, small enough to run under compute-sanitizer
 // (memcheck, racecheck): a few slices of every mask type over lengths that are not tile multiples,
-// GQA 2, D 64 and 128, bf16; forward, backward (atomic and deterministic) and merge, checked against a
-// float64 CPU reference. Exit code 0 when every check passes.
+// GQA 2, D 64 and 128, bf16; forward (all four kernels), backward (atomic and deterministic) and merge,
+// checked against a float64 CPU reference; then a longer forward case (up to 11 key tiles per item, so
+// the K/V rings wrap several times) for the default kernel and kernel 3 (v8, 192-row q tiles at D=64).
+// Exit code 0 when every check passes.
 //   scripts/bench/build_ffa_lib.sh && nvcc ... (see scripts/bench/build_ffa_lib.sh) && ./ffa_standalone
 //   compute-sanitizer --tool racecheck ./ffa_standalone
 #include <cuda_bf16.h>
@@ -50,6 +52,49 @@ bool visible(const std::vector<ffa::Slice>& sl, int i, int j) {
   }
   return false;
 }
+
+// Max |got - ref| over a device array (bf16 or fp32) against a float64 reference: -inf must match
+// exactly, NaN (unwritten, poisoned outputs) never passes. Returns 1 on failure.
+int compare(int D, const char* name, const void* dptr, const std::vector<double>& ref, bool is_bf16, double tol) {
+  std::vector<float> got(ref.size());
+  if (is_bf16) {
+    std::vector<bf16> b(ref.size());
+    CK(cudaMemcpy(b.data(), dptr, b.size() * 2, cudaMemcpyDeviceToHost));
+    for (size_t n = 0; n < b.size(); ++n) got[n] = __bfloat162float(b[n]);
+  } else {
+    CK(cudaMemcpy(got.data(), dptr, got.size() * 4, cudaMemcpyDeviceToHost));
+  }
+  double err = 0, mag = 0;
+  for (size_t n = 0; n < ref.size(); ++n) {
+    if (std::isinf(ref[n])) {
+      if (!(std::isinf(got[n]) && got[n] < 0)) err = INFINITY;
+      continue;
+    }
+    if (std::isnan(got[n])) err = INFINITY;  // unwritten (poisoned) or NaN math
+    err = std::max(err, std::fabs(got[n] - ref[n]));
+    mag = std::max(mag, std::fabs(ref[n]));
+  }
+  const bool ok = err <= tol * std::max(1.0, mag);
+  std::printf("  D=%d %-22s max err %.3e (|ref| %.2f) %s\n", D, name, err, mag, ok ? "ok" : "FAIL");
+  return ok ? 0 : 1;
+}
+
+// The plan for the slices with q-side items of fwd_tile_q rows, on the device (freed with the struct).
+struct PlanOnDevice {
+  ffa::DevicePlan dev;
+  Dev* blob = nullptr;
+  PlanOnDevice(const std::vector<ffa::Slice>& slices, int64_t tq, int64_t tk, int fwd_tile_q) {
+    ffa::PlanConfig cfg;
+    cfg.fwd_tile_q = fwd_tile_q;
+    const auto data = ffa::plan_serialize(ffa::plan_build(slices, tq, tk, cfg), &dev.layout);
+    blob = new Dev(data.size() * 4);
+    CK(cudaMemcpy(blob->p, data.data(), data.size() * 4, cudaMemcpyHostToDevice));
+    dev.data = static_cast<const int32_t*>(blob->p);
+  }
+  ~PlanOnDevice() { delete blob; }
+  PlanOnDevice(const PlanOnDevice&) = delete;
+  PlanOnDevice& operator=(const PlanOnDevice&) = delete;
+};
 
 int run(int D, bool use_merge_split) {
   const int tq = 150, tk = 133, hq = 4, hkv = 2, g = hq / hkv;
@@ -134,28 +179,8 @@ int run(int D, bool use_merge_split) {
   fa.softmax_scale = scale;
 
   int failures = 0;
-  auto compare = [&](const char* name, const void* dptr, const std::vector<double>& ref, bool is_bf16, double tol) {
-    std::vector<float> got(ref.size());
-    if (is_bf16) {
-      std::vector<bf16> b(ref.size());
-      CK(cudaMemcpy(b.data(), dptr, b.size() * 2, cudaMemcpyDeviceToHost));
-      for (size_t n = 0; n < b.size(); ++n) got[n] = __bfloat162float(b[n]);
-    } else {
-      CK(cudaMemcpy(got.data(), dptr, got.size() * 4, cudaMemcpyDeviceToHost));
-    }
-    double err = 0, mag = 0;
-    for (size_t n = 0; n < ref.size(); ++n) {
-      if (std::isinf(ref[n])) {
-        if (!(std::isinf(got[n]) && got[n] < 0)) err = INFINITY;
-        continue;
-      }
-      if (std::isnan(got[n])) err = INFINITY;  // unwritten (poisoned) or NaN math
-      err = std::max(err, std::fabs(got[n] - ref[n]));
-      mag = std::max(mag, std::fabs(ref[n]));
-    }
-    const bool ok = err <= tol * std::max(1.0, mag);
-    std::printf("  D=%d %-14s max err %.3e (|ref| %.2f) %s\n", D, name, err, mag, ok ? "ok" : "FAIL");
-    failures += !ok;
+  auto check = [&](const char* name, const void* dptr, const std::vector<double>& ref, bool is_bf16, double tol) {
+    failures += compare(D, name, dptr, ref, is_bf16, tol);
   };
   for (int kern : {2, 1, 0}) {  // mma.sync, wgmma + cp.async, then TMA (whose result the backward uses)
     fa.kernel = kern;
@@ -163,8 +188,22 @@ int run(int D, bool use_merge_split) {
     CK(cudaMemset(dout_.p, 0xff, q.size() * 2));  // poison: NaN
     ffa::forward(fa, dp, 0);
     CK(cudaDeviceSynchronize());
-    compare(names[2 * kern], dout_.p, ro, true, 2e-2);
-    compare(names[2 * kern + 1], dlse.p, rl, false, 1e-3);
+    check(names[2 * kern], dout_.p, ro, true, 2e-2);
+    check(names[2 * kern + 1], dlse.p, rl, false, 1e-3);
+  }
+  {  // kernel 3 (v8) on its own plan (192-row q tiles at D=64); the backward below uses kernel 0's result
+    PlanOnDevice p3(slices, tq, tk, ffa::forward_tile_q(3, D));
+    ffa::ForwardArgs f3 = fa;
+    f3.kernel = 3;
+    Dev o3(q.size() * 2), l3(rl.size() * 4);
+    f3.out = {o3.p, hq * D, D};
+    f3.lse = {static_cast<float*>(l3.p), hq, 1};
+    CK(cudaMemset(o3.p, 0xff, q.size() * 2));
+    CK(cudaMemset(l3.p, 0xff, rl.size() * 4));
+    ffa::forward(f3, p3.dev, 0);
+    CK(cudaDeviceSynchronize());
+    check("out (v8)", o3.p, ro, true, 2e-2);
+    check("lse (v8)", l3.p, rl, false, 1e-3);
   }
   for (int variant = 0; variant < 8; ++variant) {  // {atomic, det} x {tma, wgmma, mma.sync, tma 64-q steps}
     const int det = variant & 1, kern = variant >> 1;
@@ -191,9 +230,9 @@ int run(int D, bool use_merge_split) {
                             {"dq (mma, det)", "dk (mma, det)", "dv (mma, det)"},
                             {"dq (q64)", "dk (q64)", "dv (q64)"},
                             {"dq (q64, det)", "dk (q64, det)", "dv (q64, det)"}};
-    compare(nm[variant][0], gq.p, rdq, true, 2e-2);
-    compare(nm[variant][1], gk.p, rdk, true, 2e-2);
-    compare(nm[variant][2], gv.p, rdv, true, 2e-2);
+    check(nm[variant][0], gq.p, rdq, true, 2e-2);
+    check(nm[variant][1], gk.p, rdk, true, 2e-2);
+    check(nm[variant][2], gv.p, rdv, true, 2e-2);
   }
   if (use_merge_split) {
     // Two halves of the slices, merged in place into the first: must equal the whole.
@@ -216,8 +255,81 @@ int run(int D, bool use_merge_split) {
     ma.o1 = fa.out, ma.o2 = fb.out, ma.out = fa.out, ma.lse1 = fa.lse, ma.lse2 = fb.lse, ma.lse = fa.lse;
     ffa::merge(ma, 0);
     CK(cudaDeviceSynchronize());
-    compare("merged out", dout_.p, ro, true, 3e-2);
-    compare("merged lse", dlse.p, rl, false, 1e-3);
+    check("merged out", dout_.p, ro, true, 3e-2);
+    check("merged lse", dlse.p, rl, false, 1e-3);
+  }
+  return failures;
+}
+
+// Forward only, on items with many key tiles: rows [0, 300) see 1000-1300 keys (causal, bottom-right
+// aligned), rows [300, 500) see a full block, an inverse-causal block and a diagonal band (three runs of
+// different cuts per item, masked and unmasked), rows [500, 530) see nothing (out 0, lse -inf). GQA 2.
+// Kernels 0 and 3, each on the plan it needs; float64 reference.
+int run_long(int D) {
+  const int tq = 530, tk = 1300, hq = 4, hkv = 2, g = hq / hkv;
+  const std::vector<ffa::Slice> slices = {{0, 300, 0, 1300, ffa::Mask::Causal},
+                                          {300, 500, 0, 700, ffa::Mask::Full},
+                                          {300, 500, 700, 1100, ffa::Mask::InvCausal},
+                                          {300, 500, 1100, 1300, ffa::Mask::BiCausal}};
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  std::mt19937 rng(7 + D);
+  std::normal_distribution<float> nd;
+  auto randv = [&](size_t n) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = nd(rng);
+    return round_bf16(v);
+  };
+  const auto q = randv(size_t(tq) * hq * D), k = randv(size_t(tk) * hkv * D), v = randv(size_t(tk) * hkv * D);
+  std::vector<double> ro(q.size()), rl(size_t(tq) * hq);
+  for (int h = 0; h < hq; ++h)
+    for (int i = 0; i < tq; ++i) {
+      const int hk = h / g;
+      std::vector<double> s(tk, -INFINITY);
+      double mx = -INFINITY;
+      for (int j = 0; j < tk; ++j)
+        if (visible(slices, i, j)) {
+          double acc = 0;
+          for (int d = 0; d < D; ++d) acc += double(q[(size_t(i) * hq + h) * D + d]) * k[(size_t(j) * hkv + hk) * D + d];
+          s[j] = acc * scale;
+          mx = std::max(mx, s[j]);
+        }
+      double sum = 0;
+      for (int j = 0; j < tk; ++j) {
+        s[j] = s[j] == -INFINITY ? 0 : std::exp(s[j] - mx);  // now unnormalized probabilities
+        sum += s[j];
+      }
+      rl[size_t(i) * hq + h] = sum > 0 ? mx + std::log(sum) : -INFINITY;
+      for (int d = 0; d < D; ++d) {
+        double o = 0;
+        for (int j = 0; j < tk; ++j) o += s[j] * v[(size_t(j) * hkv + hk) * D + d];
+        ro[(size_t(i) * hq + h) * D + d] = sum > 0 ? o / sum : 0;
+      }
+    }
+  auto upload = [](const std::vector<float>& f, Dev& dst) {
+    std::vector<bf16> b(f.size());
+    for (size_t n = 0; n < f.size(); ++n) b[n] = __float2bfloat16(f[n]);
+    CK(cudaMemcpy(dst.p, b.data(), b.size() * 2, cudaMemcpyHostToDevice));
+  };
+  Dev dq(q.size() * 2), dk(k.size() * 2), dv(v.size() * 2), dout(q.size() * 2), dlse(rl.size() * 4);
+  upload(q, dq);
+  upload(k, dk);
+  upload(v, dv);
+  int failures = 0;
+  for (int kern : {0, 3}) {
+    PlanOnDevice plan(slices, tq, tk, ffa::forward_tile_q(kern, D));
+    ffa::ForwardArgs fa;
+    fa.dims = {tq, tk, hq, hkv, D};
+    fa.q = {dq.p, hq * D, D}, fa.k = {dk.p, hkv * D, D}, fa.v = {dv.p, hkv * D, D};
+    fa.out = {dout.p, hq * D, D};
+    fa.lse = {static_cast<float*>(dlse.p), hq, 1};
+    fa.softmax_scale = scale;
+    fa.kernel = kern;
+    CK(cudaMemset(dout.p, 0xff, q.size() * 2));
+    CK(cudaMemset(dlse.p, 0xff, rl.size() * 4));
+    ffa::forward(fa, plan.dev, 0);
+    CK(cudaDeviceSynchronize());
+    failures += compare(D, kern == 3 ? "long out (v8)" : "long out (tma)", dout.p, ro, true, 2e-2);
+    failures += compare(D, kern == 3 ? "long lse (v8)" : "long lse (tma)", dlse.p, rl, false, 1e-3);
   }
   return failures;
 }
@@ -229,6 +341,8 @@ int main() {
   try {
     failures += run(64, true);
     failures += run(128, false);
+    failures += run_long(64);
+    failures += run_long(128);
   } catch (const std::exception& e) {
     std::printf("exception: %s\n", e.what());
     return 1;

@@ -1,0 +1,381 @@
+// Forward pass v8 (ForwardArgs::kernel = 3, opt-in until a GPU run shows it faster): the v4 TMA
+// kernel (ffa_fwd_tma.cu) plus FlashAttention-3's intra-warpgroup overlap, a consumer ring of 3
+// warpgroups at D=64, a deeper K/V ring with separate K and V barriers, and a softmax that seldom
+// rescales O. docs/kernel-log.md "v8" has the reasoning and the figures.
+//
+//   warpgroup 0        producer. One thread issues TMA copies: Q once, then K_0, then per key tile n >= 1
+//                      K_n followed by V_{n-1} (the order the consumers use them), into a kStages ring.
+//                      K and V have their own full/empty mbarriers, so a K stage is refilled as soon as
+//                      every consumer's S GEMM has read it, not after the P V GEMM as well.
+//   warpgroups 1..NC   consumers, 64 query rows each: NC = 3 at D=64 (a 192-row q tile: the plan is built
+//                      with fwd_tile_q = 192, see ffa::forward_tile_q), NC = 2 at D=128 (S, the next S and
+//                      O would need 224 accumulator registers in a 3-consumer budget of 160). Per key tile
+//                      n a consumer, on its turn of the ring,
+//                        issues S_n = Q K_n^T and O += P_{n-1} V_{n-1} back to back and passes the turn;
+//                        waits for S_n only, masks it (boundary tiles only) and runs its softmax while
+//                        P_{n-1} V_{n-1} and the next consumers' GEMMs keep the tensor cores busy;
+//                        waits for P V, rescales O (rarely: kStaleMaxLog2) and packs P_n for the next turn.
+//                      The turns go round the consumers through named barriers 1..NC, so the tensor cores
+//                      see one consumer's GEMM pair after another's and every softmax has other GEMMs
+//                      to hide behind.
+//   epilogue           each consumer normalizes its rows, stages them in its own rows of the Q tile
+//                      (its last S GEMM has read them) and writes out and lse.
+// No CTA-wide barrier after the setup. Tiles, masks and empty rows as in the other forward kernels.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cuda/ffa_device.cuh"
+#include "cuda/ffa_hopper.cuh"
+#include "cuda/ffa_kernels.h"
+#include "cuda/ffa_tma.h"
+#include "cuda/ffa_wgmma.cuh"
+
+namespace ffa {
+namespace detail {
+namespace {
+
+using namespace dev;
+
+constexpr int kBN = kPlanTileQCols;  // keys per tile (the q-side plan's column tile)
+
+// Everything that differs between the two head dims.
+template <int D>
+struct Shape {
+  static constexpr int kConsumers = D == 64 ? 3 : 2;
+  static constexpr int kBM = 64 * kConsumers;  // query rows per CTA (= the plan's fwd_tile_q)
+  static constexpr int kStages = D == 64 ? 4 : 2;  // D=128: 2 stages of K+V already take 128 KB
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  // setmaxnreg budgets: 128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536.
+  static constexpr int kProducerRegs = kConsumers == 3 ? 32 : 24;
+  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : 240;
+  static constexpr uint32_t kQBytes = kBM * D * 2, kKVBytes = kBN * D * 2;
+  static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + 1024 + 8 * (1 + 4 * kStages);
+};
+
+// A row keeps its running max until a tile's max exceeds it by more than this (log2 units): P = 2^(s -
+// m) then stays below 2^8, exact in bf16/fp16 terms (the same relative rounding), O and l in fp32, and
+// the rescale of O (D/2 multiplies per thread) is skipped by every warp whose rows all kept their max.
+// Once a row has seen its largest scores, that is every later tile. The result is the same softmax:
+// out = O / l and lse = m + log2(l) for whichever m the row used.
+constexpr float kStaleMaxLog2 = 8.f;
+
+// Columns [lo, hi) of the key tile at c0 that query row i may see under cut c, relative to c0 (empty
+// when i lies outside the cut's rows). The mask of one element is then two integer compares.
+// All six fields are read unconditionally and combined without short-circuits, so this compiles to
+// selects, not branches around loads.
+__device__ __forceinline__ void visible_cols(const CutSlice& c, int i, int c0, int& lo, int& hi) {
+  const int q0 = c.q_start, q1 = c.q_end, k0 = c.k_start, k1 = c.k_end, dlo = c.lo, dhi = c.hi;
+  lo = max(k0, i + dlo) - c0;
+  hi = ((i >= q0) & (i < q1)) ? min(k1, i + dhi + 1) - c0 : lo;
+}
+
+// Online softmax of one 64 x 128 S tile in the wgmma accumulator layout: thread element 4j + 2r + e is
+// row (lane / 4) + 8r of the warp's 16, column 8j + 2 (lane % 4) + e. Leaves P (unnormalized, in fp32)
+// in sc, updates the row max m (log2 domain) and the thread's partial row sums l, and returns the
+// factor alpha by which O must be scaled (1 where the row kept its max).
+template <bool kMasked>
+__device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                             float scale_log2, const CutSlice* cut, int row0, int c0, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if constexpr (kMasked) {
+      // Visible columns of this row relative to the thread's first column 2 (lane % 4): element (j, e)
+      // is column 8j + e of that, so each test compares against a constant.
+      int lo, hi;
+      visible_cols(*cut, row0 + 8 * r, c0 + (lane & 3) * 2, lo, hi);
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (8 * j + e < lo || 8 * j + e >= hi) sc[4 * j + 2 * r + e] = -INFINITY;
+    }
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * r], sc[4 * j + 2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_tile = mx * scale_log2;
+    // m[r] = -inf (no visible key yet): any finite tile max moves it and alpha = 2^-inf = 0.
+    const bool moves = m_tile > m[r] + kStaleMaxLog2;
+    alpha[r] = moves ? exp2_ftz(m[r] - m_tile) : 1.f;
+    m[r] = moves ? m_tile : m[r];
+    // Only a masked tile can leave a row with no visible key so far (m = -inf): subtract 0 there, so
+    // its P = 2^-inf = 0 rather than NaN. In an unmasked tile every row's max is finite.
+    const float m_sub = (kMasked && m[r] == -INFINITY) ? 0.f : m[r];
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+      const float p0 = exp2_ftz(fmaf(sc[4 * j + 2 * r], scale_log2, -m_sub));
+      const float p1 = exp2_ftz(fmaf(sc[4 * j + 2 * r + 1], scale_log2, -m_sub));
+      sc[4 * j + 2 * r] = p0;
+      sc[4 * j + 2 * r + 1] = p1;
+      sum += p0 + p1;
+    }
+    l[r] = fmaf(l[r], alpha[r], sum);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(Shape<D>::kThreads, 1)
+    fwd_overlap_kernel(const FwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                       const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
+  using S = Shape<D>;
+  constexpr int kNC = S::kConsumers, kBM = S::kBM, kStages = S::kStages;
+  constexpr int kCB = D / 64;  // 64-column (128-byte) blocks per row
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t sQ = (raw + 1023u) & ~1023u;  // 128B-swizzled tiles want 1024-byte alignment
+  unsigned char* smem = smem_raw + (sQ - raw);
+  const uint32_t sK = sQ + S::kQBytes, sV = sK + kStages * S::kKVBytes;
+  // mbarriers (8 bytes each): full_q, then per stage full_k, full_v, empty_k, empty_v.
+  const uint32_t full_q = sV + kStages * S::kKVBytes;
+  const uint32_t full_k = full_q + 8, full_v = full_k + 8 * kStages;
+  const uint32_t empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
+  const int item_idx = blockIdx.x / p.heads_q;
+  const int h = blockIdx.x % p.heads_q;
+  const int hk = h / p.group;
+  const Item it = p.side.items[item_idx];
+  const Run* runs = p.side.runs;
+
+  if (tid == 0) {
+    mbar_init(full_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full_k + 8 * s, 1);
+      mbar_init(full_v + 8 * s, 1);
+      mbar_init(empty_k + 8 * s, 4 * kNC);  // one arrival per consumer warp
+      mbar_init(empty_v + 8 * s, 4 * kNC);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  // ---------------------------------------------------------------------------------------------
+  // Producer: Q, K_0, then (K_n, V_{n-1}) for n >= 1, then V_last. Tile n lives in stage n % kStages.
+  if (wg == 0) {
+    setmaxnreg_dec<S::kProducerRegs>();
+    if (tid == 0) {
+      mbar_expect_tx(full_q, S::kQBytes);
+#pragma unroll
+      for (int cb = 0; cb < kCB; ++cb) tma_load_3d(sQ + cb * (kBM * 128), &tm_q, cb * 64, h, it.row_begin, full_q);
+      // Tile n of K or V (keys from c0) into its stage, once every consumer warp released the stage's
+      // previous tile (n - kStages).
+      auto load = [&](const CUtensorMap* tm, uint32_t dst, uint32_t full, uint32_t empty, int n, int c0) {
+        const int s = n % kStages;
+        if (n >= kStages) mbar_wait(empty + 8 * s, ((n / kStages) - 1) & 1);
+        mbar_expect_tx(full + 8 * s, S::kKVBytes);
+#pragma unroll
+        for (int cb = 0; cb < kCB; ++cb)
+          tma_load_3d(dst + s * S::kKVBytes + cb * (kBN * 128), tm, cb * 64, hk, c0, full + 8 * s);
+      };
+      int n = 0, c_prev = 0;
+#pragma unroll 1
+      for (int ri = it.run_begin; ri < it.run_end; ++ri) {
+        const Run run = runs[ri];
+#pragma unroll 1
+        for (int t = 0; t < run.tiles; ++t, ++n) {
+          const int c0 = run.begin + t * kBN;
+          load(&tm_k, sK, full_k, empty_k, n, c0);
+          if (n > 0) load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
+          c_prev = c0;
+        }
+      }
+      if (n > 0) load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
+    }
+    return;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Consumers.
+  setmaxnreg_inc<S::kConsumerRegs>();
+  const int cw = wg - 1;                                    // consumer 0 .. kNC - 1
+  const int bar_mine = 1 + cw, bar_next = 1 + (cw + 1) % kNC;  // named barriers (0 is __syncthreads)
+  const int row_lo = it.row_begin + (warp - 4) * 16 + (lane >> 2);  // the thread's rows: row_lo, row_lo + 8
+  const uint32_t q_wg = sQ + cw * 64 * 128;                 // this consumer's 64 rows of Q
+
+  int n_tiles = 0;
+#pragma unroll 1
+  for (int ri = it.run_begin; ri < it.run_end; ++ri) n_tiles += runs[ri].tiles;
+
+  float o[D / 2];
+#pragma unroll
+  for (int j = 0; j < D / 2; ++j) o[j] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float sc[kBN / 2];      // S_n, then P_n in fp32
+  uint32_t pa[kBN / 16][4];  // P_{n-1} as the A operand of the P V GEMM (bf16/fp16 pairs)
+
+  // S_n = Q K_n^T (SS-wgmma m64n128k16, K-major operands); the caller fences and commits.
+  auto issue_s = [&](int n) {
+    const uint32_t k_st = sK + (n % kStages) * S::kKVBytes;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t koff = (kk & 3) * 32;
+      wgmma_ss<T, kBN>(sc, smem_desc(q_wg + (kk >> 2) * (kBM * 128) + koff, 16, 1024),
+                       smem_desc(k_st + (kk >> 2) * (kBN * 128) + koff, 16, 1024), kk > 0 ? 1 : 0);
+    }
+  };
+  // O += P_n V_n (RS-wgmma, V read N-major: LBO = the next 64-column block).
+  auto issue_pv = [&](int n) {
+    const uint32_t v_st = sV + (n % kStages) * S::kKVBytes;
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb<T, D>(o, pa[kk], smem_desc(v_st + kk * 16 * 128, kBN * 128, 1024));
+  };
+  auto parity = [](int n) { return static_cast<uint32_t>((n / kStages) & 1); };
+  // One arrival per warp once the warp's wgmma reads of the stage are complete.
+  auto release = [&](uint32_t empty, int n) {
+    if (lane == 0) mbar_arrive(empty + 8 * (n % kStages));
+  };
+  // Mask (boundary tiles only) and softmax of S_n, whose run is `run`; t = tile index in the run.
+  auto softmax = [&](const Run& run, int t, float (&alpha)[2]) {
+    const int c0 = run.begin + t * kBN;
+    if (run.masked)
+      softmax_tile<true>(sc, m, l, alpha, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0, lane);
+    else
+      softmax_tile<false>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
+  };
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<T>(sc[8 * kk + 2 * i], sc[8 * kk + 2 * i + 1]);
+  };
+
+  if (cw == kNC - 1) named_bar_arrive(1, 256);  // the ring starts with consumer 0
+  mbar_wait(full_q, 0);
+  if (n_tiles > 0) {
+    // Tile 0: S_0 alone (there is no P V yet), waited for at once.
+    int ri = it.run_begin, t = 0;
+    Run run = runs[ri];
+    float alpha[2];
+    mbar_wait(full_k, 0);
+    named_bar_sync(bar_mine, 256);
+    wg_fence();
+    issue_s(0);
+    wg_commit();
+    named_bar_arrive(bar_next, 256);
+    wg_wait<0>();
+    reg_fence(sc);
+    release(empty_k, 0);
+    softmax(run, t, alpha);  // O is still 0: no rescale
+    pack_p();
+
+    for (int n = 1; n < n_tiles; ++n) {
+      if (++t == run.tiles) {  // tile n's run (read now: its latency hides behind the GEMMs)
+        run = runs[++ri];
+        t = 0;
+      }
+      mbar_wait(full_k + 8 * (n % kStages), parity(n));
+      // Our turn: S_n and P_{n-1} V_{n-1} go to the tensor cores back to back.
+      named_bar_sync(bar_mine, 256);
+      wg_fence();
+      issue_s(n);
+      wg_commit();
+      mbar_wait(full_v + 8 * ((n - 1) % kStages), parity(n - 1));
+      wg_fence();  // as FA3 does before each GEMM (ptxas inserts it here otherwise: C7519)
+      issue_pv(n - 1);
+      wg_commit();
+      named_bar_arrive(bar_next, 256);
+      wg_wait<1>();  // S_n is complete; P_{n-1} V_{n-1} may still run
+      reg_fence(sc);
+      release(empty_k, n);
+      softmax(run, t, alpha);
+      wg_wait<0>();
+      reg_fence(o);
+      reg_fence_u(pa);
+      release(empty_v, n - 1);
+      // O holds P_0 V_0 + ... + P_{n-1} V_{n-1} at the previous max: bring it to the new one.
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[4 * j + e] *= alpha[e >> 1];
+      }
+      pack_p();
+    }
+
+    // The last P V, outside the ring (nothing of ours follows it).
+    const int n = n_tiles - 1;
+    mbar_wait(full_v + 8 * (n % kStages), parity(n));
+    wg_fence();
+    issue_pv(n);
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(o);
+    reg_fence_u(pa);
+    release(empty_v, n);
+  }
+  if (cw == 0) named_bar_sync(1, 256);  // consume the last consumer's final arrive
+
+  // ---------------------------------------------------------------------------------------------
+  // Epilogue through this warp's own 16 rows of the Q tile (this consumer's S GEMMs are complete).
+  const int wrow = (warp - 4) * 16;  // the warp's first row in the q tile
+  T* og = static_cast<T*>(p.out) + h * p.o_sh;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = l[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int row = wrow + (lane >> 2) + r * 8;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const int col = j * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(smem + sw_off<kBM>(row, col)) =
+          pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+    }
+    const int grow = it.row_begin + row;
+    if ((lane & 3) == 0 && grow < it.row_end)
+      p.lse[grow * p.lse_st + h * p.lse_sh] = sum > 0.f ? (m[r] + __log2f(sum)) * kLn2 : -INFINITY;
+  }
+  __syncwarp();
+  constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+  for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
+    const int idx = lane + k * 32;
+    const int r = wrow + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+    const int grow = it.row_begin + r;
+    if (grow < it.row_end)
+      *reinterpret_cast<uint4*>(og + static_cast<int64_t>(grow) * p.o_st + c) =
+          *reinterpret_cast<const uint4*>(smem + sw_off<kBM>(r, c));
+  }
+}
+
+template <typename T, int D>
+void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
+  using S = Shape<D>;
+  const int64_t grid = static_cast<int64_t>(p.side.num_items) * p.heads_q;
+  if (grid == 0) return;
+  const CUtensorMap tq = make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, S::kBM);
+  // No keys at all (a context-parallel stage with nothing to attend): no item has a key tile, so K and V
+  // are never read, but k/v may be null, which a tensor map cannot describe; map q in their place.
+  const bool no_keys = p.num_k == 0;
+  const CUtensorMap tk = no_keys ? make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, kBN)
+                                 : make_tensor_map(p.k, dtype, p.num_k, p.heads_kv, p.k_st, p.k_sh, D, kBN);
+  const CUtensorMap tv = no_keys ? tk : make_tensor_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
+  auto kernel = fwd_overlap_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmem);
+  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa forward (v8): ") + cudaGetErrorString(err));
+  kernel<<<static_cast<unsigned>(grid), S::kThreads, S::kSmem, stream>>>(p, tq, tk, tv);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa forward (v8) launch: ") + cudaGetErrorString(err));
+}
+
+}  // namespace
+
+int forward_overlap_tile_q(int head_dim) { return head_dim == 64 ? Shape<64>::kBM : Shape<128>::kBM; }
+
+void launch_forward_overlap(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream) {
+  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(dtype, p, stream);
+  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(dtype, p, stream);
+  throw std::runtime_error("ffa forward (v8): unsupported dtype/head_dim");
+}
+
+}  // namespace detail
+}  // namespace ffa
