@@ -8,9 +8,9 @@
 //                      K and V have their own full/empty mbarriers, so a K stage is refilled as soon as
 //                      every consumer's S GEMM has read it, not after the P V GEMM as well.
 //   warpgroups 1..NC   consumers, 64 query rows each: NC = 3 at D=64 (a 192-row q tile: the plan is built
-//                      with fwd_tile_q = 192, see ffa::forward_tile_q), NC = 2 at D=128 (S, the next S and
-//                      O would need 224 accumulator registers in a 3-consumer budget of 160). Per key tile
-//                      n a consumer, on its turn of the ring,
+//                      with fwd_tile_q = 192, see ffa::forward_tile_q), NC = 2 at D=128 (there S, the
+//                      packed P and O alone take the 160 registers a thread of 3 consumers may have).
+//                      Per key tile n a consumer, on its turn of the ring,
 //                        issues S_n = Q K_n^T and O += P_{n-1} V_{n-1} back to back and passes the turn;
 //                        waits for S_n only, masks it (boundary tiles only) and runs its softmax while
 //                        P_{n-1} V_{n-1} and the next consumers' GEMMs keep the tensor cores busy;
@@ -57,10 +57,10 @@ struct Shape {
 };
 
 // A row keeps its running max until a tile's max exceeds it by more than this (log2 units): P = 2^(s -
-// m) then stays below 2^8, exact in bf16/fp16 terms (the same relative rounding), O and l in fp32, and
-// the rescale of O (D/2 multiplies per thread) is skipped by every warp whose rows all kept their max.
-// Once a row has seen its largest scores, that is every later tile. The result is the same softmax:
-// out = O / l and lse = m + log2(l) for whichever m the row used.
+// m) then stays below 2^8 (bf16/fp16 round it with the same relative error at any magnitude; O and l
+// are fp32), and the rescale of O (D/2 multiplies per thread) is skipped by every warp whose rows all
+// kept their max. Once a row has seen its largest scores, that is every later tile. The result is the
+// same softmax: out = O / l and lse = m + log2(l) for whichever m the row used.
 constexpr float kStaleMaxLog2 = 8.f;
 
 // Columns [lo, hi) of the key tile at c0 that query row i may see under cut c, relative to c0 (empty
@@ -106,16 +106,17 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
     // Only a masked tile can leave a row with no visible key so far (m = -inf): subtract 0 there, so
     // its P = 2^-inf = 0 rather than NaN. In an unmasked tile every row's max is finite.
     const float m_sub = (kMasked && m[r] == -INFINITY) ? 0.f : m[r];
-    float sum = 0.f;
+    float sum0 = 0.f, sum1 = 0.f;  // two chains of 16 dependent adds rather than one of 32
 #pragma unroll
     for (int j = 0; j < kBN / 8; ++j) {
       const float p0 = exp2_ftz(fmaf(sc[4 * j + 2 * r], scale_log2, -m_sub));
       const float p1 = exp2_ftz(fmaf(sc[4 * j + 2 * r + 1], scale_log2, -m_sub));
       sc[4 * j + 2 * r] = p0;
       sc[4 * j + 2 * r + 1] = p1;
-      sum += p0 + p1;
+      sum0 += p0;
+      sum1 += p1;
     }
-    l[r] = fmaf(l[r], alpha[r], sum);
+    l[r] = fmaf(l[r], alpha[r], sum0 + sum1);
   }
 }
 
@@ -231,9 +232,11 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     if (lane == 0) mbar_arrive(empty + 8 * (n % kStages));
   };
   // Mask (boundary tiles only) and softmax of S_n, whose run is `run`; t = tile index in the run.
-  auto softmax = [&](const Run& run, int t, float (&alpha)[2]) {
+  // masked_always: apply the mask whatever the run says (correct for any tile: every run names its cut);
+  // used for the first tile, so that only the loop carries both versions of the softmax.
+  auto softmax = [&](const Run& run, int t, float (&alpha)[2], bool masked_always) {
     const int c0 = run.begin + t * kBN;
-    if (run.masked)
+    if (masked_always || run.masked)
       softmax_tile<true>(sc, m, l, alpha, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0, lane);
     else
       softmax_tile<false>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
@@ -261,7 +264,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     wg_wait<0>();
     reg_fence(sc);
     release(empty_k, 0);
-    softmax(run, t, alpha);  // O is still 0: no rescale
+    softmax(run, t, alpha, true);  // O is still 0: no rescale
     pack_p();
 
     for (int n = 1; n < n_tiles; ++n) {
@@ -283,7 +286,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       wg_wait<1>();  // S_n is complete; P_{n-1} V_{n-1} may still run
       reg_fence(sc);
       release(empty_k, n);
-      softmax(run, t, alpha);
+      softmax(run, t, alpha, false);
       wg_wait<0>();
       reg_fence(o);
       reg_fence_u(pa);

@@ -7,7 +7,8 @@
 
 Shapes: (a) the seed model: S=8192, Hq=32, Hkv=8, D=64, causal; (b) D=128, Hq=Hkv=16, S=8192, causal
 and full; (c) 8 packed documents in 8192 tokens (seed heads). Inputs are random normal; medians of
-triton.testing.do_bench.
+triton.testing.do_bench. The forward kernel 3 (v8, opt-in) is timed next to the default in the same
+process, each twice (0, 3, 0, 3), and its output compared with the default's.
 """
 import argparse
 import json
@@ -102,6 +103,17 @@ def run_shape(sh, dtype, which):
         return run
 
     res["ours_fwd_ms"] = bench_ms(ours_fwd)
+    # Forward kernel 3 (v8) on the plan it needs (192-row q tiles at D=64), timed twice around a second
+    # timing of the default so that drift between the two shows.
+    plan3 = ffa_lib.Plan(slices, S, S, fwd_tile_q=ffa_lib.forward_tile_q(3, d))
+    res["plan_v8"] = plan3.stats()
+    out3, lse3 = ffa_lib.forward(plan3, q, k, v, kernel=3)
+    res["v8_out_maxdiff"] = (out3.float() - out.float()).abs().max().item()
+    finite = torch.isfinite(lse)
+    res["v8_lse_maxdiff"] = (lse3[finite] - lse[finite]).abs().max().item() if finite.any() else 0.0
+    res["ours_v8_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan3, q, k, v, kernel=3))
+    res["ours_fwd_repeat_ms"] = bench_ms(ours_fwd)
+    res["ours_v8_fwd_repeat_ms"] = bench_ms(lambda: ffa_lib.forward(plan3, q, k, v, kernel=3))
     res["ours_fwdbwd_ms"] = bench_ms(ours_fwdbwd)
     # The previous default backward (wgmma + cp.async, 64 keys per CTA), measured in the same process.
     res["ours_wgmma_cpasync_fwdbwd_ms"] = bench_ms(ours_fwdbwd_kernel(1))
@@ -175,7 +187,7 @@ def run_shape(sh, dtype, which):
             res["flex_error"] = str(e)[:300]
 
     for key in list(res):
-        if key.endswith("_fwd_ms"):
+        if key.endswith("_fwd_ms") or key.endswith("_fwd_repeat_ms"):
             res[key.replace("_ms", "_tflops")] = fwd_flops / (res[key] * 1e-3) / 1e12
         elif key.endswith("_fwdbwd_ms") or key.endswith("_fwdbwd_det_ms"):
             res[key.replace("_ms", "_tflops")] = 3.5 * fwd_flops / (res[key] * 1e-3) / 1e12
@@ -216,6 +228,15 @@ def main():
               f"{r['ours_wgmma_cpasync_fwdbwd_tflops']:.1f}"
               + (f", with the 64-query-step TMA backward (kernel 3): {r['ours_q64_fwdbwd_tflops']:.1f}"
                  if "ours_q64_fwdbwd_tflops" in r else ""))
+    for r in results:
+        if "ours_v8_fwd_tflops" not in r:
+            continue
+        k0 = (r["ours_fwd_tflops"], r["ours_fwd_repeat_tflops"])
+        k3 = (r["ours_v8_fwd_tflops"], r["ours_v8_fwd_repeat_tflops"])
+        sd = r.get("sdpa_fwd_tflops", float("nan"))
+        print(f"{r['shape']:<40} fwd kernel 3 (v8): {k3[0]:.1f} / {k3[1]:.1f} TFLOP/s vs kernel 0: {k0[0]:.1f} / "
+              f"{k0[1]:.1f} ({max(k3) / max(k0):.3f}x, {max(k3) / sd:.2f}x sdpa); max|out3 - out0| "
+              f"{r['v8_out_maxdiff']:.2e}, max|lse3 - lse0| {r['v8_lse_maxdiff']:.2e}")
     if args.json:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
                 "flop_convention": "fwd = 4*D*Hq*visible_pairs; fwd+bwd = 3.5x fwd", "results": results}

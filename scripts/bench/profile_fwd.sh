@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute snapshot of one forward kernel (GPU machine): speed of light, warp stalls, instruction mix.
 #   FFA_LIB=... scripts/bench/profile_fwd.sh "b: S=8192 Hq=Hkv=16 D=128 full" fwd_wgmma
+# Kernel names: fwd_tma (kernel 0, the default), fwd_overlap (kernel 3, v8), fwd_wgmma (1), fwd_kernel (2).
 set -euo pipefail
 shape=${1:-full}
 kernel=${2:-fwd_wgmma}

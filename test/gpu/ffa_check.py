@@ -5,7 +5,8 @@ For each case: random q, k, v, dout; a random slice set; our forward and backwar
 fp32 (the reference) and in the input dtype by PyTorch (the "bf16 computation"). Passes when for out,
 lse, dq, dk, dv: max|ours - ref| <= 2 * max|lowprec - ref| + atol (FlashAttention's convention), rows
 with no visible key give out 0 and lse -inf exactly, every output element is written (outputs are
-poisoned with NaN first), the deterministic mode is bitwise reproducible, and the merge of two partial
+poisoned with NaN first), the deterministic mode is bitwise reproducible, the other forward kernels (1, 2
+and 3 = v8 on its own plan with 192-row q tiles at D=64) meet the same rule, and the merge of two partial
 results equals the whole. Needs a GPU: run as
     scripts/bench/build_ffa_lib.sh && python3 test/gpu/ffa_check.py [--quick] [--seed N]
 Exit code 0 when every case passes.
@@ -141,6 +142,12 @@ def cases(quick, rng):
         d, dt = shapes[r % len(shapes)]
         t = rng.randint(300, 900)
         out.append((f"cp-chunk#{r} T={t}", spec_cp_chunk(rng, t), t, t, 8, 2, d, dt))
+    # Long key ranges: many key tiles per item, so the K/V rings of the TMA kernels wrap several times
+    # (kernel 3 keeps 4 stages at D=64, 2 at D=128).
+    out.append(("causal long T=2600", [(0, 2600, 0, 2600, "causal")], 2600, 2600, 8, 2, 64, torch.bfloat16))
+    out.append(("full long Lq=700 Lk=2100", [(0, 700, 0, 2100, "full")], 700, 2100, 4, 4, 64, torch.float16))
+    out.append(("bi_causal long Lq=900 Lk=2000", [(0, 900, 0, 2000, "bi_causal")], 900, 2000, 4, 2, 128,
+                torch.bfloat16))
     out.append(("no slices", [], 100, 50, 4, 4, 64, torch.bfloat16))
     out.append(("no keys at all", [(0, 37, 0, 0, "causal")], 37, 0, 4, 2, 128, torch.bfloat16))
     return out
@@ -195,14 +202,20 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
         errs[nm] = (e_ours, e_low)
         if not (e_ours <= 2 * e_low + atol):
             problems.append(f"{nm}: err {e_ours:.3e} > 2 * {e_low:.3e} + {atol:.1e}")
-    # The other forward kernels (1: wgmma with cp.async loads, 2: mma.sync fallback) must agree as well.
-    for kern in (1, 2):
+    # The other forward kernels (1: wgmma with cp.async loads, 2: mma.sync fallback, 3: v8, on a plan with
+    # the q tile it needs) must agree as well.
+    for kern in (1, 2, 3):
+        tile_q = ffa_lib.forward_tile_q(kern, d)
+        plan_k = plan if tile_q == ffa_lib.forward_tile_q(0, d) else ffa_lib.Plan(slices, tq, tk, fwd_tile_q=tile_q)
         o_fb = torch.full_like(q, float("nan"))
         l_fb = torch.full((tq, hq), float("nan"), device=dev)
-        ffa_lib.forward(plan, q, k, v, scale, o_fb, l_fb, kernel=kern)
+        ffa_lib.forward(plan_k, q, k, v, scale, o_fb, l_fb, kernel=kern)
         e_fb = maxerr(o_fb, ref[0])
         if not e_fb <= 2 * errs["out"][1] + 1e-3 * max(1.0, ref[0].abs().max().item() if ref[0].numel() else 0.0):
             problems.append(f"forward kernel {kern}: out err {e_fb:.3e}")
+        e_lfb = maxerr(l_fb, ref[1], has[:, None].expand_as(lse))
+        if not e_lfb <= 2 * errs["lse"][1] + 1e-3:
+            problems.append(f"forward kernel {kern}: lse err {e_lfb:.3e}")
         if torch.isnan(o_fb).any() or torch.isnan(l_fb).any() or not torch.equal(torch.isneginf(l_fb), torch.isneginf(lse)):
             problems.append(f"forward kernel {kern}: NaN or -inf rows differ")
         errs[f"out_k{kern}"] = (e_fb, errs["out"][1])
