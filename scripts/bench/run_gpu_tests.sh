@@ -5,6 +5,9 @@
 #   3. test/gpu/ffa_check.py: random slice sets vs the fp32 reference, the bf16 error convention
 #   4. with DEPS=<folder of .debs> (docs/gpu-build.md): cmake build of flexcp_gpu_tests, run [gpu]
 # Usage: scripts/bench/run_gpu_tests.sh [--quick]
+# Each step has a time limit (STEP_TIMEOUT seconds, default 300; the plain standalone run 120), so a
+# kernel that deadlocks fails its step instead of eating the whole device call; when the plain
+# standalone run times out, the sanitizer runs of it are skipped (they would hang the same way).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -14,10 +17,18 @@ if [ -z "${FFA_LIB:-}" ]; then
   export FFA_LIB=$root/build-ffa/libffa.so
 fi
 sa=$(dirname "$FFA_LIB")/ffa_standalone
-echo "== standalone"; "$sa" | grep -v " ok$" || status=1
-echo "== memcheck"; compute-sanitizer --tool memcheck --error-exitcode 3 "$sa" | tail -n 1 || status=1
-echo "== racecheck"; compute-sanitizer --tool racecheck --error-exitcode 3 "$sa" | tail -n 1 || status=1
-echo "== ffa_check.py"; PYTHONUNBUFFERED=1 python3 test/gpu/ffa_check.py "$@" | grep -v "^\[ok" || status=1
+limit=${STEP_TIMEOUT:-300}
+echo "== standalone"; timeout 120 "$sa" | grep -v " ok$"
+rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] && status=1
+if [ "$rc" -eq 124 ]; then
+  echo "standalone timed out (a deadlock?): memcheck and racecheck skipped"
+else
+  echo "== memcheck"; timeout "$limit" compute-sanitizer --tool memcheck --error-exitcode 3 "$sa" | tail -n 1 || status=1
+  echo "== racecheck"; timeout "$limit" compute-sanitizer --tool racecheck --error-exitcode 3 "$sa" | tail -n 1 || status=1
+fi
+echo "== ffa_check.py"
+PYTHONUNBUFFERED=1 timeout "$limit" python3 test/gpu/ffa_check.py "$@" | grep -v "^\[ok" || status=1
 if [ -n "${DEPS:-}" ]; then
   echo "== flexcp_gpu_tests"
   P=$(bash "$DEPS/unpack.sh" /tmp/pfx)
