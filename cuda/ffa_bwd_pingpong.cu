@@ -20,16 +20,17 @@
 //     the loader fetches a step's values with one TMA copy (the v7 lanes' strided loads used one
 //     32-byte sector per 4-byte value).
 // Roles:
-//   warpgroup 0: warp 0 lane 0 loads K and V once, then per step Q, dO and the stats into a 2-stage
-//                ring (full/empty mbarriers); warps 1, 2: dQ writers; warp 3 idles. setmaxnreg.dec.
+//   warpgroup 0: warp 0 (lane 0 issues) loads K and V once, then per step Q, dO and the stats into a
+//                2-stage ring (full/empty mbarriers); warps 1, 2: dQ writers; warp 3 idles. setmaxnreg.dec.
 //   warpgroups 1, 2: consumers, 64 keys each, sharing every Q/dO tile, per step:
 //     S^T = K Q^T, dP^T = V dO^T  (SS-wgmma m64nQS)     -> P^T, dS^T = P^T * (dP^T - delta)
 //     dS^T -> shared memory (double buffer), arrive
 //     dV += P^T dO, dK += dS^T Q  (RS-wgmma)            sync on the other half of dS^T
 //     dQ  = dS K over all 128 keys (SS-wgmma, 64 queries x 64 columns: QS = 128 query half w, D = 128
 //           column block w) -> padded fp32 rows in shared memory -> writer warp w -> fp32 accumulator.
-// A step whose second query half lies outside the run (last step of an odd run at D=64) runs the masked
-// element loop with the visible columns clipped to the first half (P = dS = 0 there).
+// A step whose second query half lies outside the run (last step of an odd run at D=64) gets that
+// half's stats from the padding rows past num_q (lse = +inf, so P = dS = 0 there); its writer skips the
+// half's reduction.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t full_kv = barriers(), full = full_kv + 8, empty = full_kv + 24;
   unsigned char* smem = smem_raw + (base - raw);
   const uint32_t sK = base + L::sK, sV = base + L::sV, sQ = base + L::sQ, sdO = base + L::sdO, sdS = base + L::sdS;
-  const uint32_t sdQ = base + L::sdQ, sStats = base + L::sStats, sJobs = base + L::sJobs;
+  const uint32_t sdQ = base + L::sdQ, sJobs = base + L::sJobs;
   const int lane = tid & 31;
   const int hk = blockIdx.x % p.heads_kv;
   const Item it = p.k_side.items[blockIdx.x / p.heads_kv];
@@ -393,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           // QS = 128: the second query half lies outside the run on an odd run's last step (dS = 0 there).
           const int row0 = q0 + mb * 64;
           const bool in_run = QS == 64 || cw == 0 || t + 1 < run.tiles;
-          st_shared_s32x4(sJobs + cw * sizeof(DqJob), row0, h, job * 64, in_run ? min(64, p.num_q - row0) : 0);
+          st_shared_s32x4(sJobs + cw * sizeof(DqJob), row0, h, job * 64, in_run ? max(0, min(64, p.num_q - row0)) : 0);
         }
         fence_async_smem();
         named_bar_arrive(kBarDqFull + cw, 160);

@@ -1,7 +1,8 @@
 // Standalone GPU test of cuda/ffa.h with no LibTorch, small enough to run under compute-sanitizer
 // (memcheck, racecheck): a few slices of every mask type over lengths that are not tile multiples,
 // GQA 2, D 64 and 128, bf16; forward, backward (atomic and deterministic) and merge, checked against a
-// float64 CPU reference. Exit code 0 when every check passes.
+// float64 CPU reference. A second, longer case (GQA 4, runs of odd and even tile counts, many steps per
+// CTA) checks the TMA backward kernels 0 and 4. Exit code 0 when every check passes.
 //   scripts/bench/build_ffa_lib.sh && nvcc ... (see scripts/bench/build_ffa_lib.sh) && ./ffa_standalone
 //   compute-sanitizer --tool racecheck ./ffa_standalone
 #include <cuda_bf16.h>
@@ -51,12 +52,39 @@ bool visible(const std::vector<ffa::Slice>& sl, int i, int j) {
   return false;
 }
 
-int run(int D, bool use_merge_split) {
-  const int tq = 150, tk = 133, hq = 4, hkv = 2, g = hq / hkv;
-  const std::vector<ffa::Slice> slices = {{0, 70, 0, 60, ffa::Mask::Causal},
-                                          {0, 150, 60, 133, ffa::Mask::InvCausal},
-                                          {70, 150, 0, 40, ffa::Mask::Full},
-                                          {70, 150, 40, 60, ffa::Mask::BiCausal}};
+struct Case {
+  int tq, tk, hq, hkv;
+  std::vector<ffa::Slice> slices;
+  std::vector<int> bwd_kernels;  // BackwardArgs::kernel values, each atomic and deterministic
+  bool merge_split;
+};
+
+// Four slices of every mask type, lengths that are not tile multiples; every kernel.
+Case small_case(int D) {
+  return {150, 133, 4, 2,
+          {{0, 70, 0, 60, ffa::Mask::Causal},
+           {0, 150, 60, 133, ffa::Mask::InvCausal},
+           {70, 150, 0, 40, ffa::Mask::Full},
+           {70, 150, 40, 60, ffa::Mask::BiCausal}},
+          {0, 1, 2, 3, 4}, D == 64};
+}
+
+// Longer: a causal block whose key tiles see runs of 5 query tiles from row 290 on (odd, not 64-aligned:
+// the 128-query steps end with a half step), a full block beside it, an inverse-causal block, rows 250-289
+// with no key at all; GQA 4, so each CTA walks many steps of both parities and both kinds of run. The
+// TMA kernels only.
+Case long_case() {
+  return {590, 557, 8, 2,
+          {{0, 590, 0, 300, ffa::Mask::Causal},
+           {0, 250, 300, 557, ffa::Mask::Full},
+           {250, 590, 300, 557, ffa::Mask::InvCausal}},
+          {0, 4}, false};
+}
+
+int run(int D, const Case& c) {
+  const int tq = c.tq, tk = c.tk, hq = c.hq, hkv = c.hkv, g = hq / hkv;
+  const std::vector<ffa::Slice>& slices = c.slices;
+  const bool use_merge_split = c.merge_split;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   std::mt19937 rng(42 + D);
   std::normal_distribution<float> nd;
@@ -154,7 +182,7 @@ int run(int D, bool use_merge_split) {
       mag = std::max(mag, std::fabs(ref[n]));
     }
     const bool ok = err <= tol * std::max(1.0, mag);
-    std::printf("  D=%d %-14s max err %.3e (|ref| %.2f) %s\n", D, name, err, mag, ok ? "ok" : "FAIL");
+    std::printf("  D=%d T=%d %-16s max err %.3e (|ref| %.2f) %s\n", D, tq, name, err, mag, ok ? "ok" : "FAIL");
     failures += !ok;
   };
   for (int kern : {2, 1, 0}) {  // mma.sync, wgmma + cp.async, then TMA (whose result the backward uses)
@@ -166,34 +194,33 @@ int run(int D, bool use_merge_split) {
     compare(names[2 * kern], dout_.p, ro, true, 2e-2);
     compare(names[2 * kern + 1], dlse.p, rl, false, 1e-3);
   }
-  for (int variant = 0; variant < 8; ++variant) {  // {atomic, det} x {tma, wgmma, mma.sync, tma 64-q steps}
-    const int det = variant & 1, kern = variant >> 1;
-    ffa::BackwardArgs ba;
-    ba.dims = fa.dims;
-    ba.q = fa.q, ba.k = fa.k, ba.v = fa.v, ba.out = fa.out, ba.lse = fa.lse;
-    ba.dout = {ddo.p, hq * D, D};
-    ba.dq = {gq.p, hq * D, D}, ba.dk = {gk.p, hkv * D, D}, ba.dv = {gv.p, hkv * D, D};
-    ba.softmax_scale = scale;
-    ba.deterministic = det;
-    ba.kernel = kern;
-    CK(cudaMemset(gq.p, 0xff, q.size() * 2));
-    CK(cudaMemset(gk.p, 0xff, k.size() * 2));
-    CK(cudaMemset(gv.p, 0xff, v.size() * 2));
-    Dev ws(ffa::backward_workspace_bytes(ba.dims, det));
-    ba.workspace = ws.p;
-    ffa::backward(ba, dp, 0);
-    CK(cudaDeviceSynchronize());
-    const char* nm[8][3] = {{"dq", "dk", "dv"},
-                            {"dq (det)", "dk (det)", "dv (det)"},
-                            {"dq (wgmma)", "dk (wgmma)", "dv (wgmma)"},
-                            {"dq (wgmma, det)", "dk (wgmma, det)", "dv (wgmma, det)"},
-                            {"dq (mma)", "dk (mma)", "dv (mma)"},
-                            {"dq (mma, det)", "dk (mma, det)", "dv (mma, det)"},
-                            {"dq (q64)", "dk (q64)", "dv (q64)"},
-                            {"dq (q64, det)", "dk (q64, det)", "dv (q64, det)"}};
-    compare(nm[variant][0], gq.p, rdq, true, 2e-2);
-    compare(nm[variant][1], gk.p, rdk, true, 2e-2);
-    compare(nm[variant][2], gv.p, rdv, true, 2e-2);
+  for (int kern : c.bwd_kernels) {
+    for (int det = 0; det < 2; ++det) {  // atomic dQ, then deterministic (the TMA kernels route it to 1)
+      ffa::BackwardArgs ba;
+      ba.dims = fa.dims;
+      ba.q = fa.q, ba.k = fa.k, ba.v = fa.v, ba.out = fa.out, ba.lse = fa.lse;
+      ba.dout = {ddo.p, hq * D, D};
+      ba.dq = {gq.p, hq * D, D}, ba.dk = {gk.p, hkv * D, D}, ba.dv = {gv.p, hkv * D, D};
+      ba.softmax_scale = scale;
+      ba.deterministic = det;
+      ba.kernel = kern;
+      CK(cudaMemset(gq.p, 0xff, q.size() * 2));
+      CK(cudaMemset(gk.p, 0xff, k.size() * 2));
+      CK(cudaMemset(gv.p, 0xff, v.size() * 2));
+      Dev ws(ffa::backward_workspace_bytes(ba.dims, det));
+      CK(cudaMemset(ws.p, 0xff, ffa::backward_workspace_bytes(ba.dims, det)));  // nothing may rely on zeros
+      ba.workspace = ws.p;
+      ffa::backward(ba, dp, 0);
+      CK(cudaDeviceSynchronize());
+      const char* kname[] = {"tma", "wgmma", "mma", "q64", "pingpong"};
+      char nm[3][40];
+      for (int x = 0; x < 3; ++x)
+        std::snprintf(nm[x], sizeof nm[x], "%s (%s%s)", x == 0 ? "dq" : x == 1 ? "dk" : "dv", kname[kern],
+                      det ? ", det" : "");
+      compare(nm[0], gq.p, rdq, true, 2e-2);
+      compare(nm[1], gk.p, rdk, true, 2e-2);
+      compare(nm[2], gv.p, rdv, true, 2e-2);
+    }
   }
   if (use_merge_split) {
     // Two halves of the slices, merged in place into the first: must equal the whole.
@@ -227,8 +254,10 @@ int run(int D, bool use_merge_split) {
 int main() {
   int failures = 0;
   try {
-    failures += run(64, true);
-    failures += run(128, false);
+    for (int D : {64, 128}) {
+      failures += run(D, small_case(D));
+      failures += run(D, long_case());
+    }
   } catch (const std::exception& e) {
     std::printf("exception: %s\n", e.what());
     return 1;
