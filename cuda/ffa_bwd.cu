@@ -446,9 +446,11 @@ void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& para
   BwdParams p = params;
   const int64_t grid_kv = 2 * static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;  // two CTAs per item
   const bool tma = grid_kv > 0 && !deterministic && dkdv_tma_supported(p);
-  if (tma && dkdv == 4) {  // per-head stats in the memory of delta (ffa_api.cu sizes it)
+  const bool pingpong_kernel = tma && (dkdv == 4 || dkdv == 5);
+  if (pingpong_kernel) {  // per-head stats in the memory of delta (ffa_api.cu sizes it)
     p.stats = p.delta;
     p.stats_rows = static_cast<int>(stats_rows_for(p.num_q));
+    p.pingpong = dkdv == 4;
   }
   const int64_t rowheads = static_cast<int64_t>(p.num_q) * p.heads_q;
   const int64_t threads = rowheads * (D / 8);
@@ -458,7 +460,7 @@ void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& para
     check(cudaGetLastError(), "preprocess");
   }
   constexpr int kSmemKV = 6 * 64 * D * 2 + 64 * 64 * 2 + 4 * 64 * 4;
-  if (tma && dkdv == 4) {
+  if (pingpong_kernel) {
     launch_dkdv_pingpong(dtype, D, p, stream);
   } else if (tma && (dkdv == 0 || dkdv == 3)) {
     launch_dkdv_tma(dtype, D, dkdv == 3, p, stream);

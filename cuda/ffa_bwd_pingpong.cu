@@ -28,6 +28,8 @@
 //     dV += P^T dO, dK += dS^T Q  (RS-wgmma)            sync on the other half of dS^T
 //     dQ  = dS K over all 128 keys (SS-wgmma, 64 queries x 64 columns: QS = 128 query half w, D = 128
 //           column block w) -> padded fp32 rows in shared memory -> writer warp w -> fp32 accumulator.
+// Kernel 5 of the API runs the same code without the ping-pong issue order (BwdParams::pingpong false),
+// to measure what the order itself gives.
 // A step whose second query half lies outside the run (last step of an odd run at D=64) gets that
 // half's stats from the padding rows past num_q (lse = +inf, so P = dS = 0 there); its writer skips the
 // half's reduction.
@@ -149,6 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           bulk_reduce_add_f32(dst + r * row_stride, stage + r * kDqRowFloats * 4, 64 * 4);
         bulk_commit();
         bulk_wait_read<0>();
+        __syncwarp();  // converged for the next barrier
       }
       bulk_wait<0>();  // the shared source must outlive the reductions
       return;
@@ -225,7 +228,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int n = 0; n < D / 2; ++n) dk[n] = dv[n] = 0.f;
 
-  if (cw == 1) named_bar_arrive(kBarSched + 0, 256);  // consumer 0 issues first
+  const bool pingpong = p.pingpong;  // kernel 5 (an experiment): the consumers issue S^T/dP^T freely
+  if (pingpong && cw == 1) named_bar_arrive(kBarSched + 0, 256);  // consumer 0 issues first
   mbar_wait(full_kv, 0);
   int n = 0;
   for (int g = 0; g < p.group; ++g) {
@@ -242,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(full + 8 * s, (n >> 1) & 1);
 
         float sc[QS / 2], dp[QS / 2];
-        named_bar_sync(kBarSched + cw, 256);  // the other consumer has issued its pair
+        if (pingpong) named_bar_sync(kBarSched + cw, 256);  // the other consumer has issued its pair
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -256,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_ss<T, QS>(dp, smem_desc(v_wg + ka, 16, 1024), smem_desc(do_st + kb, 16, 1024), kk > 0 ? 1 : 0);
         }
         wg_commit();
-        named_bar_arrive(kBarSched + (1 - cw), 256);  // the other consumer may issue its pair now
+        if (pingpong) named_bar_arrive(kBarSched + (1 - cw), 256);  // the other consumer may issue its pair now
         // Step column c: lse * log2(e) at stats[c + 64 (c / 64)], delta 64 floats later (per plan tile).
         const float* stats = stats_all + s * (L::kStats / 4);
         // Masked steps: the visible queries of each of this thread's two keys form one interval of step
@@ -396,6 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const bool in_run = QS == 64 || cw == 0 || t + 1 < run.tiles;
           st_shared_s32x4(sJobs + cw * sizeof(DqJob), row0, h, job * 64, in_run ? max(0, min(64, p.num_q - row0)) : 0);
         }
+        __syncwarp();
         fence_async_smem();
         named_bar_arrive(kBarDqFull + cw, 160);
       }
@@ -404,8 +409,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // No more steps: release the writer, and consume consumer 1's last ping-pong arrive.
   named_bar_sync(kBarDqEmpty + cw, 160);
   if (wq == 0 && lane == 0) st_shared_s32x4(sJobs + cw * sizeof(DqJob), 0, 0, 0, -1);
+  __syncwarp();
   named_bar_arrive(kBarDqFull + cw, 160);
-  if (cw == 0) named_bar_sync(kBarSched + 0, 256);
+  if (pingpong && cw == 0) named_bar_sync(kBarSched + 0, 256);
 
   // Epilogue: both warpgroups' last dQ GEMMs (which read all of K) are done before K/V are reused as
   // staging for dK (times the softmax scale) and dV.

@@ -2,7 +2,7 @@
 // (memcheck, racecheck): a few slices of every mask type over lengths that are not tile multiples,
 // GQA 2, D 64 and 128, bf16; forward, backward (atomic and deterministic) and merge, checked against a
 // float64 CPU reference. A second, longer case (GQA 4, runs of odd and even tile counts, many steps per
-// CTA) checks the TMA backward kernels 0 and 4. Exit code 0 when every check passes.
+// CTA) checks the TMA backward kernels 0, 4 and 5. Exit code 0 when every check passes.
 //   scripts/bench/build_ffa_lib.sh && nvcc ... (see scripts/bench/build_ffa_lib.sh) && ./ffa_standalone
 //   compute-sanitizer --tool racecheck ./ffa_standalone
 #include <cuda_bf16.h>
@@ -66,7 +66,7 @@ Case small_case(int D) {
            {0, 150, 60, 133, ffa::Mask::InvCausal},
            {70, 150, 0, 40, ffa::Mask::Full},
            {70, 150, 40, 60, ffa::Mask::BiCausal}},
-          {0, 1, 2, 3, 4}, D == 64};
+          {0, 1, 2, 3, 4, 5}, D == 64};
 }
 
 // Longer: a causal block whose key tiles see runs of 5 query tiles from row 290 on (odd, not 64-aligned:
@@ -78,7 +78,7 @@ Case long_case() {
           {{0, 590, 0, 300, ffa::Mask::Causal},
            {0, 250, 300, 557, ffa::Mask::Full},
            {250, 590, 300, 557, ffa::Mask::InvCausal}},
-          {0, 4}, false};
+          {0, 4, 5}, false};
 }
 
 int run(int D, const Case& c) {
@@ -212,7 +212,7 @@ int run(int D, const Case& c) {
       ba.workspace = ws.p;
       ffa::backward(ba, dp, 0);
       CK(cudaDeviceSynchronize());
-      const char* kname[] = {"tma", "wgmma", "mma", "q64", "pingpong"};
+      const char* kname[] = {"tma", "wgmma", "mma", "q64", "pingpong", "v8 free"};
       char nm[3][40];
       for (int x = 0; x < 3; ++x)
         std::snprintf(nm[x], sizeof nm[x], "%s (%s%s)", x == 0 ? "dq" : x == 1 ? "dk" : "dv", kname[kern],
