@@ -83,8 +83,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
-// delta (Tq, Hq), or for backward kernels 4 and 5 (never deterministic) the per-head stats in the same memory
-// (BwdParams::stats: lse and delta, stats_rows_for(Tq) rows per head).
+// delta (Tq, Hq), or for backward kernels 4 and 5 (never deterministic) the per-head stats in the same
+// memory (BwdParams::stats: lse and delta, stats_rows_for(Tq) rows per head).
 size_t delta_region_bytes(const Dims& d, bool deterministic) {
   const size_t rowheads = static_cast<size_t>(d.num_q) * static_cast<size_t>(d.heads_q);
   if (deterministic || d.num_q == 0) return align256(rowheads * sizeof(float));
@@ -139,8 +139,9 @@ void backward(const BackwardArgs& a, const DevicePlan& plan, cudaStream_t stream
   p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.out = a.out.data, p.dout = a.dout.data, p.lse = a.lse.data;
   p.dq = a.dq.data, p.dk = a.dk.data, p.dv = a.dv.data;
   p.delta = static_cast<float*>(a.workspace);
-  p.dq_accum = a.deterministic ? nullptr
-                               : reinterpret_cast<float*>(static_cast<char*>(a.workspace) + delta_region_bytes(d, false));
+  p.dq_accum = a.deterministic
+                   ? nullptr
+                   : reinterpret_cast<float*>(static_cast<char*>(a.workspace) + delta_region_bytes(d, false));
   p.q_st = a.q.stride_token, p.q_sh = a.q.stride_head, p.k_st = a.k.stride_token, p.k_sh = a.k.stride_head;
   p.v_st = a.v.stride_token, p.v_sh = a.v.stride_head, p.o_st = a.out.stride_token, p.o_sh = a.out.stride_head;
   p.do_st = a.dout.stride_token, p.do_sh = a.dout.stride_head, p.lse_st = a.lse.stride_token,

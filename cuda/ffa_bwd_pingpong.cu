@@ -78,7 +78,10 @@ constexpr int queries_per_step() {
 
 __device__ __forceinline__ int4 ld_shared_s32x4(uint32_t addr) {
   int4 v;
-  asm volatile("ld.shared.v4.s32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  asm volatile("ld.shared.v4.s32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
   return v;
 }
 
@@ -392,7 +395,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int j = 0; j < 8; ++j) {
           const int col = j * 8 + (lane & 3) * 2;
           *reinterpret_cast<float2*>(st + (r0 * kDqRowFloats + col) * 4) = make_float2(dq[4 * j], dq[4 * j + 1]);
-          *reinterpret_cast<float2*>(st + ((r0 + 8) * kDqRowFloats + col) * 4) = make_float2(dq[4 * j + 2], dq[4 * j + 3]);
+          *reinterpret_cast<float2*>(st + ((r0 + 8) * kDqRowFloats + col) * 4) =
+              make_float2(dq[4 * j + 2], dq[4 * j + 3]);
         }
         if (wq == 0 && lane == 0) {
           // QS = 128: the second query half lies outside the run on an odd run's last step (dS = 0 there).
@@ -453,11 +457,12 @@ CUtensorMap make_stats_map(const float* stats, int heads, int rows) {
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(rows) * 4, static_cast<cuuint64_t>(rows) * 8};
   const cuuint32_t box[3] = {kTileQ, 2, 1};
   const cuuint32_t estr[3] = {1, 1, 1};
-  const CUresult r = cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(stats), dims,
-                                            strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
-                                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r =
+      cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(stats), dims, strides, box,
+                             estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                             CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
-    throw std::runtime_error("ffa backward (ping-pong): cuTensorMapEncodeTiled (stats) failed, code " + std::to_string(r));
+    throw std::runtime_error("ffa backward (ping-pong): stats tensor map failed, code " + std::to_string(r));
   return map;
 }
 

@@ -46,7 +46,7 @@ struct BwdParams {
   void *dq, *dk, *dv;
   float* dq_accum;  // (Tq, Hq, D) fp32, atomic path only
   float* delta;     // (Tq, Hq) fp32: rowsum(dout * out)
-  // Kernel 4 instead of delta: per query head, stats_rows values of lse * log2(e) (+inf for rows with
+  // Kernels 4, 5 instead of delta: per query head, stats_rows values of lse * log2(e) (+inf for rows with
   // no key and rows past num_q), then stats_rows values of delta (0 past num_q); same memory as delta.
   float* stats;
   int stats_rows;
