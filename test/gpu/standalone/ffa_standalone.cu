@@ -70,15 +70,16 @@ Case small_case(int D) {
           {0, 1, 2, 3, 4, 5}, D == 64};
 }
 
-// Longer: a causal block whose key tiles see runs of 5 query tiles from row 290 on (odd, not 64-aligned:
-// the 128-query steps end with a half step), a full block beside it, an inverse-causal block, rows 250-289
-// with no key at all; GQA 4, so each CTA walks many steps of both parities and both kinds of run. The
-// TMA kernels only.
+// Longer: causal keys [0, 300) seen from row 290 on, a full block (rows [0, 250)) and an inverse-causal
+// block (rows [290, 590)) on keys [300, 557), so rows 250-289 see no key. The k-side runs have 1, 2, 3 and
+// 5 tiles (odd ones end the 128-query steps with a half step), start at rows 0, 192, 290, 418 and 546 (not
+// 64-aligned), reach past the last row, and mix masked and full; GQA 4 gives each CTA 4 query heads of
+// them (steps of both parities, many of them). The TMA kernels only.
 Case long_case() {
   return {590, 557, 8, 2,
           {{0, 590, 0, 300, ffa::Mask::Causal},
            {0, 250, 300, 557, ffa::Mask::Full},
-           {250, 590, 300, 557, ffa::Mask::InvCausal}},
+           {290, 590, 300, 557, ffa::Mask::InvCausal}},
           {0, 4, 5}, false};
 }
 
