@@ -17,8 +17,8 @@
 //     consumers' critical path;
 //   - lse and delta come from the preprocessing kernel in a per-head layout (BwdParams::stats: per
 //     head, lse * log2(e) (+inf for rows with no key and past the end) then delta, padded rows), so
-//     the loader fetches a step's values with one TMA copy (the v7 lanes' strided loads used one
-//     32-byte sector per 4-byte value).
+//     the loader fetches them with one TMA box per 64-query plan tile (the v7 lanes' strided loads
+//     used one 32-byte sector per 4-byte value).
 // Roles:
 //   warpgroup 0: warp 0 (lane 0 issues) loads K and V once, then per step Q, dO and the stats into a
 //                2-stage ring (full/empty mbarriers); warps 1, 2: dQ writers; warp 3 idles. setmaxnreg.dec.
@@ -55,7 +55,7 @@ using namespace dev;
 
 constexpr int kBN = kPlanTileK, kTileQ = kBwdTileQ, kThreads = 384;
 static_assert(kBN == 128 && kTileQ == 64, "two consumer warpgroups x 64 keys, 64-query plan tiles");
-static_assert(kStatsPad >= 128, "a 128-query step starting at the last query stays inside the stats rows");
+static_assert(kStatsPad >= 128, "a step's boxes, and the padding box of a half step, stay inside the stats rows");
 constexpr int kDqRowFloats = 72;                 // 64 columns + 8 floats of padding (conflict-free float2 stores)
 constexpr int kDqBytes = 64 * kDqRowFloats * 4;  // one consumer's dQ job: 64 rows x 64 columns
 // A stage's stats: per 64-query plan tile, 64 values of lse * log2(e), then 64 of delta (one TMA box).
