@@ -78,7 +78,10 @@ struct BackwardArgs {
   // dK/dV kernel: 0 = TMA producer + two wgmma consumer warpgroups (sm_90a, the default; the
   // deterministic mode runs 1 instead; 128-query steps at D=64), 1 = wgmma with cp.async loads,
   // 2 = mma.sync (FlashAttention-2 style fallback), 3 = as 0 with 64-query steps at D=64 too (the
-  // previous default, kept for comparison; the same as 0 at D=128).
+  // previous default, kept for comparison; the same as 0 at D=128), 4 = as 0 with the two consumer
+  // warpgroups out of lockstep (ping-pong), dQ writer warps and per-head lse/delta (docs/kernel-log.md
+  // v8-bwd; opt-in until measured; deterministic calls run 1), 5 = 4 without the ping-pong issue order
+  // (an experiment for the A/B; to be removed once measured).
   int kernel = 0;
 };
 

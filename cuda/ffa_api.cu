@@ -87,6 +87,15 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
+// delta (Tq, Hq), or for backward kernels 4 and 5 (never deterministic) the per-head stats in the same
+// memory (BwdParams::stats: lse and delta, stats_rows_for(Tq) rows per head).
+size_t delta_region_bytes(const Dims& d, bool deterministic) {
+  const size_t rowheads = static_cast<size_t>(d.num_q) * static_cast<size_t>(d.heads_q);
+  if (deterministic || d.num_q == 0) return align256(rowheads * sizeof(float));
+  const size_t stats = 2 * static_cast<size_t>(d.heads_q) * static_cast<size_t>(detail::stats_rows_for(d.num_q));
+  return align256((rowheads > stats ? rowheads : stats) * sizeof(float));
+}
+
 }  // namespace
 
 int forward_tile_q(int kernel, int head_dim) {
@@ -121,7 +130,7 @@ void forward(const ForwardArgs& a, const DevicePlan& plan, cudaStream_t stream) 
 
 size_t backward_workspace_bytes(const Dims& d, bool deterministic) {
   const size_t rowheads = static_cast<size_t>(d.num_q) * static_cast<size_t>(d.heads_q);
-  size_t bytes = align256(rowheads * sizeof(float));  // delta
+  size_t bytes = delta_region_bytes(d, deterministic);
   if (!deterministic) bytes += align256(rowheads * static_cast<size_t>(d.head_dim) * sizeof(float));  // dq accum
   return bytes;
 }
@@ -141,10 +150,10 @@ void backward(const BackwardArgs& a, const DevicePlan& plan, cudaStream_t stream
   detail::BwdParams p{};
   p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.out = a.out.data, p.dout = a.dout.data, p.lse = a.lse.data;
   p.dq = a.dq.data, p.dk = a.dk.data, p.dv = a.dv.data;
-  const size_t rowheads = static_cast<size_t>(d.num_q) * static_cast<size_t>(d.heads_q);
   p.delta = static_cast<float*>(a.workspace);
-  p.dq_accum = a.deterministic ? nullptr
-                               : reinterpret_cast<float*>(static_cast<char*>(a.workspace) + align256(rowheads * 4));
+  p.dq_accum = a.deterministic
+                   ? nullptr
+                   : reinterpret_cast<float*>(static_cast<char*>(a.workspace) + delta_region_bytes(d, false));
   p.q_st = a.q.stride_token, p.q_sh = a.q.stride_head, p.k_st = a.k.stride_token, p.k_sh = a.k.stride_head;
   p.v_st = a.v.stride_token, p.v_sh = a.v.stride_head, p.o_st = a.out.stride_token, p.o_sh = a.out.stride_head;
   p.do_st = a.dout.stride_token, p.do_sh = a.dout.stride_head, p.lse_st = a.lse.stride_token,
@@ -157,9 +166,10 @@ void backward(const BackwardArgs& a, const DevicePlan& plan, cudaStream_t stream
   p.scale_log2 = p.scale * kLog2e;
   p.q_side = q_view(plan);
   p.k_side = k_view(plan);
-  if (a.kernel < 0 || a.kernel > 3)
+  if (a.kernel < 0 || a.kernel > 5)
     fail(where, "unknown backward kernel " + std::to_string(a.kernel),
-         "use 0 (tma), 1 (wgmma), 2 (mma.sync) or 3 (tma with 64-query steps)");
+         "use 0 (tma), 1 (wgmma), 2 (mma.sync), 3 (tma with 64-query steps), 4 (tma, ping-pong) or 5 (4 without "
+         "the ping-pong order)");
   detail::launch_backward(static_cast<int>(a.dtype), d.head_dim, a.deterministic, a.kernel, p, stream);
 }
 

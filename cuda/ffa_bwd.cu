@@ -32,20 +32,28 @@ __device__ __forceinline__ float to_f<__half>(__half x) {
   return __half2float(x);
 }
 
-// One thread per 8 elements of a (row, head): delta = sum(dout * out); also zeroes dq_accum.
+// One thread per 8 elements of a (row, head): delta = sum(dout * out); also zeroes dq_accum. Kernel 4
+// reads per-head stats instead (p.stats set): the (row, head) pairs are then walked head-major over
+// p.stats_rows rows per head, and lse * log2(e) (+inf for rows with no key) and delta go to p.stats
+// (rows past num_q: +inf and 0, so a step reaching past the end needs no test).
 template <typename T, int D>
 __global__ void preprocess_kernel(const BwdParams p, bool zero_accum) {
   constexpr int kThreadsPerRow = D / 8;
   const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t rowhead = gid / kThreadsPerRow;
   const int c = static_cast<int>(gid % kThreadsPerRow) * 8;
-  const bool valid = rowhead < static_cast<int64_t>(p.num_q) * p.heads_q;
-  float acc = 0.f;
+  const bool head_major = p.stats != nullptr;
+  const int64_t rows = head_major ? p.stats_rows : p.num_q;
+  const bool valid = rowhead < rows * p.heads_q;
   int64_t row = 0;
   int h = 0;
   if (valid) {
-    row = rowhead / p.heads_q;
-    h = static_cast<int>(rowhead % p.heads_q);
+    row = head_major ? rowhead % rows : rowhead / p.heads_q;
+    h = static_cast<int>(head_major ? rowhead / rows : rowhead % p.heads_q);
+  }
+  const bool real = valid && row < p.num_q;
+  float acc = 0.f;
+  if (real) {
     const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.dout) + row * p.do_st + h * p.do_sh + c);
     const uint4 b = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + row * p.o_st + h * p.o_sh + c);
     const T* ea = reinterpret_cast<const T*>(&a);
@@ -60,7 +68,19 @@ __global__ void preprocess_kernel(const BwdParams p, bool zero_accum) {
   }
 #pragma unroll
   for (int off = 1; off < kThreadsPerRow; off <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (valid && c == 0) p.delta[row * p.heads_q + h] = acc;
+  if (!valid || c != 0) return;
+  if (head_major) {
+    float lse2 = INFINITY;  // empty rows and rows past the end: P = 0, never NaN
+    if (real) {
+      const float lse = p.lse[row * p.lse_st + h * p.lse_sh];
+      lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
+    }
+    float* st = p.stats + static_cast<int64_t>(h) * 2 * rows;
+    st[row] = lse2;
+    st[rows + row] = acc;
+  } else {
+    p.delta[row * p.heads_q + h] = acc;
+  }
 }
 
 template <typename T, int D>
@@ -422,16 +442,27 @@ void check(cudaError_t err, const char* what) {
 }
 
 template <typename T, int D>
-void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& p, cudaStream_t stream) {
+void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& params, cudaStream_t stream) {
+  BwdParams p = params;
+  const int64_t grid_kv = 2 * static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;  // two CTAs per item
+  const bool tma = grid_kv > 0 && !deterministic && dkdv_tma_supported(p);
+  const bool pingpong_kernel = tma && (dkdv == 4 || dkdv == 5);
+  if (pingpong_kernel) {  // per-head stats in the memory of delta (ffa_api.cu sizes it)
+    p.stats = p.delta;
+    p.stats_rows = static_cast<int>(stats_rows_for(p.num_q));
+    p.pingpong = dkdv == 4;
+  }
   const int64_t rowheads = static_cast<int64_t>(p.num_q) * p.heads_q;
   const int64_t threads = rowheads * (D / 8);
-  if (threads > 0) {
-    preprocess_kernel<T, D><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(p, !deterministic);
+  const int64_t pre_threads = (p.stats ? static_cast<int64_t>(p.stats_rows) * p.heads_q : rowheads) * (D / 8);
+  if (pre_threads > 0) {
+    preprocess_kernel<T, D><<<static_cast<unsigned>((pre_threads + 255) / 256), 256, 0, stream>>>(p, !deterministic);
     check(cudaGetLastError(), "preprocess");
   }
   constexpr int kSmemKV = 6 * 64 * D * 2 + 64 * 64 * 2 + 4 * 64 * 4;
-  const int64_t grid_kv = 2 * static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;  // two CTAs per item
-  if (grid_kv > 0 && (dkdv == 0 || dkdv == 3) && !deterministic && dkdv_tma_supported(p)) {
+  if (pingpong_kernel) {
+    launch_dkdv_pingpong(dtype, D, p, stream);
+  } else if (tma && (dkdv == 0 || dkdv == 3)) {
     launch_dkdv_tma(dtype, D, dkdv == 3, p, stream);
   } else if (grid_kv > 0 && dkdv != 2) {
     launch_dkdv_wgmma(dtype, D, !deterministic, p, stream);

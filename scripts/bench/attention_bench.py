@@ -119,6 +119,11 @@ def run_shape(sh, dtype, which):
     res["ours_wgmma_cpasync_fwdbwd_ms"] = bench_ms(ours_fwdbwd_kernel(1))
     if d == 64:  # kernel 3 (64-query steps, the v6 default) differs from 0 only at D=64
         res["ours_q64_fwdbwd_ms"] = bench_ms(ours_fwdbwd_kernel(3))
+    # Backward kernel 4 (v8: ping-pong consumers, dQ writer warps; opt-in until measured) beside the
+    # default, fwd+bwd and the backward alone.
+    res["ours_pp_fwdbwd_ms"] = bench_ms(ours_fwdbwd_kernel(4))
+    for kern, key in ((0, "ours_bwd_ms"), (4, "ours_pp_bwd_ms"), (5, "ours_ppfree_bwd_ms")):
+        res[key] = bench_ms(lambda kern=kern: ffa_lib.backward(plan, dout, q, k, v, out, lse, grads=grads, kernel=kern))
     if "fallbacks" in which:
         res["ours_wgmma_cpasync_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan, q, k, v, kernel=1))
         res["ours_mmasync_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan, q, k, v, kernel=2))
@@ -191,6 +196,8 @@ def run_shape(sh, dtype, which):
             res[key.replace("_ms", "_tflops")] = fwd_flops / (res[key] * 1e-3) / 1e12
         elif key.endswith("_fwdbwd_ms") or key.endswith("_fwdbwd_det_ms"):
             res[key.replace("_ms", "_tflops")] = 3.5 * fwd_flops / (res[key] * 1e-3) / 1e12
+        elif key.endswith("_bwd_ms"):
+            res[key.replace("_ms", "_tflops")] = 2.5 * fwd_flops / (res[key] * 1e-3) / 1e12
     return res
 
 
@@ -229,6 +236,11 @@ def main():
               + (f", with the 64-query-step TMA backward (kernel 3): {r['ours_q64_fwdbwd_tflops']:.1f}"
                  if "ours_q64_fwdbwd_tflops" in r else ""))
     for r in results:
+        if "ours_pp_fwdbwd_tflops" in r:
+            print(f"{r['shape']:<40} backward kernel 4 (ping-pong, v8): f+b {r['ours_pp_fwdbwd_tflops']:.1f} "
+                  f"(default {r['ours_fwdbwd_tflops']:.1f}), backward alone {r['ours_pp_bwd_tflops']:.1f} "
+                  f"(default {r['ours_bwd_tflops']:.1f}; kernel 5, no ping-pong order: "
+                  f"{r['ours_ppfree_bwd_tflops']:.1f}) TFLOP/s")
         if "ours_v8_fwd_tflops" not in r:
             continue
         k0 = (r["ours_fwd_tflops"], r["ours_fwd_repeat_tflops"])

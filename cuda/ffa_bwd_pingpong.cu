@@ -1,0 +1,500 @@
+// dK/dV (and dQ) pass of the backward, kernel 4 of the API (docs/kernel-log.md "v8-bwd"): the TMA
+// backward of ffa_bwd_tma.cu (same CTA: one 128-key k-side plan item of one kv head; same tiles: 128-query
+// steps at D=64, 64-query steps at D=128; same GEMMs) with the two consumer warpgroups no longer in
+// lockstep, so that one warpgroup's element-wise work runs while the other's GEMMs keep the tensor cores
+// busy:
+//   - ping-pong: a consumer issues its S^T/dP^T GEMMs only after the other has issued its own (named
+//     barriers kBarSched), so the two pairs run one after the other instead of interleaved: the first
+//     warpgroup's exponentials start while the second's GEMMs still run (the forward's scheme);
+//   - the dS^T exchange is split into arrive (own half written) and sync (other half written), and each
+//     warpgroup issues its dV and dK GEMMs (which need only its own P^T, dS^T) before it waits: the
+//     earlier warpgroup's dV/dK GEMMs run during the later one's element-wise work. Only the dQ GEMM
+//     (dS over all 128 keys) waits for the other half. Barrier ids alternate with the step parity, so
+//     an arrive can never be counted for the wrong step;
+//   - dQ writer warps: warps 1 and 2 of the producer warpgroup issue the bulk reductions of consumer
+//     0's and 1's staged dQ rows (and wait for them to be read); a consumer only stores its dQ job into
+//     shared memory and arrives (FlashAttention-3's dQ writer). No bulk async-group work on the
+//     consumers' critical path;
+//   - lse and delta come from the preprocessing kernel in a per-head layout (BwdParams::stats: per
+//     head, lse * log2(e) (+inf for rows with no key and past the end) then delta, padded rows), so
+//     the loader fetches them with one TMA box per 64-query plan tile (the v7 lanes' strided loads
+//     used one 32-byte sector per 4-byte value).
+// Roles:
+//   warpgroup 0: warp 0 (lane 0 issues) loads K and V once, then per step Q, dO and the stats into a
+//                2-stage ring (full/empty mbarriers); warps 1, 2: dQ writers; warp 3 idles. setmaxnreg.dec.
+//   warpgroups 1, 2: consumers, 64 keys each, sharing every Q/dO tile, per step:
+//     S^T = K Q^T, dP^T = V dO^T  (SS-wgmma m64nQS)     -> P^T, dS^T = P^T * (dP^T - delta)
+//     dS^T -> shared memory (double buffer), arrive
+//     dV += P^T dO, dK += dS^T Q  (RS-wgmma)            sync on the other half of dS^T
+//     dQ  = dS K over all 128 keys (SS-wgmma, 64 queries x 64 columns: QS = 128 query half w, D = 128
+//           column block w) -> padded fp32 rows in shared memory -> writer warp w -> fp32 accumulator.
+// Kernel 5 of the API runs the same code without the ping-pong issue order (BwdParams::pingpong false),
+// to measure what the order itself gives.
+// A step whose second query half lies outside the run (last step of an odd run at D=64) gets that
+// half's stats from the padding rows past num_q (lse = +inf, so P = dS = 0 there); its writer skips the
+// half's reduction.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "cuda/ffa_device.cuh"
+#include "cuda/ffa_hopper.cuh"
+#include "cuda/ffa_kernels.h"
+#include "cuda/ffa_tma.h"
+#include "cuda/ffa_wgmma.cuh"
+
+namespace ffa {
+namespace detail {
+namespace {
+
+using namespace dev;
+
+constexpr int kBN = kPlanTileK, kTileQ = kBwdTileQ, kThreads = 384;
+static_assert(kBN == 128 && kTileQ == 64, "two consumer warpgroups x 64 keys, 64-query plan tiles");
+static_assert(kStatsPad >= 128, "a step's boxes, and the padding box of a half step, stay inside the stats rows");
+constexpr int kDqRowFloats = 72;                 // 64 columns + 8 floats of padding (conflict-free float2 stores)
+constexpr int kDqBytes = 64 * kDqRowFloats * 4;  // one consumer's dQ job: 64 rows x 64 columns
+// A stage's stats: per 64-query plan tile, 64 values of lse * log2(e), then 64 of delta (one TMA box).
+constexpr int kStatsTile = 2 * kTileQ * 4;
+
+// Named barriers (0 is __syncthreads). Thread counts: 256 = both consumers, 160 = one consumer + its
+// writer warp.
+constexpr int kBarEpilogue = 1;
+constexpr int kBarSched = 2;     // + w: consumer w may issue its S^T/dP^T GEMMs
+constexpr int kBarDs = 4;        // + 2 w + (step & 1): consumer w's half of the step's dS^T is written
+constexpr int kBarDqFull = 8;    // + w: consumer w's dQ job is staged
+constexpr int kBarDqEmpty = 10;  // + w: writer w's reductions have read the staging buffer
+
+// Queries per step: two 64-query plan tiles at D=64; one at D=128 (S^T + dP^T + dK + dV accumulators
+// would need 256 registers at 128).
+template <int D>
+constexpr int queries_per_step() {
+  return D == 64 ? 128 : 64;
+}
+
+__device__ __forceinline__ int4 ld_shared_s32x4(uint32_t addr) {
+  int4 v;
+  asm volatile("ld.shared.v4.s32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_shared_s32x4(uint32_t addr, int x, int y, int z, int w) {
+  asm volatile("st.shared.v4.s32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(x), "r"(y), "r"(z), "r"(w) : "memory");
+}
+
+// What a consumer tells its dQ writer about the staged rows: rows [row0, row0 + rows) of query head h,
+// columns [col0, col0 + 64); rows = 0: nothing to reduce (the half outside the run), rows < 0: no more
+// steps.
+struct alignas(16) DqJob {
+  int row0, h, col0, rows;
+};
+
+template <int D>
+struct Smem {
+  static constexpr int QS = queries_per_step<D>();
+  static constexpr uint32_t kKV = kBN * D * 2, kQ = QS * D * 2, kS = kBN * QS * 2, kStats = QS / kTileQ * kStatsTile;
+  static constexpr uint32_t sK = 0, sV = sK + kKV, sQ = sV + kKV, sdO = sQ + 2 * kQ, sdS = sdO + 2 * kQ;
+  static constexpr uint32_t sdQ = sdS + 2 * kS, sStats = sdQ + 2 * kDqBytes, sJobs = sStats + 2 * kStats;
+  static constexpr uint32_t bars = sJobs + 2 * sizeof(DqJob);
+  static constexpr uint32_t total = bars + 5 * 8 + 1024;  // full_kv, full[2], empty[2]; + alignment slack
+  static_assert(sStats % 128 == 0, "TMA destination alignment");
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    bwd_pingpong_kernel(const BwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                        const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
+                        const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_stats) {
+  using L = Smem<D>;
+  constexpr int QS = L::QS;
+  constexpr int kCB = D / 64;          // 64-column (128-byte) blocks
+  constexpr int kTiles = QS / kTileQ;  // plan tiles per step
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  const int tid = threadIdx.x, warp = tid >> 5, wg = warp >> 2;
+  // mbarriers: K/V loaded (full_kv), stage s loaded (full + 8 s), stage s consumed (empty + 8 s).
+  // (Each role derives its addresses from base itself: values live across the role split would hold
+  // registers in the producer's 24.)
+  auto barriers = [base] { return base + L::bars; };
+
+  if (tid == 0) {
+    const uint32_t full_kv = barriers(), full = full_kv + 8, empty = full_kv + 24;
+    mbar_init(full_kv, 1);
+    for (int s = 0; s < 2; ++s) {
+      mbar_init(full + 8 * s, 1);     // the loader's arrive + the Q, dO, stats bytes (tx)
+      mbar_init(empty + 8 * s, 256);  // every consumer thread
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    setmaxnreg_dec<24>();
+    const int lane = tid & 31;
+    if (warp == 1 || warp == 2) {  // dQ writer of consumer w: reduces whatever its consumer staged
+      const int w = warp - 1;
+      const uint32_t stage = base + L::sdQ + w * kDqBytes, job_slot = base + L::sJobs + w * sizeof(DqJob);
+      for (;;) {
+        named_bar_arrive(kBarDqEmpty + w, 160);  // the previous rows have been read
+        named_bar_sync(kBarDqFull + w, 160);
+        const int4 job = ld_shared_s32x4(job_slot);  // row0, h, col0, rows
+        if (job.w < 0) break;
+        const int64_t row_stride = static_cast<int64_t>(p.heads_q) * D;
+        float* dst = p.dq_accum + job.x * row_stride + job.y * D + job.z;
+#pragma unroll 1  // (unrolled, the loader's and the consumers' code together spilled 8 bytes)
+        for (int r = lane; r < job.w; r += 32)
+          bulk_reduce_add_f32(dst + r * row_stride, stage + r * kDqRowFloats * 4, 64 * 4);
+        bulk_commit();
+        bulk_wait_read<0>();
+        __syncwarp();  // converged for the next barrier
+      }
+      bulk_wait<0>();  // the shared source must outlive the reductions
+      return;
+    }
+    if (warp != 0) return;
+    // The loader: lane 0 issues the copies, the warp walks the steps with it.
+    const uint32_t full_kv = barriers(), full = full_kv + 8, empty = full_kv + 24;
+    const uint32_t sK = base + L::sK, sV = base + L::sV, sQ = base + L::sQ, sdO = base + L::sdO;
+    const uint32_t sStats = base + L::sStats;
+    const int hk = blockIdx.x % p.heads_kv;
+    const Item it = p.k_side.items[blockIdx.x / p.heads_kv];
+    const Run* runs = p.k_side.runs;
+    const int c0 = it.row_begin;
+    if (lane == 0) {
+      mbar_expect_tx(full_kv, 2 * L::kKV);
+#pragma unroll
+      for (int cb = 0; cb < kCB; ++cb) {
+        tma_load_3d(sK + cb * (kBN * 128), &tm_k, cb * 64, hk, c0, full_kv);
+        tma_load_3d(sV + cb * (kBN * 128), &tm_v, cb * 64, hk, c0, full_kv);
+      }
+    }
+    int n = 0;
+    for (int g = 0; g < p.group; ++g) {
+      const int h = hk * p.group + g;
+      for (int ri = it.run_begin; ri < it.run_end; ++ri) {
+        const Run run = runs[ri];
+        for (int t = 0; t < run.tiles; t += kTiles, ++n) {
+          const int s = n & 1;
+          if (n >= 2) mbar_wait(empty + 8 * s, ((n >> 1) - 1) & 1);
+          const int q0 = run.begin + t * kTileQ;
+          if (lane == 0) {
+            mbar_expect_tx(full + 8 * s, 2 * L::kQ + L::kStats);
+#pragma unroll
+            for (int cb = 0; cb < kCB; ++cb) {
+              tma_load_3d(sQ + s * L::kQ + cb * (QS * 128), &tm_q, cb * 64, h, q0, full + 8 * s);
+              tma_load_3d(sdO + s * L::kQ + cb * (QS * 128), &tm_do, cb * 64, h, q0, full + 8 * s);
+            }
+            // Stats per plan tile. The last step of an odd run (QS = 128) has one tile in the run: its
+            // second tile's stats come from the padding rows past num_q (lse = +inf: P = dS = 0, and
+            // delta = 0), which is all the consumers need to ignore those queries.
+#pragma unroll
+            for (int k = 0; k < kTiles; ++k) {
+              const int row = t + k < run.tiles ? q0 + k * kTileQ : p.stats_rows - kTileQ;
+              tma_load_3d(sStats + s * L::kStats + k * kStatsTile, &tm_stats, row, 0, h, full + 8 * s);
+            }
+          }
+          __syncwarp();
+        }
+      }
+    }
+    return;
+  }
+
+  setmaxnreg_inc<240>();
+  const uint32_t full_kv = barriers(), full = full_kv + 8, empty = full_kv + 24;
+  unsigned char* smem = smem_raw + (base - raw);
+  const uint32_t sK = base + L::sK, sV = base + L::sV, sQ = base + L::sQ, sdO = base + L::sdO, sdS = base + L::sdS;
+  const uint32_t sdQ = base + L::sdQ, sJobs = base + L::sJobs;
+  const int lane = tid & 31;
+  const int hk = blockIdx.x % p.heads_kv;
+  const Item it = p.k_side.items[blockIdx.x / p.heads_kv];
+  const Run* runs = p.k_side.runs;
+  const int c0 = it.row_begin;
+  const float* stats_all = reinterpret_cast<const float*>(smem + L::sStats);  // [2 stages][kStats / 4]
+  const int cw = wg - 1;      // consumer warpgroup: keys [c0 + 64 cw, c0 + 64 cw + 64)
+  const int wq = warp & 3;    // warp within the warpgroup: 16 keys, and 16 rows of the dQ job
+  const int key_lo = c0 + cw * 64 + wq * 16 + (lane >> 2);  // this thread's keys: key_lo, key_lo + 8
+  const uint32_t k_wg = sK + cw * 64 * 128, v_wg = sV + cw * 64 * 128;
+  const uint32_t dq_stage = sdQ + cw * kDqBytes;
+  const int job = D == 128 ? cw : 0;  // dQ column block
+  const int mb = QS == 128 ? cw : 0;  // dQ query block of the step
+
+  float dk[D / 2], dv[D / 2];
+#pragma unroll
+  for (int n = 0; n < D / 2; ++n) dk[n] = dv[n] = 0.f;
+
+  const bool pingpong = p.pingpong;  // kernel 5 (an experiment): the consumers issue S^T/dP^T freely
+  if (pingpong && cw == 1) named_bar_arrive(kBarSched + 0, 256);  // consumer 0 issues first
+  mbar_wait(full_kv, 0);
+  int n = 0;
+  for (int g = 0; g < p.group; ++g) {
+    const int h = hk * p.group + g;
+    for (int ri = it.run_begin; ri < it.run_end; ++ri) {
+      const Run run = runs[ri];
+      const bool masked = run.masked;
+      CutSlice cut{};
+      if (masked) cut = p.k_side.cuts[run.cut];
+      for (int t = 0; t < run.tiles; t += kTiles, ++n) {
+        const int s = n & 1;
+        const int q0 = run.begin + t * kTileQ;
+        const uint32_t q_st = sQ + s * L::kQ, do_st = sdO + s * L::kQ, ds_buf = sdS + s * L::kS;
+        mbar_wait(full + 8 * s, (n >> 1) & 1);
+
+        float sc[QS / 2], dp[QS / 2];
+        if (pingpong) named_bar_sync(kBarSched + cw, 256);  // the other consumer has issued its pair
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const uint32_t ka = (kk >> 2) * (kBN * 128) + (kk & 3) * 32, kb = (kk >> 2) * (QS * 128) + (kk & 3) * 32;
+          wgmma_ss<T, QS>(sc, smem_desc(k_wg + ka, 16, 1024), smem_desc(q_st + kb, 16, 1024), kk > 0 ? 1 : 0);
+        }
+        wg_commit();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const uint32_t ka = (kk >> 2) * (kBN * 128) + (kk & 3) * 32, kb = (kk >> 2) * (QS * 128) + (kk & 3) * 32;
+          wgmma_ss<T, QS>(dp, smem_desc(v_wg + ka, 16, 1024), smem_desc(do_st + kb, 16, 1024), kk > 0 ? 1 : 0);
+        }
+        wg_commit();
+        if (pingpong) named_bar_arrive(kBarSched + (1 - cw), 256);  // the other consumer may issue its pair now
+        // Step column c: lse * log2(e) at stats[c + 64 (c / 64)], delta 64 floats later (per plan tile).
+        const float* stats = stats_all + s * (L::kStats / 4);
+        // Masked steps: the visible queries of each of this thread's two keys form one interval of step
+        // columns [vlo, vhi] (slice bounds and diagonal band intersected once per step), so the
+        // per-element test is two compares. The element loops are instantiated with and without it (a
+        // runtime test inside them made the compiler branch per element and serialize on each MUFU result).
+        int vlo[2] = {0, 0}, vhi[2] = {-1, -1};
+        if (masked) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int j = key_lo + 8 * r;
+            if (j >= cut.k_start && j < cut.k_end) {
+              vlo[r] = max(cut.q_start, j - cut.hi) - q0;
+              vhi[r] = min(cut.q_end - 1, j - cut.lo) - q0;
+            }
+          }
+        }
+        auto visible = [&](int c, int r) { return c >= vlo[r] && c <= vhi[r]; };
+        if constexpr (QS == 128) {
+          // The exponentials of P^T run while the dP^T GEMM is still in flight.
+          wg_wait<1>();
+          reg_fence(sc);
+          auto p_loop = [&](auto mask_tag) {
+            constexpr bool kMask = decltype(mask_tag)::value;
+#pragma unroll
+            for (int j = 0; j < QS / 8; ++j) {
+              const int col = j * 8 + (lane & 3) * 2;
+              const float2 l2 = *reinterpret_cast<const float2*>(stats + col + (j >> 3) * kTileQ);
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const float pr = exp2_ftz(fmaf(sc[4 * j + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
+                sc[4 * j + e] = !kMask || visible(col + (e & 1), e >> 1) ? pr : 0.f;
+              }
+            }
+          };
+          if (masked)
+            p_loop(std::true_type{});
+          else
+            p_loop(std::false_type{});
+          wg_wait<0>();
+          reg_fence(dp);
+#pragma unroll
+          for (int j = 0; j < QS / 8; ++j) {
+            const int col = j * 8 + (lane & 3) * 2;
+            const float2 d2 = *reinterpret_cast<const float2*>(stats + col + (j >> 3) * kTileQ + kTileQ);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = sc[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d2.y : d2.x));
+          }
+        } else {
+          // One wait and one fused loop (the split costs spills at D=128).
+          wg_wait<0>();
+          reg_fence(sc);
+          reg_fence(dp);
+          auto pds_loop = [&](auto mask_tag) {
+            constexpr bool kMask = decltype(mask_tag)::value;
+#pragma unroll
+            for (int j = 0; j < QS / 8; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int col = j * 8 + (lane & 3) * 2 + (e & 1);
+                float pr = exp2_ftz(fmaf(sc[4 * j + e], p.scale_log2, -stats[col]));
+                if (kMask && !visible(col, e >> 1)) pr = 0.f;
+                sc[4 * j + e] = pr;
+                dp[4 * j + e] = pr * (dp[4 * j + e] - stats[col + kTileQ]);
+              }
+          };
+          if (masked)
+            pds_loop(std::true_type{});
+          else
+            pds_loop(std::false_type{});
+        }
+        uint32_t pa[QS / 16][4], da[QS / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < QS / 16; ++kk)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            pa[kk][r] = pack2<T>(sc[8 * kk + 2 * r], sc[8 * kk + 2 * r + 1]);
+            da[kk][r] = pack2<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
+          }
+        // dS^T (this warpgroup's 64 keys x QS queries) into rows [64 cw, 64 cw + 64) of the 128-key
+        // buffer, in the swizzled layout the dQ GEMM reads M-major (64-query column blocks).
+        {
+          // stmatrix: lanes 8m..8m+7 address the rows of 8x8 matrix m = (row half m & 1, column half m >> 1).
+          const int r = cw * 64 + wq * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+          for (int kk = 0; kk < QS / 16; ++kk)
+            stsm_x4(ds_buf + sw_off<kBN>(r, kk * 16 + (lane >> 4) * 8), da[kk][0], da[kk][1], da[kk][2], da[kk][3]);
+        }
+        fence_async_smem();  // ordinary stores, read by both warpgroups' wgmma through the async proxy
+        named_bar_arrive(kBarDs + 2 * cw + s, 256);  // this half of dS^T is written
+
+        // dV and dK need only this warpgroup's P^T and dS^T (registers): issued before waiting for the
+        // other half of dS^T, they keep the tensor cores busy while the other warpgroup is still in its
+        // element-wise work.
+        reg_fence(dv);
+        reg_fence(dk);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < QS / 16; ++kk) {
+          wgmma_rs_tb<T, D>(dv, pa[kk], smem_desc(do_st + kk * 16 * 128, QS * 128, 1024));
+          wgmma_rs_tb<T, D>(dk, da[kk], smem_desc(q_st + kk * 16 * 128, QS * 128, 1024));
+        }
+        wg_commit();
+        named_bar_sync(kBarDs + 2 * (1 - cw) + s, 256);  // the other half is written
+
+        // dQ job: 64 queries (query block mb of the step) x 64 columns (column block job of D) over all
+        // 128 keys. At QS = 128 it also runs for a second half outside the run (dS = 0 there; the writer
+        // skips the reduction): branching around it cost v7 ~280 bytes of spills.
+        float dq[32];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk)
+          wgmma_ss_tt<T, 64>(dq, smem_desc(ds_buf + mb * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024),
+                             smem_desc(sK + job * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024), kk > 0 ? 1 : 0);
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(dk);
+        reg_fence_u(da);
+        mbar_arrive(empty + 8 * s);  // Q, dO and the stats of stage s are no longer read
+        reg_fence(dv);
+        reg_fence_u(pa);
+        reg_fence(dq);
+
+        // dQ -> padded fp32 rows of this warpgroup's staging buffer, then to writer warp cw.
+        named_bar_sync(kBarDqEmpty + cw, 160);
+        unsigned char* st = smem + (dq_stage - base);
+        const int r0 = wq * 16 + (lane >> 2);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int col = j * 8 + (lane & 3) * 2;
+          *reinterpret_cast<float2*>(st + (r0 * kDqRowFloats + col) * 4) = make_float2(dq[4 * j], dq[4 * j + 1]);
+          *reinterpret_cast<float2*>(st + ((r0 + 8) * kDqRowFloats + col) * 4) =
+              make_float2(dq[4 * j + 2], dq[4 * j + 3]);
+        }
+        if (wq == 0 && lane == 0) {
+          // QS = 128: the second query half lies outside the run on an odd run's last step (dS = 0 there).
+          const int row0 = q0 + mb * 64;
+          const bool in_run = QS == 64 || cw == 0 || t + 1 < run.tiles;
+          st_shared_s32x4(sJobs + cw * sizeof(DqJob), row0, h, job * 64, in_run ? max(0, min(64, p.num_q - row0)) : 0);
+        }
+        __syncwarp();
+        fence_async_smem();
+        named_bar_arrive(kBarDqFull + cw, 160);
+      }
+    }
+  }
+  // No more steps: release the writer, and consume consumer 1's last ping-pong arrive.
+  named_bar_sync(kBarDqEmpty + cw, 160);
+  if (wq == 0 && lane == 0) st_shared_s32x4(sJobs + cw * sizeof(DqJob), 0, 0, 0, -1);
+  __syncwarp();
+  named_bar_arrive(kBarDqFull + cw, 160);
+  if (pingpong && cw == 0) named_bar_sync(kBarSched + 0, 256);
+
+  // Epilogue: both warpgroups' last dQ GEMMs (which read all of K) are done before K/V are reused as
+  // staging for dK (times the softmax scale) and dV.
+  named_bar_sync(kBarEpilogue, 256);
+  const int row = cw * 64 + wq * 16 + (lane >> 2);
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    const int col = j * 8 + (lane & 3) * 2;
+    *reinterpret_cast<uint32_t*>(smem + L::sK + sw_off<kBN>(row, col)) =
+        pack2<T>(dk[4 * j] * p.scale, dk[4 * j + 1] * p.scale);
+    *reinterpret_cast<uint32_t*>(smem + L::sK + sw_off<kBN>(row + 8, col)) =
+        pack2<T>(dk[4 * j + 2] * p.scale, dk[4 * j + 3] * p.scale);
+    *reinterpret_cast<uint32_t*>(smem + L::sV + sw_off<kBN>(row, col)) = pack2<T>(dv[4 * j], dv[4 * j + 1]);
+    *reinterpret_cast<uint32_t*>(smem + L::sV + sw_off<kBN>(row + 8, col)) = pack2<T>(dv[4 * j + 2], dv[4 * j + 3]);
+  }
+  __syncwarp();
+  constexpr int kChunksPerRow = D / 8;
+  T* dkg = static_cast<T*>(p.dk) + hk * p.dk_sh;
+  T* dvg = static_cast<T*>(p.dv) + hk * p.dv_sh;
+#pragma unroll
+  for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
+    const int idx = lane + k * 32;
+    const int r = cw * 64 + wq * 16 + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+    const int grow = c0 + r;
+    if (grow < it.row_end) {
+      *reinterpret_cast<uint4*>(dkg + static_cast<int64_t>(grow) * p.dk_st + c) =
+          *reinterpret_cast<const uint4*>(smem + L::sK + sw_off<kBN>(r, c));
+      *reinterpret_cast<uint4*>(dvg + static_cast<int64_t>(grow) * p.dv_st + c) =
+          *reinterpret_cast<const uint4*>(smem + L::sV + sw_off<kBN>(r, c));
+    }
+  }
+}
+
+// The preprocessing kernel's per-head stats (BwdParams::stats) as a 3-D fp32 tensor (row, lse2 or delta,
+// head); box: one 64-query plan tile x both x 1 head, no swizzle (the consumers read plain floats).
+CUtensorMap make_stats_map(const float* stats, int heads, int rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(rows), 2, static_cast<cuuint64_t>(heads)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(rows) * 4, static_cast<cuuint64_t>(rows) * 8};
+  const cuuint32_t box[3] = {kTileQ, 2, 1};
+  const cuuint32_t estr[3] = {1, 1, 1};
+  const CUresult r =
+      cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(stats), dims, strides, box,
+                             estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                             CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw std::runtime_error("ffa backward (ping-pong): stats tensor map failed, code " + std::to_string(r));
+  return map;
+}
+
+template <typename T, int D>
+void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
+  constexpr int QS = queries_per_step<D>();
+  const int64_t grid = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
+  if (grid == 0) return;
+  const CUtensorMap tq = make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, QS);
+  const CUtensorMap tdo = make_tensor_map(p.dout, dtype, p.num_q, p.heads_q, p.do_st, p.do_sh, D, QS);
+  const CUtensorMap tk = make_tensor_map(p.k, dtype, p.num_k, p.heads_kv, p.k_st, p.k_sh, D, kBN);
+  const CUtensorMap tv = make_tensor_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
+  const CUtensorMap ts = make_stats_map(p.stats, p.heads_q, p.stats_rows);
+  constexpr int kSmem = Smem<D>::total;
+  auto kernel = bwd_pingpong_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward (ping-pong): ") + cudaGetErrorString(err));
+  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tdo, tk, tv, ts);
+  err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("ffa backward (ping-pong) launch: ") + cudaGetErrorString(err));
+}
+
+}  // namespace
+
+void launch_dkdv_pingpong(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
+  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(dtype, p, stream);
+  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(dtype, p, stream);
+  throw std::runtime_error("ffa backward (ping-pong): unsupported dtype/head_dim");
+}
+
+}  // namespace detail
+}  // namespace ffa
