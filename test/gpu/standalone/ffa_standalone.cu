@@ -54,6 +54,38 @@ bool visible(const std::vector<ffa::Slice>& sl, int i, int j) {
   return false;
 }
 
+// n values drawn from N(0, 1), rounded to bf16 (so host and device see the same inputs).
+std::vector<float> random_bf16(std::mt19937& rng, size_t n) {
+  std::normal_distribution<float> nd;
+  std::vector<float> v(n);
+  for (auto& x : v) x = nd(rng);
+  return round_bf16(v);
+}
+
+// One row of the float64 reference forward: query i of head h against every visible key (GQA group
+// h / g). Returns the softmax probabilities (0 for keys it does not see; all 0 for a row that sees
+// none) and sets lse (-inf for such a row).
+std::vector<double> reference_probs(const std::vector<float>& q, const std::vector<float>& k,
+                                    const std::vector<ffa::Slice>& slices, int i, int h, int g, int hq, int hkv,
+                                    int tk, int D, float scale, double& lse) {
+  const int hk = h / g;
+  std::vector<double> s(tk, -INFINITY);
+  double mx = -INFINITY;
+  for (int j = 0; j < tk; ++j)
+    if (visible(slices, i, j)) {
+      double acc = 0;
+      for (int d = 0; d < D; ++d) acc += double(q[(size_t(i) * hq + h) * D + d]) * k[(size_t(j) * hkv + hk) * D + d];
+      s[j] = acc * scale;
+      mx = std::max(mx, s[j]);
+    }
+  double sum = 0;
+  for (int j = 0; j < tk; ++j) sum += s[j] == -INFINITY ? 0 : std::exp(s[j] - mx);
+  lse = sum > 0 ? mx + std::log(sum) : -INFINITY;
+  std::vector<double> p(tk, 0);
+  for (int j = 0; j < tk; ++j) p[j] = s[j] == -INFINITY ? 0 : std::exp(s[j] - mx) / sum;
+  return p;
+}
+
 // Max |got - ref| over a device array (bf16 or fp32) against a float64 reference: -inf must match
 // exactly, NaN (unwritten, poisoned outputs) never passes. Returns 1 on failure.
 int compare(int D, const char* name, const void* dptr, const std::vector<double>& ref, bool is_bf16, double tol) {
@@ -105,14 +137,8 @@ int run(int D, bool use_merge_split) {
                                           {70, 150, 40, 60, ffa::Mask::BiCausal}};
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   std::mt19937 rng(42 + D);
-  std::normal_distribution<float> nd;
-  auto randv = [&](size_t n) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = nd(rng);
-    return round_bf16(v);
-  };
-  auto q = randv(size_t(tq) * hq * D), k = randv(size_t(tk) * hkv * D), v = randv(size_t(tk) * hkv * D),
-       dout = randv(size_t(tq) * hq * D);
+  auto q = random_bf16(rng, size_t(tq) * hq * D), k = random_bf16(rng, size_t(tk) * hkv * D),
+       v = random_bf16(rng, size_t(tk) * hkv * D), dout = random_bf16(rng, size_t(tq) * hq * D);
   auto to_bf = [](const std::vector<float>& f) {
     std::vector<bf16> b(f.size());
     for (size_t n = 0; n < f.size(); ++n) b[n] = __float2bfloat16(f[n]);
@@ -123,20 +149,7 @@ int run(int D, bool use_merge_split) {
   for (int h = 0; h < hq; ++h) {
     const int hk = h / g;
     for (int i = 0; i < tq; ++i) {
-      std::vector<double> s(tk, -INFINITY);
-      double mx = -INFINITY;
-      for (int j = 0; j < tk; ++j)
-        if (visible(slices, i, j)) {
-          double acc = 0;
-          for (int d = 0; d < D; ++d) acc += double(q[(size_t(i) * hq + h) * D + d]) * k[(size_t(j) * hkv + hk) * D + d];
-          s[j] = acc * scale;
-          mx = std::max(mx, s[j]);
-        }
-      double sum = 0;
-      for (int j = 0; j < tk; ++j) sum += s[j] == -INFINITY ? 0 : std::exp(s[j] - mx);
-      rl[size_t(i) * hq + h] = sum > 0 ? mx + std::log(sum) : -INFINITY;
-      std::vector<double> p(tk, 0);
-      for (int j = 0; j < tk; ++j) p[j] = s[j] == -INFINITY ? 0 : std::exp(s[j] - mx) / sum;
+      const std::vector<double> p = reference_probs(q, k, slices, i, h, g, hq, hkv, tk, D, scale, rl[size_t(i) * hq + h]);
       double delta = 0;
       for (int d = 0; d < D; ++d) {
         double o = 0;
@@ -275,36 +288,17 @@ int run_long(int D) {
                                           {300, 500, 1100, 1300, ffa::Mask::BiCausal}};
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   std::mt19937 rng(7 + D);
-  std::normal_distribution<float> nd;
-  auto randv = [&](size_t n) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = nd(rng);
-    return round_bf16(v);
-  };
-  const auto q = randv(size_t(tq) * hq * D), k = randv(size_t(tk) * hkv * D), v = randv(size_t(tk) * hkv * D);
+  const auto q = random_bf16(rng, size_t(tq) * hq * D), k = random_bf16(rng, size_t(tk) * hkv * D),
+             v = random_bf16(rng, size_t(tk) * hkv * D);
   std::vector<double> ro(q.size()), rl(size_t(tq) * hq);
   for (int h = 0; h < hq; ++h)
     for (int i = 0; i < tq; ++i) {
       const int hk = h / g;
-      std::vector<double> s(tk, -INFINITY);
-      double mx = -INFINITY;
-      for (int j = 0; j < tk; ++j)
-        if (visible(slices, i, j)) {
-          double acc = 0;
-          for (int d = 0; d < D; ++d) acc += double(q[(size_t(i) * hq + h) * D + d]) * k[(size_t(j) * hkv + hk) * D + d];
-          s[j] = acc * scale;
-          mx = std::max(mx, s[j]);
-        }
-      double sum = 0;
-      for (int j = 0; j < tk; ++j) {
-        s[j] = s[j] == -INFINITY ? 0 : std::exp(s[j] - mx);  // now unnormalized probabilities
-        sum += s[j];
-      }
-      rl[size_t(i) * hq + h] = sum > 0 ? mx + std::log(sum) : -INFINITY;
+      const std::vector<double> p = reference_probs(q, k, slices, i, h, g, hq, hkv, tk, D, scale, rl[size_t(i) * hq + h]);
       for (int d = 0; d < D; ++d) {
         double o = 0;
-        for (int j = 0; j < tk; ++j) o += s[j] * v[(size_t(j) * hkv + hk) * D + d];
-        ro[(size_t(i) * hq + h) * D + d] = sum > 0 ? o / sum : 0;
+        for (int j = 0; j < tk; ++j) o += p[j] * v[(size_t(j) * hkv + hk) * D + d];
+        ro[(size_t(i) * hq + h) * D + d] = o;
       }
     }
   auto upload = [](const std::vector<float>& f, Dev& dst) {
