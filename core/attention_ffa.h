@@ -10,9 +10,13 @@ namespace flexcp {
 struct FfaOptions {
   // Fixed reduction order in the backward (parallel.deterministic): dQ by its own pass, no atomics.
   bool deterministic = false;
+  // cuda/ffa.h kernel variants (ForwardArgs::kernel, BackwardArgs::kernel); docs/kernel-log.md.
+  int forward_kernel = 0;
+  int backward_kernel = 0;
 };
 
-// Default options; FLEXCP_FFA_DETERMINISTIC=1 in the environment turns the deterministic mode on.
+// Default options; the environment may override them: FLEXCP_FFA_DETERMINISTIC=1,
+// FLEXCP_FFA_FWD_KERNEL=n, FLEXCP_FFA_BWD_KERNEL=n (to time one kernel variant against another).
 std::shared_ptr<AttentionKernel> make_ffa_kernel();
 std::shared_ptr<AttentionKernel> make_ffa_kernel(const FfaOptions& opts);
 }  // namespace flexcp

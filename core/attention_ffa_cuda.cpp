@@ -22,13 +22,14 @@ struct CachedPlan {
   std::vector<AttnSlice> slices;
   int64_t num_q = 0, num_k = 0;
   int device = -1;
+  int fwd_tile_q = 0;  // rows per forward q tile (PlanConfig::fwd_tile_q)
   ffa::Plan plan;
   ffa::PlanLayout layout;
   at::Tensor blob;  // int32 on the device
 };
 
-bool same_spec(const CachedPlan& c, const AttentionSpec& s, int device) {
-  if (c.device != device || c.num_q != s.num_q || c.num_k != s.num_k || c.slices.size() != s.slices.size())
+bool same_spec(const CachedPlan& c, const AttentionSpec& s, int device, int fwd_tile_q) {
+  if (c.device != device || c.fwd_tile_q != fwd_tile_q || c.num_q != s.num_q || c.num_k != s.num_k || c.slices.size() != s.slices.size())
     return false;
   for (size_t n = 0; n < s.slices.size(); ++n) {
     const auto &a = c.slices[n], &b = s.slices[n];
@@ -65,7 +66,7 @@ class FfaKernel : public AttentionKernel {
     check_inputs(where, q_in, k_in, v_in, spec);
     const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
     c10::cuda::CUDAGuard guard(q.device());
-    const PlanOnDevice cp = plan_for(spec, q.device());
+    const PlanOnDevice cp = plan_for(spec, q.device(), ffa::forward_tile_q(opts_.forward_kernel, q.size(2)));
     at::Tensor out = at::empty(q.sizes(), q.options());
     at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
     ffa::ForwardArgs a;
@@ -73,6 +74,7 @@ class FfaKernel : public AttentionKernel {
     a.dtype = dtype_of(q, where);
     a.q = ref(q), a.k = ref(k), a.v = ref(v), a.out = ref(out), a.lse = lse_ref(lse);
     a.softmax_scale = static_cast<float>(scale);
+    a.kernel = opts_.forward_kernel;
     ffa::forward(a, {cp.blob.data_ptr<int32_t>(), cp.layout}, at::cuda::getCurrentCUDAStream());
     return {out, lse};
   }
@@ -107,7 +109,11 @@ class FfaKernel : public AttentionKernel {
     const at::Tensor out = kernel_layout(out_in), dout = kernel_layout(dout_in.to(q.scalar_type()));
     const at::Tensor lse_f = lse.to(at::kFloat);
     c10::cuda::CUDAGuard guard(q.device());
-    const PlanOnDevice cp = plan_for(spec, q.device());
+    // The backward reads the plan's q side only when deterministic, and then needs the default tiles;
+    // otherwise the forward's plan serves (one cache entry per spec).
+    const int tile_q = opts_.deterministic ? ffa::PlanConfig{}.fwd_tile_q
+                                           : ffa::forward_tile_q(opts_.forward_kernel, q.size(2));
+    const PlanOnDevice cp = plan_for(spec, q.device(), tile_q);
     at::Tensor dq = at::empty(q.sizes(), q.options());
     at::Tensor dk = at::empty(k.sizes(), k.options());
     at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -118,6 +124,7 @@ class FfaKernel : public AttentionKernel {
     a.dq = ref(dq), a.dk = ref(dk), a.dv = ref(dv);
     a.softmax_scale = static_cast<float>(scale);
     a.deterministic = opts_.deterministic;
+    a.kernel = opts_.backward_kernel;
     const size_t ws_bytes = ffa::backward_workspace_bytes(a.dims, a.deterministic);
     at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(ws_bytes, 256))}, q.options().dtype(at::kByte));
     a.workspace = ws.data_ptr();
@@ -151,11 +158,11 @@ class FfaKernel : public AttentionKernel {
     at::Tensor blob;
     ffa::PlanLayout layout;
   };
-  PlanOnDevice plan_for(const AttentionSpec& spec, const at::Device& device) {
+  PlanOnDevice plan_for(const AttentionSpec& spec, const at::Device& device, int fwd_tile_q) {
     std::lock_guard<std::mutex> lock(mu_);
     const int dev = device.index();
     for (auto it = cache_.begin(); it != cache_.end(); ++it)
-      if (same_spec(*it, spec, dev)) {
+      if (same_spec(*it, spec, dev, fwd_tile_q)) {
         cache_.splice(cache_.begin(), cache_, it);  // most recent first
         return {cache_.front().blob, cache_.front().layout};
       }
@@ -164,11 +171,14 @@ class FfaKernel : public AttentionKernel {
     c.num_q = spec.num_q;
     c.num_k = spec.num_k;
     c.device = dev;
+    c.fwd_tile_q = fwd_tile_q;
     std::vector<ffa::Slice> slices;
     slices.reserve(spec.slices.size());
     for (const auto& s : spec.slices)
       slices.push_back({s.q.start, s.q.end, s.k.start, s.k.end, static_cast<ffa::Mask>(static_cast<int32_t>(s.mask))});
-    c.plan = ffa::plan_build(slices, spec.num_q, spec.num_k);
+    ffa::PlanConfig config;
+    config.fwd_tile_q = fwd_tile_q;
+    c.plan = ffa::plan_build(slices, spec.num_q, spec.num_k, config);
     std::vector<int32_t> blob = ffa::plan_serialize(c.plan, &c.layout);
     c.blob = at::from_blob(blob.data(), {static_cast<int64_t>(blob.size())}, at::kInt).to(device);
     cache_.push_front(std::move(c));
@@ -189,6 +199,8 @@ std::shared_ptr<AttentionKernel> make_ffa_kernel(const FfaOptions& opts) { retur
 std::shared_ptr<AttentionKernel> make_ffa_kernel() {
   FfaOptions opts;
   opts.deterministic = env_switch("FLEXCP_FFA_DETERMINISTIC", false);
+  opts.forward_kernel = static_cast<int>(env_int("FLEXCP_FFA_FWD_KERNEL", opts.forward_kernel));
+  opts.backward_kernel = static_cast<int>(env_int("FLEXCP_FFA_BWD_KERNEL", opts.backward_kernel));
   return make_ffa_kernel(opts);
 }
 

@@ -22,4 +22,13 @@ inline int64_t env_positive_int(const char* name, int64_t fallback) {
   return n > 0 ? static_cast<int64_t>(n) : fallback;
 }
 
+// An integer from NAME (0 and negative numbers included) when it is set to one, else `fallback`.
+inline int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  return *end == '\0' ? static_cast<int64_t>(n) : fallback;
+}
+
 }  // namespace flexcp

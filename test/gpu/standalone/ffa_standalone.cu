@@ -1,11 +1,13 @@
 // Standalone GPU test of cuda/ffa.h with no LibTorch, small enough to run under compute-sanitizer
 // (memcheck, racecheck): a few slices of every mask type over lengths that are not tile multiples,
-// GQA 2, D 64 and 128, bf16; forward (all four kernels), backward (kernels 0-5, atomic and deterministic) and merge,
-// checked against a float64 CPU reference; then a longer forward case (up to 11 key tiles per item, so
-// the K/V rings wrap several times) for the default kernel and kernel 3 (v8, 192-row q tiles at D=64).
+// GQA 2, D 64 and 128, bf16; forward (all four kernels), backward (kernels 0-5, atomic and deterministic)
+// and merge, checked against a float64 CPU reference. Without --quick also: a longer backward case (GQA 4,
+// runs of odd and even tile counts, many steps per CTA) for the TMA backward kernels 0, 4 and 5, and a
+// longer forward case (up to 11 key tiles per item, so the K/V rings wrap several times) for the default
+// kernel and kernel 3 (v8, 192-row q tiles at D=64).
 // Exit code 0 when every check passes.
 //   scripts/bench/build_ffa_lib.sh && nvcc ... (see scripts/bench/build_ffa_lib.sh) && ./ffa_standalone
-//   compute-sanitizer --tool racecheck ./ffa_standalone
+//   compute-sanitizer --tool racecheck ./ffa_standalone --quick   (--quick: the small cases only)
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -129,12 +131,40 @@ struct PlanOnDevice {
   PlanOnDevice& operator=(const PlanOnDevice&) = delete;
 };
 
-int run(int D, bool use_merge_split) {
-  const int tq = 150, tk = 133, hq = 4, hkv = 2, g = hq / hkv;
-  const std::vector<ffa::Slice> slices = {{0, 70, 0, 60, ffa::Mask::Causal},
-                                          {0, 150, 60, 133, ffa::Mask::InvCausal},
-                                          {70, 150, 0, 40, ffa::Mask::Full},
-                                          {70, 150, 40, 60, ffa::Mask::BiCausal}};
+struct Case {
+  int tq, tk, hq, hkv;
+  std::vector<ffa::Slice> slices;
+  std::vector<int> fwd_kernels;  // ForwardArgs::kernel values on the default plan; the last one feeds the backward
+  std::vector<int> bwd_kernels;  // BackwardArgs::kernel values, each atomic and deterministic
+  bool merge_split;              // also check two halves of the four slices merged (ffa::merge)
+};
+
+// Four slices of every mask type, lengths that are not tile multiples, GQA 2; every kernel.
+Case small_case(int D) {
+  return {150, 133, 4, 2,
+          {{0, 70, 0, 60, ffa::Mask::Causal},
+           {0, 150, 60, 133, ffa::Mask::InvCausal},
+           {70, 150, 0, 40, ffa::Mask::Full},
+           {70, 150, 40, 60, ffa::Mask::BiCausal}},
+          {2, 1, 0}, {0, 1, 2, 3, 4, 5}, D == 64};
+}
+
+// Longer backward: causal keys [0, 300) seen from row 290 on, a full block (rows [0, 250)) and an
+// inverse-causal block (rows [290, 590)) on keys [300, 557), so rows 250-289 see no key. The k-side runs
+// have 1, 2, 3 and 5 tiles (odd ones end the 128-query steps with a half step), start at rows 0, 192, 290,
+// 418 and 546 (not 64-aligned), reach past the last row, and mix masked and full; GQA 4 gives each CTA 4
+// query heads of them (steps of both parities, many of them). The TMA backward kernels only.
+Case long_backward_case() {
+  return {590, 557, 8, 2,
+          {{0, 590, 0, 300, ffa::Mask::Causal},
+           {0, 250, 300, 557, ffa::Mask::Full},
+           {290, 590, 300, 557, ffa::Mask::InvCausal}},
+          {0}, {0, 4, 5}, false};
+}
+
+int run(int D, const Case& c) {
+  const int tq = c.tq, tk = c.tk, hq = c.hq, hkv = c.hkv, g = hq / hkv;
+  const std::vector<ffa::Slice>& slices = c.slices;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   std::mt19937 rng(42 + D);
   auto q = random_bf16(rng, size_t(tq) * hq * D), k = random_bf16(rng, size_t(tk) * hkv * D),
@@ -196,7 +226,7 @@ int run(int D, bool use_merge_split) {
   auto check = [&](const char* name, const void* dptr, const std::vector<double>& ref, bool is_bf16, double tol) {
     failures += compare(D, name, dptr, ref, is_bf16, tol);
   };
-  for (int kern : {2, 1, 0}) {  // mma.sync, wgmma + cp.async, then TMA (whose result the backward uses)
+  for (int kern : c.fwd_kernels) {  // the last (TMA, kernel 0) leaves the result the backward uses
     fa.kernel = kern;
     const char* names[] = {"out (tma)", "lse (tma)", "out (wgmma)", "lse (wgmma)", "out (mma)", "lse (mma)"};
     CK(cudaMemset(dout_.p, 0xff, q.size() * 2));  // poison: NaN
@@ -221,7 +251,7 @@ int run(int D, bool use_merge_split) {
   }
   // Every backward kernel (0 TMA, 1 wgmma, 2 mma.sync, 3 TMA with 64-query steps, 4 ping-pong (v8),
   // 5 the same without the ping-pong order), each with atomic and deterministic dQ.
-  for (int kern = 0; kern <= 5; ++kern) {
+  for (int kern : c.bwd_kernels) {
     for (int det = 0; det < 2; ++det) {
       ffa::BackwardArgs ba;
       ba.dims = fa.dims;
@@ -249,7 +279,7 @@ int run(int D, bool use_merge_split) {
       check(nm[2], gv.p, rdv, true, 2e-2);
     }
   }
-  if (use_merge_split) {
+  if (c.merge_split) {
     // Two halves of the slices, merged in place into the first: must equal the whole.
     const std::vector<ffa::Slice> s1 = {slices[0], slices[2]}, s2 = {slices[1], slices[3]};
     ffa::DevicePlan p1, p2;
@@ -336,12 +366,12 @@ int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";  // the small cases only (racecheck)
   int failures = 0;
   try {
-    failures += run(64, true);
-    failures += run(128, false);
-    if (!quick) {
-      failures += run_long(64);
-      failures += run_long(128);
-    }
+    for (int D : {64, 128}) failures += run(D, small_case(D));
+    if (!quick)
+      for (int D : {64, 128}) {
+        failures += run(D, long_backward_case());
+        failures += run_long(D);
+      }
   } catch (const std::exception& e) {
     std::printf("exception: %s\n", e.what());
     return 1;

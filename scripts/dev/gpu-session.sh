@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One device call that builds and checks everything a session changed, in priority order, each step
+# under its own time limit (a hang costs its step, not the call). Run on the GPU machine from the
+# repository root, with .deps carried (docs/gpu-build.md):
+#   OUT=/some/dir bash scripts/dev/gpu-session.sh [STEP ...]
+# Steps (default: build standalone bench gpu-tests smoke): build (build-gpu/ and build-ffa/ in parallel),
+# standalone (ffa_standalone, all kernels), sanitize (memcheck + racecheck --quick of it), ffa-check
+# (test/gpu/ffa_check.py), bench (attention_bench.py --which sdpa), gpu-tests (flexcp_gpu_tests [gpu]),
+# smoke (scripts/gpu-smoke.sh), train (train-vs-hf.sh; TRAIN_ARGS are passed on), train-variants (flexcp
+# alone under each environment of VARIANTS, ';'-separated, e.g. "FLEXCP_FFA_FWD_KERNEL=3;FLEXCP_FFA_BWD_KERNEL=4").
+# Logs go to $OUT/<step>.log; one line per step says ok/FAILED and its seconds.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+out=${OUT:-/tmp/gpu-session}
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build standalone bench gpu-tests smoke)
+failed=0
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2 t0=$SECONDS rc; shift 2
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then echo "== $name ok ($((SECONDS - t0)) s)"
+  else
+    echo "== $name FAILED rc=$rc ($((SECONDS - t0)) s)"; tail -n 25 "$out/$name.log"; failed=$((failed + 1))
+  fi
+}
+
+env_file=$out/build-env.sh
+build_all() {
+  bash scripts/bench/build_ffa_lib.sh >"$out/build-ffa.log" 2>&1 & local ffa=$!
+  bash scripts/gpu-build.sh >"$env_file" || return 1
+  wait "$ffa"
+}
+[ -f "$env_file" ] && . "$env_file"
+
+for s in "${steps[@]}"; do
+  case $s in
+    build) step build 400 build_all; . "$env_file" ;;
+    standalone) step standalone 150 ./build-ffa/ffa_standalone ;;
+    sanitize)
+      step memcheck 200 compute-sanitizer --tool memcheck --error-exitcode 3 ./build-ffa/ffa_standalone --quick
+      step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 3 ./build-ffa/ffa_standalone --quick ;;
+    ffa-check) FFA_LIB=$root/build-ffa/libffa.so step ffa-check 240 python3 test/gpu/ffa_check.py ;;
+    bench) FFA_LIB=$root/build-ffa/libffa.so PYTHONUNBUFFERED=1 step bench 240 \
+             python3 scripts/bench/attention_bench.py --which sdpa ;;
+    gpu-tests) step gpu-tests 240 ./build-gpu/test/flexcp_gpu_tests "[gpu]" ;;
+    smoke) step smoke 240 bash scripts/gpu-smoke.sh "$out/smoke" ;;
+    train) step train 420 bash scripts/bench/train-vs-hf.sh ${TRAIN_ARGS:-} ;;
+    train-variants)
+      IFS=';' read -r -a variants <<<"${VARIANTS:-}"
+      for v in "${variants[@]}"; do
+        name=train-$(echo "$v" | tr ' =' '_-')
+        step "$name" 200 env $v bash scripts/bench/train-vs-hf.sh --hf-modes "" ${TRAIN_ARGS:-}
+        grep -h '"runner": "flexcp"' "$out/$name.log" | head -c 400; echo
+      done ;;
+    *) echo "gpu-session.sh: unknown step '$s' (see the header)"; failed=$((failed + 1)) ;;
+  esac
+done
+echo "== $failed failed"
+exit $failed
