@@ -21,7 +21,7 @@ failed=0
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2 t0=$SECONDS rc; shift 2
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  timeout "$limit" bash -c '"$@"' "$name" "$@" >"$out/$name.log" 2>&1  # bash -c: functions too
   rc=$?
   if [ $rc -eq 0 ]; then echo "== $name ok ($((SECONDS - t0)) s)"
   else
@@ -29,12 +29,13 @@ step() {  # step NAME SECONDS COMMAND...
   fi
 }
 
-env_file=$out/build-env.sh
+export env_file=$out/build-env.sh
 build_all() {
   bash scripts/bench/build_ffa_lib.sh >"$out/build-ffa.log" 2>&1 & local ffa=$!
   bash scripts/gpu-build.sh >"$env_file" || return 1
   wait "$ffa"
 }
+export -f build_all
 [ -f "$env_file" ] && . "$env_file"
 
 for s in "${steps[@]}"; do
