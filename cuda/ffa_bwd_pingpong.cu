@@ -18,7 +18,9 @@
 //   - lse and delta come from the preprocessing kernel in a per-head layout (BwdParams::stats: per
 //     head, lse * log2(e) (+inf for rows with no key and past the end) then delta, padded rows), so
 //     the loader fetches them with one TMA box per 64-query plan tile (the v7 lanes' strided loads
-//     used one 32-byte sector per 4-byte value).
+//     used one 32-byte sector per 4-byte value). Rows are the box's innermost dimension, where a TMA
+//     start must be 16-byte aligned (else: illegal instruction): a box holds the 68 rows from the
+//     4-aligned row at or below the tile's first, and the consumers read from offset q0 & 3.
 // Roles:
 //   warpgroup 0: warp 0 (lane 0 issues) loads K and V once, then per step Q, dO and the stats into a
 //                2-stage ring (full/empty mbarriers); warps 1, 2: dQ writers; warp 3 idles. setmaxnreg.dec.
@@ -55,11 +57,17 @@ using namespace dev;
 
 constexpr int kBN = kPlanTileK, kTileQ = kBwdTileQ, kThreads = 384;
 static_assert(kBN == 128 && kTileQ == 64, "two consumer warpgroups x 64 keys, 64-query plan tiles");
-static_assert(kStatsPad >= 128, "a step's boxes, and the padding box of a half step, stay inside the stats rows");
+static_assert(kStatsPad >= 128 && kStatsPad % 8 == 0,
+              "a step's boxes, and the padding box of a half step (4-aligned), stay inside the stats rows");
 constexpr int kDqRowFloats = 72;                 // 64 columns + 8 floats of padding (conflict-free float2 stores)
 constexpr int kDqBytes = 64 * kDqRowFloats * 4;  // one consumer's dQ job: 64 rows x 64 columns
-// A stage's stats: per 64-query plan tile, 64 values of lse * log2(e), then 64 of delta (one TMA box).
-constexpr int kStatsTile = 2 * kTileQ * 4;
+// A stage's stats: per 64-query plan tile, one TMA box of kStatsBoxRows values of lse * log2(e), then as
+// many of delta, from the 4-aligned row at or below the tile's first (a box's start in its innermost
+// dimension must be 16-byte aligned); tiles 128-byte aligned (TMA destinations).
+constexpr int kStatsBoxRows = kTileQ + 4;
+constexpr int kStatsBoxBytes = 2 * kStatsBoxRows * 4;
+constexpr int kStatsTile = (kStatsBoxBytes + 127) / 128 * 128;  // bytes
+constexpr int kStatsTileFloats = kStatsTile / 4;
 
 // Named barriers (0 is __syncthreads). Thread counts: 256 = both consumers, 160 = one consumer + its
 // writer warp.
@@ -186,18 +194,20 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (n >= 2) mbar_wait(empty + 8 * s, ((n >> 1) - 1) & 1);
           const int q0 = run.begin + t * kTileQ;
           if (lane == 0) {
-            mbar_expect_tx(full + 8 * s, 2 * L::kQ + L::kStats);
+            mbar_expect_tx(full + 8 * s, 2 * L::kQ + kTiles * kStatsBoxBytes);
 #pragma unroll
             for (int cb = 0; cb < kCB; ++cb) {
               tma_load_3d(sQ + s * L::kQ + cb * (QS * 128), &tm_q, cb * 64, h, q0, full + 8 * s);
               tma_load_3d(sdO + s * L::kQ + cb * (QS * 128), &tm_do, cb * 64, h, q0, full + 8 * s);
             }
-            // Stats per plan tile. The last step of an odd run (QS = 128) has one tile in the run: its
-            // second tile's stats come from the padding rows past num_q (lse = +inf: P = dS = 0, and
-            // delta = 0), which is all the consumers need to ignore those queries.
+            // Stats per plan tile, from the 4-aligned row below (the consumers skip q0 & 3 values). The
+            // last step of an odd run (QS = 128) has one tile in the run: its second tile's stats come
+            // from the padding rows past num_q (lse = +inf: P = dS = 0, and delta = 0), which is all the
+            // consumers need to ignore those queries; stats_rows - kStatsBoxRows - 4 is 4-aligned
+            // (stats_rows is a multiple of 8) and, past num_q + 56, all padding.
 #pragma unroll
             for (int k = 0; k < kTiles; ++k) {
-              const int row = t + k < run.tiles ? q0 + k * kTileQ : p.stats_rows - kTileQ;
+              const int row = t + k < run.tiles ? (q0 + k * kTileQ) & ~3 : p.stats_rows - kStatsBoxRows - 4;
               tma_load_3d(sStats + s * L::kStats + k * kStatsTile, &tm_stats, row, 0, h, full + 8 * s);
             }
           }
@@ -264,8 +274,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         wg_commit();
         if (pingpong) named_bar_arrive(kBarSched + (1 - cw), 256);  // the other consumer may issue its pair now
-        // Step column c: lse * log2(e) at stats[c + 64 (c / 64)], delta 64 floats later (per plan tile).
-        const float* stats = stats_all + s * (L::kStats / 4);
+        // Step column c: lse * log2(e) at stats[c % 64 + kStatsTileFloats (c / 64)], delta kStatsBoxRows
+        // floats later (per plan tile); stats starts q0 & 3 floats into the stage (the boxes' alignment).
+        const float* stats = stats_all + s * (L::kStats / 4) + (q0 & 3);
         // Masked steps: the visible queries of each of this thread's two keys form one interval of step
         // columns [vlo, vhi] (slice bounds and diagonal band intersected once per step), so the
         // per-element test is two compares. The element loops are instantiated with and without it (a
@@ -291,10 +302,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
             for (int j = 0; j < QS / 8; ++j) {
               const int col = j * 8 + (lane & 3) * 2;
-              const float2 l2 = *reinterpret_cast<const float2*>(stats + col + (j >> 3) * kTileQ);
+              const float* l2 = stats + (col & (kTileQ - 1)) + (j >> 3) * kStatsTileFloats;  // 4-byte aligned only
 #pragma unroll
               for (int e = 0; e < 4; ++e) {
-                const float pr = exp2_ftz(fmaf(sc[4 * j + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
+                const float pr = exp2_ftz(fmaf(sc[4 * j + e], p.scale_log2, -l2[e & 1]));
                 sc[4 * j + e] = !kMask || visible(col + (e & 1), e >> 1) ? pr : 0.f;
               }
             }
@@ -308,9 +319,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int j = 0; j < QS / 8; ++j) {
             const int col = j * 8 + (lane & 3) * 2;
-            const float2 d2 = *reinterpret_cast<const float2*>(stats + col + (j >> 3) * kTileQ + kTileQ);
+            const float* d2 = stats + (col & (kTileQ - 1)) + (j >> 3) * kStatsTileFloats + kStatsBoxRows;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) dp[4 * j + e] = sc[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d2.y : d2.x));
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = sc[4 * j + e] * (dp[4 * j + e] - d2[e & 1]);
           }
         } else {
           // One wait and one fused loop (the split costs spills at D=128).
@@ -327,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                 float pr = exp2_ftz(fmaf(sc[4 * j + e], p.scale_log2, -stats[col]));
                 if (kMask && !visible(col, e >> 1)) pr = 0.f;
                 sc[4 * j + e] = pr;
-                dp[4 * j + e] = pr * (dp[4 * j + e] - stats[col + kTileQ]);
+                dp[4 * j + e] = pr * (dp[4 * j + e] - stats[col + kStatsBoxRows]);
               }
           };
           if (masked)
@@ -450,12 +461,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // The preprocessing kernel's per-head stats (BwdParams::stats) as a 3-D fp32 tensor (row, lse2 or delta,
-// head); box: one 64-query plan tile x both x 1 head, no swizzle (the consumers read plain floats).
+// head); box: kStatsBoxRows rows (one 64-query plan tile + the alignment slack) x both x 1 head, no swizzle.
 CUtensorMap make_stats_map(const float* stats, int heads, int rows) {
   CUtensorMap map;
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(rows), 2, static_cast<cuuint64_t>(heads)};
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(rows) * 4, static_cast<cuuint64_t>(rows) * 8};
-  const cuuint32_t box[3] = {kTileQ, 2, 1};
+  const cuuint32_t box[3] = {kStatsBoxRows, 2, 1};
   const cuuint32_t estr[3] = {1, 1, 1};
   const CUresult r =
       cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(stats), dims, strides, box,
