@@ -74,6 +74,10 @@ constexpr int kStatsTileFloats = kStatsTile / 4;
 constexpr int kBarEpilogue = 1;
 constexpr int kBarSched = 2;     // + w: consumer w may issue its S^T/dP^T GEMMs
 constexpr int kBarDs = 4;        // + 2 w + (step & 1): consumer w's half of the step's dS^T is written
+// The dQ hand-off barriers are synced by both sides, not arrived at by one: the waiting side is already
+// there (the writer has nothing else to do; the consumer reaches kBarDqFull only after both passed
+// kBarDqEmpty), so it costs nothing, and compute-sanitizer racecheck sees the job slot's hand-off
+// ordered (with arrive -> sync it reported the slot's store and load as racing).
 constexpr int kBarDqFull = 8;    // + w: consumer w's dQ job is staged
 constexpr int kBarDqEmpty = 10;  // + w: writer w's reductions have read the staging buffer
 
@@ -151,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int w = warp - 1;
       const uint32_t stage = base + L::sdQ + w * kDqBytes, job_slot = base + L::sJobs + w * sizeof(DqJob);
       for (;;) {
-        named_bar_arrive(kBarDqEmpty + w, 160);  // the previous rows have been read
+        named_bar_sync(kBarDqEmpty + w, 160);  // the previous rows have been read
         named_bar_sync(kBarDqFull + w, 160);
         const int4 job = ld_shared_s32x4(job_slot);  // row0, h, col0, rows
         if (job.w < 0) break;
@@ -417,7 +421,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         __syncwarp();
         fence_async_smem();
-        named_bar_arrive(kBarDqFull + cw, 160);
+        named_bar_sync(kBarDqFull + cw, 160);  // (a sync, not an arrive: see kBarDqFull)
       }
     }
   }
@@ -425,7 +429,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   named_bar_sync(kBarDqEmpty + cw, 160);
   if (wq == 0 && lane == 0) st_shared_s32x4(sJobs + cw * sizeof(DqJob), 0, 0, 0, -1);
   __syncwarp();
-  named_bar_arrive(kBarDqFull + cw, 160);
+  named_bar_sync(kBarDqFull + cw, 160);
   if (pingpong && cw == 0) named_bar_sync(kBarSched + 0, 256);
 
   // Epilogue: both warpgroups' last dQ GEMMs (which read all of K) are done before K/V are reused as

@@ -106,12 +106,12 @@ def simulate(nsteps, pingpong, rng):
             staging_step[w] = n
             slot[w] = ('job', n)
             slot_read[w] = False
-            yield ('arrive', ('dqf', w), 128)
+            yield ('sync', ('dqf', w), 128)
         yield ('sync', ('dqe', w), 128)
         assert slot_read[w]
         slot[w] = ('end',)
         slot_read[w] = False
-        yield ('arrive', ('dqf', w), 128)
+        yield ('sync', ('dqf', w), 128)
         if pingpong and w == 0 and 'nofinalsched' not in MUT:
             yield ('sync', ('sched', 0), 128)
         yield ('sync', 'epi', 128)
@@ -121,9 +121,9 @@ def simulate(nsteps, pingpong, rng):
             staging_busy[w] = False
             if 'writerorder' in MUT:
                 yield ('sync', ('dqf', w), 32)
-                yield ('arrive', ('dqe', w), 32)
+                yield ('sync', ('dqe', w), 32)
             else:
-                yield ('arrive', ('dqe', w), 32)
+                yield ('sync', ('dqe', w), 32)
                 yield ('sync', ('dqf', w), 32)
             job = slot[w]
             slot_read[w] = True
