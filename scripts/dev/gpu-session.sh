@@ -49,7 +49,7 @@ for s in "${steps[@]}"; do
     bench) FFA_LIB=$root/build-ffa/libffa.so PYTHONUNBUFFERED=1 step bench 240 \
              python3 scripts/bench/attention_bench.py --which sdpa ;;
     gpu-tests) step gpu-tests 240 ./build-gpu/test/flexcp_gpu_tests "[gpu]" ;;
-    smoke) step smoke 240 bash scripts/gpu-smoke.sh "$out/smoke" ;;
+    smoke) step smoke 240 bash scripts/gpu-smoke.sh /tmp/gpu-session-smoke ;;  # (its files would crowd $OUT)
     train) step train 420 bash scripts/bench/train-vs-hf.sh ${TRAIN_ARGS:-} ;;
     train-variants)
       IFS=';' read -r -a variants <<<"${VARIANTS:-}"
