@@ -399,10 +399,11 @@ bool fp32_gemm_accumulation_works(const at::Device& device) {
 // MiB of bf16 logits per chunk when the caller does not choose: larger chunks mean fewer passes of
 // the fp32 dW accumulation (1 GiB read and written per chunk at the 1B shapes) and longer-K GEMMs,
 // at the price of the chunk's logits buffer. On the H100 (Llama-3.2-1B, seq 8192) 1 GiB instead of
-// 256 MiB took the loss phase from 22.9 to 18.9 ms for +0.7 GiB of peak memory.
+// 256 MiB took the loss phase from 22.9 to 18.9 ms for +0.7 GiB of peak memory; 2 GiB holds all
+// 8192 rows of the 128,256-word vocabulary in one chunk (one dW pass; docs/performance.md has the A/B).
 // FLEXCP_CE_CHUNK_MIB overrides it (A/B timings, tight memory).
 int64_t ce_chunk_mib() {
-  static const int64_t mib = env_positive_int("FLEXCP_CE_CHUNK_MIB", 1024);
+  static const int64_t mib = env_positive_int("FLEXCP_CE_CHUNK_MIB", 2048);
   return mib;
 }
 
