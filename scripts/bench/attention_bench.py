@@ -122,6 +122,12 @@ def run_shape(sh, dtype, which):
     # Backward kernel 4 (v8: ping-pong consumers, dQ writer warps; opt-in until measured) beside the
     # default, fwd+bwd and the backward alone.
     res["ours_pp_fwdbwd_ms"] = bench_ms(ours_fwdbwd_kernel(4))
+    # flexcp's default pair: forward kernel 3 on its plan, backward kernel 4 (which reads only the plan's
+    # k side when not deterministic, the same in both plans).
+    def ours_default_fwdbwd():
+        o, l = ffa_lib.forward(plan3, q, k, v, kernel=3)
+        ffa_lib.backward(plan3, dout, q, k, v, o, l, grads=grads, kernel=4)
+    res["ours_default_fwdbwd_ms"] = bench_ms(ours_default_fwdbwd)
     for kern, key in ((0, "ours_bwd_ms"), (4, "ours_pp_bwd_ms"), (5, "ours_ppfree_bwd_ms")):
         res[key] = bench_ms(lambda kern=kern: ffa_lib.backward(plan, dout, q, k, v, out, lse, grads=grads, kernel=kern))
     if "fallbacks" in which:
@@ -241,6 +247,10 @@ def main():
                   f"(default {r['ours_fwdbwd_tflops']:.1f}), backward alone {r['ours_pp_bwd_tflops']:.1f} "
                   f"(default {r['ours_bwd_tflops']:.1f}; kernel 5, no ping-pong order: "
                   f"{r['ours_ppfree_bwd_tflops']:.1f}) TFLOP/s")
+        if "ours_default_fwdbwd_tflops" in r:
+            sd = r.get("sdpa_fwdbwd_tflops", float("nan"))
+            print(f"{r['shape']:<40} flexcp's default pair (forward 3 + backward 4): f+b "
+                  f"{r['ours_default_fwdbwd_tflops']:.1f} TFLOP/s ({r['ours_default_fwdbwd_tflops'] / sd:.2f}x sdpa)")
         if "ours_v8_fwd_tflops" not in r:
             continue
         k0 = (r["ours_fwd_tflops"], r["ours_fwd_repeat_tflops"])
