@@ -4,10 +4,11 @@
 // exp2 in float64. Prints the max relative error where 2^x is a normal float (x >= -126), the max
 // absolute error below, the special inputs, and what the error does after P is rounded to bf16 / fp16
 // (as pack2 does): how often the rounded value differs from the rounded correctly-rounded 2^x, and by
-// how many ulps. Exit code 1 if a bound in the kernel's comments does not hold.
+// how many ulps. Exit code 1 if a bound in the kernel's comments does not hold. CTest runs it with
+// stride 97 (test/CMakeLists.txt, test `exp2_poly_check`).
 //
 //   g++ -std=c++17 -O2 -frounding-math -ffp-contract=off -I. scripts/dev/exp2_poly_check.cpp -o /tmp/exp2_poly_check
-//   /tmp/exp2_poly_check [stride]   (stride: test every stride-th float32 bit pattern; default 1, ~1 minute)
+//   /tmp/exp2_poly_check [stride]   (stride: test every stride-th float32 bit pattern; default 1, ~2 minutes)
 //
 // The device rounding modes: __fadd_rd (FADD.RM) is run under FE_DOWNWARD, everything else under
 // FE_TONEAREST; std::fma is the fused multiply-add (FFMA rounds once, as fma does). Non-ftz, as the
