@@ -7,8 +7,9 @@
 
 Shapes: (a) the seed model: S=8192, Hq=32, Hkv=8, D=64, causal; (b) D=128, Hq=Hkv=16, S=8192, causal
 and full; (c) 8 packed documents in 8192 tokens (seed heads). Inputs are random normal; medians of
-triton.testing.do_bench. The forward kernel 3 (v8, opt-in) is timed next to the default in the same
-process, each twice (0, 3, 0, 3), and its output compared with the default's.
+triton.testing.do_bench. The forward kernels 3 (v8, flexcp's default) and 4 (v9: v8 with a polynomial
+exp2 for a quarter of the exponentials, opt-in) are timed next to kernel 0 in the same process, each
+twice (0, 3, 4, 0, 3, 4), kernel 3's output compared with 0's and 4's with 3's.
 """
 import argparse
 import json
@@ -111,9 +112,16 @@ def run_shape(sh, dtype, which):
     res["v8_out_maxdiff"] = (out3.float() - out.float()).abs().max().item()
     finite = torch.isfinite(lse)
     res["v8_lse_maxdiff"] = (lse3[finite] - lse[finite]).abs().max().item() if finite.any() else 0.0
+    # Forward kernel 4 (v9) on the same plan: compared with kernel 3 (it differs only in a quarter of
+    # the exponentials) and timed right after it, both twice.
+    out4, lse4 = ffa_lib.forward(plan3, q, k, v, kernel=4)
+    res["v9_out_maxdiff"] = (out4.float() - out3.float()).abs().max().item()
+    res["v9_lse_maxdiff"] = (lse4[finite] - lse3[finite]).abs().max().item() if finite.any() else 0.0
     res["ours_v8_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan3, q, k, v, kernel=3))
+    res["ours_v9_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan3, q, k, v, kernel=4))
     res["ours_fwd_repeat_ms"] = bench_ms(ours_fwd)
     res["ours_v8_fwd_repeat_ms"] = bench_ms(lambda: ffa_lib.forward(plan3, q, k, v, kernel=3))
+    res["ours_v9_fwd_repeat_ms"] = bench_ms(lambda: ffa_lib.forward(plan3, q, k, v, kernel=4))
     res["ours_fwdbwd_ms"] = bench_ms(ours_fwdbwd)
     # The previous default backward (wgmma + cp.async, 64 keys per CTA), measured in the same process.
     res["ours_wgmma_cpasync_fwdbwd_ms"] = bench_ms(ours_fwdbwd_kernel(1))
@@ -128,6 +136,11 @@ def run_shape(sh, dtype, which):
         o, l = ffa_lib.forward(plan3, q, k, v, kernel=3)
         ffa_lib.backward(plan3, dout, q, k, v, o, l, grads=grads, kernel=4)
     res["ours_default_fwdbwd_ms"] = bench_ms(ours_default_fwdbwd)
+    # The same pair with forward kernel 4 (what flexcp would run if v9 became its default).
+    def ours_v9_pair_fwdbwd():
+        o, l = ffa_lib.forward(plan3, q, k, v, kernel=4)
+        ffa_lib.backward(plan3, dout, q, k, v, o, l, grads=grads, kernel=4)
+    res["ours_v9_pair_fwdbwd_ms"] = bench_ms(ours_v9_pair_fwdbwd)
     for kern, key in ((0, "ours_bwd_ms"), (4, "ours_pp_bwd_ms"), (5, "ours_ppfree_bwd_ms")):
         res[key] = bench_ms(lambda kern=kern: ffa_lib.backward(plan, dout, q, k, v, out, lse, grads=grads, kernel=kern))
     if "fallbacks" in which:
@@ -259,6 +272,12 @@ def main():
         print(f"{r['shape']:<40} fwd kernel 3 (v8): {k3[0]:.1f} / {k3[1]:.1f} TFLOP/s vs kernel 0: {k0[0]:.1f} / "
               f"{k0[1]:.1f} ({max(k3) / max(k0):.3f}x, {max(k3) / sd:.2f}x sdpa); max|out3 - out0| "
               f"{r['v8_out_maxdiff']:.2e}, max|lse3 - lse0| {r['v8_lse_maxdiff']:.2e}")
+        if "ours_v9_fwd_tflops" in r:
+            k4 = (r["ours_v9_fwd_tflops"], r["ours_v9_fwd_repeat_tflops"])
+            print(f"{r['shape']:<40} fwd kernel 4 (v9): {k4[0]:.1f} / {k4[1]:.1f} TFLOP/s vs kernel 3: {k3[0]:.1f} / "
+                  f"{k3[1]:.1f} ({max(k4) / max(k3):.3f}x, {max(k4) / sd:.2f}x sdpa); max|out4 - out3| "
+                  f"{r['v9_out_maxdiff']:.2e}, max|lse4 - lse3| {r['v9_lse_maxdiff']:.2e}; pair f+b with forward 4: "
+                  f"{r['ours_v9_pair_fwdbwd_tflops']:.1f} (with 3: {r['ours_default_fwdbwd_tflops']:.1f})")
     if args.json:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
                 "flop_convention": "fwd = 4*D*Hq*visible_pairs; fwd+bwd = 3.5x fwd", "results": results}
