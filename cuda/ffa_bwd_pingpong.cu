@@ -104,6 +104,13 @@ __device__ __forceinline__ void st_shared_s32x4(uint32_t addr, int x, int y, int
 // What a consumer tells its dQ writer about the staged rows: rows [row0, row0 + rows) of query head h,
 // columns [col0, col0 + 64); rows = 0: nothing to reduce (the half outside the run), rows < 0: no more
 // steps.
+// v, hidden from the compiler's loop-invariant code motion: descriptors derived from it inside a loop are
+// computed there, instead of being hoisted out and held in registers across the whole loop.
+__device__ __forceinline__ uint32_t opaque_u32(uint32_t v) {
+  asm volatile("mov.b32 %0, %0;\n" : "+r"(v));
+  return v;
+}
+
 struct alignas(16) DqJob {
   int row0, h, col0, rows;
 };
@@ -119,12 +126,15 @@ struct Smem {
   static_assert(sStats % 128 == 0, "TMA destination alignment");
 };
 
-template <typename T, int D>
+template <typename T, int D, int kKernel>
 __global__ void __launch_bounds__(kThreads, 1)
     bwd_pingpong_kernel(const BwdParams p, const __grid_constant__ CUtensorMap tm_q,
                         const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
                         const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_stats) {
   using L = Smem<D>;
+  // Kernel 4: ping-pong issue order, dQ jobs through the job slot. Kernel 5: neither (the writers walk
+  // the steps themselves).
+  constexpr bool kPingpong = kKernel == 4, kJobSlot = kKernel == 4;
   constexpr int QS = L::QS;
   constexpr int kCB = D / 64;          // 64-column (128-byte) blocks
   constexpr int kTiles = QS / kTileQ;  // plan tiles per step
@@ -151,7 +161,46 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {
     setmaxnreg_dec<24>();
     const int lane = tid & 31;
-    if (warp == 1 || warp == 2) {  // dQ writer of consumer w: reduces whatever its consumer staged
+    if (!kJobSlot && (warp == 1 || warp == 2)) {
+      // dQ writer of consumer w, kernel 5: walks the consumer's steps (the loops below) and derives each
+      // step's rows itself; the same barriers per step as kernel 4, no end marker. One copy per warp
+      // (w a compile-time constant: fewer live registers in the producer's 24).
+      auto writer = [&](auto w_tag) {
+        constexpr int w = decltype(w_tag)::value;
+        const uint32_t stage = base + L::sdQ + w * kDqBytes;
+        // Minimal live state (h, ri, t): the run and item fields are re-read after each barrier (L1 hits).
+        const Item* item = p.k_side.items + blockIdx.x / p.heads_kv;
+        const int h_end = (blockIdx.x % p.heads_kv + 1) * p.group;
+        for (int h = h_end - p.group; h < h_end; ++h) {
+          for (int ri = item->run_begin; ri < item->run_end; ++ri) {
+            for (int t = 0; t < p.k_side.runs[ri].tiles; t += kTiles) {
+              named_bar_sync(kBarDqEmpty + w, 160);  // the previous rows have been read
+              named_bar_sync(kBarDqFull + w, 160);
+              const Run run = p.k_side.runs[ri];
+              // QS = 128: the second query half lies outside the run on an odd run's last step (dS = 0).
+              const int row0 = run.begin + t * kTileQ + (QS == 128 ? w * 64 : 0);
+              const bool in_run = QS == 64 || w == 0 || t + 1 < run.tiles;
+              const int rows = in_run ? min(64, p.num_q - row0) : 0;
+#pragma unroll 1
+              for (int r = lane; r < rows; r += 32)
+                bulk_reduce_add_f32(
+                    p.dq_accum + (static_cast<int64_t>(row0 + r) * p.heads_q + h) * D + (D == 128 ? w * 64 : 0),
+                    stage + r * kDqRowFloats * 4, 64 * 4);
+              bulk_commit();
+              bulk_wait_read<0>();
+              __syncwarp();
+            }
+          }
+        }
+        bulk_wait<0>();  // the shared source must outlive the reductions
+      };
+      if (warp == 1)
+        writer(std::integral_constant<int, 0>{});
+      else
+        writer(std::integral_constant<int, 1>{});
+      return;
+    }
+    if (kJobSlot && (warp == 1 || warp == 2)) {  // dQ writer of consumer w: reduces whatever its consumer staged
       const int w = warp - 1;
       const uint32_t stage = base + L::sdQ + w * kDqBytes, job_slot = base + L::sJobs + w * sizeof(DqJob);
       for (;;) {
@@ -245,7 +294,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int n = 0; n < D / 2; ++n) dk[n] = dv[n] = 0.f;
 
-  const bool pingpong = p.pingpong;  // kernel 5 (an experiment): the consumers issue S^T/dP^T freely
+  // Kernel 4 reads its (always true) flag at run time: as a compile-time constant ptxas spills 36 bytes
+  // at D=128.
+  const bool pingpong = kPingpong && p.pingpong;
   if (pingpong && cw == 1) named_bar_arrive(kBarSched + 0, 256);  // consumer 0 issues first
   mbar_wait(full_kv, 0);
   int n = 0;
@@ -255,12 +306,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Run run = runs[ri];
       const bool masked = run.masked;
       CutSlice cut{};
-      if (masked) cut = p.k_side.cuts[run.cut];
+      if (kKernel == 4 && masked) cut = p.k_side.cuts[run.cut];
       for (int t = 0; t < run.tiles; t += kTiles, ++n) {
         const int s = n & 1;
         const int q0 = run.begin + t * kTileQ;
         const uint32_t q_st = sQ + s * L::kQ, do_st = sdO + s * L::kQ, ds_buf = sdS + s * L::kS;
         mbar_wait(full + 8 * s, (n >> 1) & 1);
+        const uint32_t k_st = kKernel == 5 ? opaque_u32(k_wg) : k_wg, v_st = kKernel == 5 ? opaque_u32(v_wg) : v_wg;
+        const uint32_t kq_st = kKernel == 5 ? opaque_u32(sK) : sK;
 
         float sc[QS / 2], dp[QS / 2];
         if (pingpong) named_bar_sync(kBarSched + cw, 256);  // the other consumer has issued its pair
@@ -268,13 +321,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk >> 2) * (kBN * 128) + (kk & 3) * 32, kb = (kk >> 2) * (QS * 128) + (kk & 3) * 32;
-          wgmma_ss<T, QS>(sc, smem_desc(k_wg + ka, 16, 1024), smem_desc(q_st + kb, 16, 1024), kk > 0 ? 1 : 0);
+          wgmma_ss<T, QS>(sc, smem_desc(k_st + ka, 16, 1024), smem_desc(q_st + kb, 16, 1024), kk > 0 ? 1 : 0);
         }
         wg_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk >> 2) * (kBN * 128) + (kk & 3) * 32, kb = (kk >> 2) * (QS * 128) + (kk & 3) * 32;
-          wgmma_ss<T, QS>(dp, smem_desc(v_wg + ka, 16, 1024), smem_desc(do_st + kb, 16, 1024), kk > 0 ? 1 : 0);
+          wgmma_ss<T, QS>(dp, smem_desc(v_st + ka, 16, 1024), smem_desc(do_st + kb, 16, 1024), kk > 0 ? 1 : 0);
         }
         wg_commit();
         if (pingpong) named_bar_arrive(kBarSched + (1 - cw), 256);  // the other consumer may issue its pair now
@@ -287,6 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // runtime test inside them made the compiler branch per element and serialize on each MUFU result).
         int vlo[2] = {0, 0}, vhi[2] = {-1, -1};
         if (masked) {
+          if constexpr (kKernel == 5) cut = p.k_side.cuts[run.cut];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int j = key_lo + 8 * r;
@@ -392,7 +446,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk)
           wgmma_ss_tt<T, 64>(dq, smem_desc(ds_buf + mb * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024),
-                             smem_desc(sK + job * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024), kk > 0 ? 1 : 0);
+                             smem_desc(kq_st + job * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024), kk > 0 ? 1 : 0);
         wg_commit();
         wg_wait<0>();
         reg_fence(dk);
@@ -413,7 +467,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<float2*>(st + ((r0 + 8) * kDqRowFloats + col) * 4) =
               make_float2(dq[4 * j + 2], dq[4 * j + 3]);
         }
-        if (wq == 0 && lane == 0) {
+        if (kJobSlot && wq == 0 && lane == 0) {
           // QS = 128: the second query half lies outside the run on an odd run's last step (dS = 0 there).
           const int row0 = q0 + mb * 64;
           const bool in_run = QS == 64 || cw == 0 || t + 1 < run.tiles;
@@ -426,10 +480,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   // No more steps: release the writer, and consume consumer 1's last ping-pong arrive.
-  named_bar_sync(kBarDqEmpty + cw, 160);
-  if (wq == 0 && lane == 0) st_shared_s32x4(sJobs + cw * sizeof(DqJob), 0, 0, 0, -1);
-  __syncwarp();
-  named_bar_sync(kBarDqFull + cw, 160);
+  if constexpr (kJobSlot) {
+    named_bar_sync(kBarDqEmpty + cw, 160);
+    if (wq == 0 && lane == 0) st_shared_s32x4(sJobs + cw * sizeof(DqJob), 0, 0, 0, -1);
+    __syncwarp();
+    named_bar_sync(kBarDqFull + cw, 160);
+  }
   if (pingpong && cw == 0) named_bar_sync(kBarSched + 0, 256);
 
   // Epilogue: both warpgroups' last dQ GEMMs (which read all of K) are done before K/V are reused as
@@ -481,7 +537,7 @@ CUtensorMap make_stats_map(const float* stats, int heads, int rows) {
   return map;
 }
 
-template <typename T, int D>
+template <typename T, int D, int kKernel>
 void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   constexpr int QS = queries_per_step<D>();
   const int64_t grid = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
@@ -492,7 +548,7 @@ void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   const CUtensorMap tv = make_tensor_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
   const CUtensorMap ts = make_stats_map(p.stats, p.heads_q, p.stats_rows);
   constexpr int kSmem = Smem<D>::total;
-  auto kernel = bwd_pingpong_kernel<T, D>;
+  auto kernel = bwd_pingpong_kernel<T, D, kKernel>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward (ping-pong): ") + cudaGetErrorString(err));
   kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tdo, tk, tv, ts);
@@ -501,14 +557,25 @@ void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
     throw std::runtime_error(std::string("ffa backward (ping-pong) launch: ") + cudaGetErrorString(err));
 }
 
+template <int kKernel>
+void launch_kernel(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
+  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64, kKernel>(dtype, p, stream);
+  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128, kKernel>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64, kKernel>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128, kKernel>(dtype, p, stream);
+  throw std::runtime_error("ffa backward (ping-pong): unsupported dtype/head_dim");
+}
+
 }  // namespace
 
-void launch_dkdv_pingpong(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(dtype, p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(dtype, p, stream);
-  throw std::runtime_error("ffa backward (ping-pong): unsupported dtype/head_dim");
+void launch_dkdv_pingpong(int kernel, int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
+#ifdef ONLY_K  // TEMP-DEV
+  return launch_t<ONLY_T, ONLY_D, ONLY_K>(dtype, p, stream);
+#else
+  if (kernel == 4) return launch_kernel<4>(dtype, head_dim, p, stream);
+  if (kernel == 5) return launch_kernel<5>(dtype, head_dim, p, stream);
+#endif
+  throw std::runtime_error("ffa backward (ping-pong): kernel must be 4 or 5");
 }
 
 }  // namespace detail
