@@ -1,9 +1,9 @@
-// dK/dV (and dQ) pass of the backward, kernel 4 of the API (docs/kernel-log.md "v8-bwd"): the TMA
+// dK/dV (and dQ) pass of the backward, kernels 4 and 5 of the API (docs/kernel-log.md "v8-bwd"): the TMA
 // backward of ffa_bwd_tma.cu (same CTA: one 128-key k-side plan item of one kv head; same tiles: 128-query
 // steps at D=64, 64-query steps at D=128; same GEMMs) with the two consumer warpgroups no longer in
 // lockstep, so that one warpgroup's element-wise work runs while the other's GEMMs keep the tensor cores
 // busy:
-//   - ping-pong: a consumer issues its S^T/dP^T GEMMs only after the other has issued its own (named
+//   - ping-pong (kernel 4 only): a consumer issues its S^T/dP^T GEMMs only after the other has issued its own (named
 //     barriers kBarSched), so the two pairs run one after the other instead of interleaved: the first
 //     warpgroup's exponentials start while the second's GEMMs still run (the forward's scheme);
 //   - the dS^T exchange is split into arrive (own half written) and sync (other half written), and each
@@ -12,9 +12,10 @@
 //     (dS over all 128 keys) waits for the other half. Barrier ids alternate with the step parity, so
 //     an arrive can never be counted for the wrong step;
 //   - dQ writer warps: warps 1 and 2 of the producer warpgroup issue the bulk reductions of consumer
-//     0's and 1's staged dQ rows (and wait for them to be read); a consumer only stores its dQ job into
-//     shared memory and arrives (FlashAttention-3's dQ writer). No bulk async-group work on the
-//     consumers' critical path;
+//     0's and 1's staged dQ rows (and wait for them to be read); a consumer only stages its dQ rows in
+//     shared memory and syncs (FlashAttention-3's dQ writer). No bulk async-group work on the
+//     consumers' critical path. Kernel 4 tells the writer which rows through a 16-byte job slot (and
+//     ends it with a marker); kernel 5's writer walks the same steps as its consumer and derives them;
 //   - lse and delta come from the preprocessing kernel in a per-head layout (BwdParams::stats: per
 //     head, lse * log2(e) (+inf for rows with no key and past the end) then delta, padded rows), so
 //     the loader fetches them with one TMA box per 64-query plan tile (the v7 lanes' strided loads
@@ -24,14 +25,17 @@
 // Roles:
 //   warpgroup 0: warp 0 (lane 0 issues) loads K and V once, then per step Q, dO and the stats into a
 //                2-stage ring (full/empty mbarriers); warps 1, 2: dQ writers; warp 3 idles. setmaxnreg.dec.
+//                (The loader and kernel 5's writers each walk the (head, run, step) loops themselves.)
 //   warpgroups 1, 2: consumers, 64 keys each, sharing every Q/dO tile, per step:
 //     S^T = K Q^T, dP^T = V dO^T  (SS-wgmma m64nQS)     -> P^T, dS^T = P^T * (dP^T - delta)
 //     dS^T -> shared memory (double buffer), arrive
 //     dV += P^T dO, dK += dS^T Q  (RS-wgmma)            sync on the other half of dS^T
 //     dQ  = dS K over all 128 keys (SS-wgmma, 64 queries x 64 columns: QS = 128 query half w, D = 128
 //           column block w) -> padded fp32 rows in shared memory -> writer warp w -> fp32 accumulator.
-// Kernel 5 of the API runs the same code without the ping-pong issue order (BwdParams::pingpong false),
-// to measure what the order itself gives.
+// Kernel 5 (template argument kKernel = 5) is the simpler form: no ping-pong issue order (measured on H100:
+// it gave kernel 4 nothing) and no job slot (compute-sanitizer racecheck reports kernel 4's slot store and
+// load, ordered only by 160-thread named barriers, as a race). Kernel 4's SASS is unchanged by the
+// template argument.
 // A step whose second query half lies outside the run (last step of an odd run at D=64) gets that
 // half's stats from the padding rows past num_q (lse = +inf, so P = dS = 0 there); its writer skips the
 // half's reduction.
@@ -76,8 +80,8 @@ constexpr int kBarSched = 2;     // + w: consumer w may issue its S^T/dP^T GEMMs
 constexpr int kBarDs = 4;        // + 2 w + (step & 1): consumer w's half of the step's dS^T is written
 // The dQ hand-off barriers are synced by both sides, not arrived at by one: the waiting side is already
 // there (the writer has nothing else to do; the consumer reaches kBarDqFull only after both passed
-// kBarDqEmpty), so it costs nothing, and compute-sanitizer racecheck sees the job slot's hand-off
-// ordered (with arrive -> sync it reported the slot's store and load as racing).
+// kBarDqEmpty), so it costs nothing. (compute-sanitizer racecheck reported kernel 4's job slot store and
+// load as racing with arrive -> sync, and its per-step store still with sync -> sync; kernel 5 has no slot.)
 constexpr int kBarDqFull = 8;    // + w: consumer w's dQ job is staged
 constexpr int kBarDqEmpty = 10;  // + w: writer w's reductions have read the staging buffer
 
@@ -101,9 +105,6 @@ __device__ __forceinline__ void st_shared_s32x4(uint32_t addr, int x, int y, int
   asm volatile("st.shared.v4.s32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(x), "r"(y), "r"(z), "r"(w) : "memory");
 }
 
-// What a consumer tells its dQ writer about the staged rows: rows [row0, row0 + rows) of query head h,
-// columns [col0, col0 + 64); rows = 0: nothing to reduce (the half outside the run), rows < 0: no more
-// steps.
 // v, hidden from the compiler's loop-invariant code motion: descriptors derived from it inside a loop are
 // computed there, instead of being hoisted out and held in registers across the whole loop.
 __device__ __forceinline__ uint32_t opaque_u32(uint32_t v) {
@@ -111,6 +112,9 @@ __device__ __forceinline__ uint32_t opaque_u32(uint32_t v) {
   return v;
 }
 
+// Kernel 4: what a consumer tells its dQ writer about the staged rows: rows [row0, row0 + rows) of query head h,
+// columns [col0, col0 + 64); rows = 0: nothing to reduce (the half outside the run), rows < 0: no more
+// steps.
 struct alignas(16) DqJob {
   int row0, h, col0, rows;
 };
@@ -306,14 +310,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Run run = runs[ri];
       const bool masked = run.masked;
       CutSlice cut{};
-      if (kKernel == 4 && masked) cut = p.k_side.cuts[run.cut];
+      if (masked) cut = p.k_side.cuts[run.cut];
       for (int t = 0; t < run.tiles; t += kTiles, ++n) {
         const int s = n & 1;
         const int q0 = run.begin + t * kTileQ;
         const uint32_t q_st = sQ + s * L::kQ, do_st = sdO + s * L::kQ, ds_buf = sdS + s * L::kS;
         mbar_wait(full + 8 * s, (n >> 1) & 1);
-        const uint32_t k_st = kKernel == 5 ? opaque_u32(k_wg) : k_wg, v_st = kKernel == 5 ? opaque_u32(v_wg) : v_wg;
-        const uint32_t kq_st = kKernel == 5 ? opaque_u32(sK) : sK;
+        // Kernel 5: the GEMMs' K and V addresses re-derived per step, so that the compiler builds their 16-24
+        // descriptors here instead of hoisting them out of the loop into registers (at D=128 that spilled
+        // 28 bytes in the consumers; kernel 4 keeps its code, which fits).
+        const uint32_t k_at = kKernel == 5 ? opaque_u32(k_wg) : k_wg, v_at = kKernel == 5 ? opaque_u32(v_wg) : v_wg;
+        const uint32_t kdq_at = kKernel == 5 ? opaque_u32(sK) : sK;
 
         float sc[QS / 2], dp[QS / 2];
         if (pingpong) named_bar_sync(kBarSched + cw, 256);  // the other consumer has issued its pair
@@ -321,13 +328,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk >> 2) * (kBN * 128) + (kk & 3) * 32, kb = (kk >> 2) * (QS * 128) + (kk & 3) * 32;
-          wgmma_ss<T, QS>(sc, smem_desc(k_st + ka, 16, 1024), smem_desc(q_st + kb, 16, 1024), kk > 0 ? 1 : 0);
+          wgmma_ss<T, QS>(sc, smem_desc(k_at + ka, 16, 1024), smem_desc(q_st + kb, 16, 1024), kk > 0 ? 1 : 0);
         }
         wg_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk >> 2) * (kBN * 128) + (kk & 3) * 32, kb = (kk >> 2) * (QS * 128) + (kk & 3) * 32;
-          wgmma_ss<T, QS>(dp, smem_desc(v_st + ka, 16, 1024), smem_desc(do_st + kb, 16, 1024), kk > 0 ? 1 : 0);
+          wgmma_ss<T, QS>(dp, smem_desc(v_at + ka, 16, 1024), smem_desc(do_st + kb, 16, 1024), kk > 0 ? 1 : 0);
         }
         wg_commit();
         if (pingpong) named_bar_arrive(kBarSched + (1 - cw), 256);  // the other consumer may issue its pair now
@@ -340,7 +347,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         // runtime test inside them made the compiler branch per element and serialize on each MUFU result).
         int vlo[2] = {0, 0}, vhi[2] = {-1, -1};
         if (masked) {
-          if constexpr (kKernel == 5) cut = p.k_side.cuts[run.cut];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int j = key_lo + 8 * r;
@@ -446,7 +452,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk)
           wgmma_ss_tt<T, 64>(dq, smem_desc(ds_buf + mb * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024),
-                             smem_desc(kq_st + job * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024), kk > 0 ? 1 : 0);
+                             smem_desc(kdq_at + job * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024), kk > 0 ? 1 : 0);
         wg_commit();
         wg_wait<0>();
         reg_fence(dk);
@@ -569,12 +575,8 @@ void launch_kernel(int dtype, int head_dim, const BwdParams& p, cudaStream_t str
 }  // namespace
 
 void launch_dkdv_pingpong(int kernel, int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
-#ifdef ONLY_K  // TEMP-DEV
-  return launch_t<ONLY_T, ONLY_D, ONLY_K>(dtype, p, stream);
-#else
   if (kernel == 4) return launch_kernel<4>(dtype, head_dim, p, stream);
   if (kernel == 5) return launch_kernel<5>(dtype, head_dim, p, stream);
-#endif
   throw std::runtime_error("ffa backward (ping-pong): kernel must be 4 or 5");
 }
 
