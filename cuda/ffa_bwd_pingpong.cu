@@ -112,6 +112,12 @@ __device__ __forceinline__ uint32_t opaque_u32(uint32_t v) {
   return v;
 }
 
+// The descriptor of (the address of d) + off, for a 16-byte multiple off that keeps the address below
+// 256 KB: the address field is the descriptor's low 14 bits, so off adds to its low word alone (one add).
+__device__ __forceinline__ uint64_t desc_add(uint64_t d, uint32_t off) {
+  return (d & ~0xFFFFFFFFull) | static_cast<uint32_t>(static_cast<uint32_t>(d) + (off >> 4));
+}
+
 // Kernel 4: what a consumer tells its dQ writer about the staged rows: rows [row0, row0 + rows) of query head h,
 // columns [col0, col0 + 64); rows = 0: nothing to reduce (the half outside the run), rows < 0: no more
 // steps.
@@ -316,11 +322,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int q0 = run.begin + t * kTileQ;
         const uint32_t q_st = sQ + s * L::kQ, do_st = sdO + s * L::kQ, ds_buf = sdS + s * L::kS;
         mbar_wait(full + 8 * s, (n >> 1) & 1);
-        // Kernel 5: the GEMMs' K and V addresses re-derived per step, so that the compiler builds their 16-24
-        // descriptors here instead of hoisting them out of the loop into registers (at D=128 that spilled
-        // 28 bytes in the consumers; kernel 4 keeps its code, which fits).
-        const uint32_t k_at = kKernel == 5 ? opaque_u32(k_wg) : k_wg, v_at = kKernel == 5 ? opaque_u32(v_wg) : v_wg;
-        const uint32_t kdq_at = kKernel == 5 ? opaque_u32(sK) : sK;
+        // GEMM operand descriptors. Kernel 4 builds each from its address (the K/V ones are loop-invariant:
+        // the compiler builds them before the loop and holds 16-24 of them in registers, which fits there).
+        // Kernel 5 re-derives the K/V addresses per step (opaque_u32; held, they spilled 28 bytes at D=128)
+        // and builds each descriptor from the step's base descriptor with one add.
+        const uint64_t k_d = smem_desc(kKernel == 5 ? opaque_u32(k_wg) : k_wg, 16, 1024);
+        const uint64_t v_d = smem_desc(kKernel == 5 ? opaque_u32(v_wg) : v_wg, 16, 1024);
+        const uint64_t kdq_d = smem_desc(kKernel == 5 ? opaque_u32(sK) : sK, kBN * 128, 1024);
+        const uint64_t q_d = smem_desc(q_st, 16, 1024), do_d = smem_desc(do_st, 16, 1024);
+        auto desc_at = [](uint64_t d, uint32_t addr, uint32_t off, uint32_t lbo) {
+          if constexpr (kKernel == 5)
+            return desc_add(d, off);
+          else
+            return smem_desc(addr + off, lbo, 1024);
+        };
 
         float sc[QS / 2], dp[QS / 2];
         if (pingpong) named_bar_sync(kBarSched + cw, 256);  // the other consumer has issued its pair
@@ -328,13 +343,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk >> 2) * (kBN * 128) + (kk & 3) * 32, kb = (kk >> 2) * (QS * 128) + (kk & 3) * 32;
-          wgmma_ss<T, QS>(sc, smem_desc(k_at + ka, 16, 1024), smem_desc(q_st + kb, 16, 1024), kk > 0 ? 1 : 0);
+          wgmma_ss<T, QS>(sc, desc_at(k_d, k_wg, ka, 16), desc_at(q_d, q_st, kb, 16), kk > 0 ? 1 : 0);
         }
         wg_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk >> 2) * (kBN * 128) + (kk & 3) * 32, kb = (kk >> 2) * (QS * 128) + (kk & 3) * 32;
-          wgmma_ss<T, QS>(dp, smem_desc(v_at + ka, 16, 1024), smem_desc(do_st + kb, 16, 1024), kk > 0 ? 1 : 0);
+          wgmma_ss<T, QS>(dp, desc_at(v_d, v_wg, ka, 16), desc_at(do_d, do_st, kb, 16), kk > 0 ? 1 : 0);
         }
         wg_commit();
         if (pingpong) named_bar_arrive(kBarSched + (1 - cw), 256);  // the other consumer may issue its pair now
@@ -452,7 +467,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk)
           wgmma_ss_tt<T, 64>(dq, smem_desc(ds_buf + mb * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024),
-                             smem_desc(kdq_at + job * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024), kk > 0 ? 1 : 0);
+                             desc_at(kdq_d, sK, job * (kBN * 128) + kk * 16 * 128, kBN * 128), kk > 0 ? 1 : 0);
         wg_commit();
         wg_wait<0>();
         reg_fence(dk);
