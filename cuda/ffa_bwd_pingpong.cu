@@ -3,9 +3,10 @@
 // steps at D=64, 64-query steps at D=128; same GEMMs) with the two consumer warpgroups no longer in
 // lockstep, so that one warpgroup's element-wise work runs while the other's GEMMs keep the tensor cores
 // busy:
-//   - ping-pong (kernel 4 only): a consumer issues its S^T/dP^T GEMMs only after the other has issued its own (named
-//     barriers kBarSched), so the two pairs run one after the other instead of interleaved: the first
-//     warpgroup's exponentials start while the second's GEMMs still run (the forward's scheme);
+//   - ping-pong (kernel 4 only): a consumer issues its S^T/dP^T GEMMs only after the other has issued
+//     its own (named barriers kBarSched), so the two pairs run one after the other instead of
+//     interleaved: the first warpgroup's exponentials start while the second's GEMMs still run (the
+//     forward's scheme);
 //   - the dS^T exchange is split into arrive (own half written) and sync (other half written), and each
 //     warpgroup issues its dV and dK GEMMs (which need only its own P^T, dS^T) before it waits: the
 //     earlier warpgroup's dV/dK GEMMs run during the later one's element-wise work. Only the dQ GEMM
@@ -118,9 +119,9 @@ __device__ __forceinline__ uint64_t desc_add(uint64_t d, uint32_t off) {
   return (d & ~0xFFFFFFFFull) | static_cast<uint32_t>(static_cast<uint32_t>(d) + (off >> 4));
 }
 
-// Kernel 4: what a consumer tells its dQ writer about the staged rows: rows [row0, row0 + rows) of query head h,
-// columns [col0, col0 + 64); rows = 0: nothing to reduce (the half outside the run), rows < 0: no more
-// steps.
+// Kernel 4: what a consumer tells its dQ writer about the staged rows: rows [row0, row0 + rows) of query
+// head h, columns [col0, col0 + 64); rows = 0: nothing to reduce (the half outside the run), rows < 0: no
+// more steps.
 struct alignas(16) DqJob {
   int row0, h, col0, rows;
 };
@@ -500,7 +501,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  // No more steps: release the writer, and consume consumer 1's last ping-pong arrive.
+  // No more steps (kernel 4): release the writer, and consume consumer 1's last ping-pong arrive.
   if constexpr (kJobSlot) {
     named_bar_sync(kBarDqEmpty + cw, 160);
     if (wq == 0 && lane == 0) st_shared_s32x4(sJobs + cw * sizeof(DqJob), 0, 0, 0, -1);
