@@ -83,7 +83,7 @@ struct BackwardArgs {
   // previous default, kept for comparison; the same as 0 at D=128), 4 = as 0 with the two consumer
   // warpgroups out of lockstep (ping-pong), dQ writer warps and per-head lse/delta (docs/kernel-log.md
   // v8-bwd; opt-in until measured; deterministic calls run 1), 5 = 4 without the ping-pong issue order
-  // (an experiment for the A/B; to be removed once measured).
+  // and without the dQ job slot (its dQ writers walk the steps; the candidate to replace 4 once timed).
   int kernel = 0;
 };
 

@@ -461,7 +461,7 @@ void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& para
   }
   constexpr int kSmemKV = 6 * 64 * D * 2 + 64 * 64 * 2 + 4 * 64 * 4;
   if (pingpong_kernel) {
-    launch_dkdv_pingpong(dtype, D, p, stream);
+    launch_dkdv_pingpong(dkdv, dtype, D, p, stream);
   } else if (tma && (dkdv == 0 || dkdv == 3)) {
     launch_dkdv_tma(dtype, D, dkdv == 3, p, stream);
   } else if (grid_kv > 0 && dkdv != 2) {

@@ -1,20 +1,22 @@
-// dK/dV (and dQ) pass of the backward, kernel 4 of the API (docs/kernel-log.md "v8-bwd"): the TMA
+// dK/dV (and dQ) pass of the backward, kernels 4 and 5 of the API (docs/kernel-log.md "v8-bwd"): the TMA
 // backward of ffa_bwd_tma.cu (same CTA: one 128-key k-side plan item of one kv head; same tiles: 128-query
 // steps at D=64, 64-query steps at D=128; same GEMMs) with the two consumer warpgroups no longer in
 // lockstep, so that one warpgroup's element-wise work runs while the other's GEMMs keep the tensor cores
 // busy:
-//   - ping-pong: a consumer issues its S^T/dP^T GEMMs only after the other has issued its own (named
-//     barriers kBarSched), so the two pairs run one after the other instead of interleaved: the first
-//     warpgroup's exponentials start while the second's GEMMs still run (the forward's scheme);
+//   - ping-pong (kernel 4 only): a consumer issues its S^T/dP^T GEMMs only after the other has issued
+//     its own (named barriers kBarSched), so the two pairs run one after the other instead of
+//     interleaved: the first warpgroup's exponentials start while the second's GEMMs still run (the
+//     forward's scheme);
 //   - the dS^T exchange is split into arrive (own half written) and sync (other half written), and each
 //     warpgroup issues its dV and dK GEMMs (which need only its own P^T, dS^T) before it waits: the
 //     earlier warpgroup's dV/dK GEMMs run during the later one's element-wise work. Only the dQ GEMM
 //     (dS over all 128 keys) waits for the other half. Barrier ids alternate with the step parity, so
 //     an arrive can never be counted for the wrong step;
 //   - dQ writer warps: warps 1 and 2 of the producer warpgroup issue the bulk reductions of consumer
-//     0's and 1's staged dQ rows (and wait for them to be read); a consumer only stores its dQ job into
-//     shared memory and arrives (FlashAttention-3's dQ writer). No bulk async-group work on the
-//     consumers' critical path;
+//     0's and 1's staged dQ rows (and wait for them to be read); a consumer only stages its dQ rows in
+//     shared memory and syncs (FlashAttention-3's dQ writer). No bulk async-group work on the
+//     consumers' critical path. Kernel 4 tells the writer which rows through a 16-byte job slot (and
+//     ends it with a marker); kernel 5's writer walks the same steps as its consumer and derives them;
 //   - lse and delta come from the preprocessing kernel in a per-head layout (BwdParams::stats: per
 //     head, lse * log2(e) (+inf for rows with no key and past the end) then delta, padded rows), so
 //     the loader fetches them with one TMA box per 64-query plan tile (the v7 lanes' strided loads
@@ -24,14 +26,17 @@
 // Roles:
 //   warpgroup 0: warp 0 (lane 0 issues) loads K and V once, then per step Q, dO and the stats into a
 //                2-stage ring (full/empty mbarriers); warps 1, 2: dQ writers; warp 3 idles. setmaxnreg.dec.
+//                (The loader and kernel 5's writers each walk the (head, run, step) loops themselves.)
 //   warpgroups 1, 2: consumers, 64 keys each, sharing every Q/dO tile, per step:
 //     S^T = K Q^T, dP^T = V dO^T  (SS-wgmma m64nQS)     -> P^T, dS^T = P^T * (dP^T - delta)
 //     dS^T -> shared memory (double buffer), arrive
 //     dV += P^T dO, dK += dS^T Q  (RS-wgmma)            sync on the other half of dS^T
 //     dQ  = dS K over all 128 keys (SS-wgmma, 64 queries x 64 columns: QS = 128 query half w, D = 128
 //           column block w) -> padded fp32 rows in shared memory -> writer warp w -> fp32 accumulator.
-// Kernel 5 of the API runs the same code without the ping-pong issue order (BwdParams::pingpong false),
-// to measure what the order itself gives.
+// Kernel 5 (template argument kKernel = 5) is the simpler form: no ping-pong issue order (measured on H100:
+// it gave kernel 4 nothing) and no job slot (compute-sanitizer racecheck reports kernel 4's slot store and
+// load, ordered only by 160-thread named barriers, as a race). Kernel 4's SASS is unchanged by the
+// template argument.
 // A step whose second query half lies outside the run (last step of an odd run at D=64) gets that
 // half's stats from the padding rows past num_q (lse = +inf, so P = dS = 0 there); its writer skips the
 // half's reduction.
@@ -76,8 +81,8 @@ constexpr int kBarSched = 2;     // + w: consumer w may issue its S^T/dP^T GEMMs
 constexpr int kBarDs = 4;        // + 2 w + (step & 1): consumer w's half of the step's dS^T is written
 // The dQ hand-off barriers are synced by both sides, not arrived at by one: the waiting side is already
 // there (the writer has nothing else to do; the consumer reaches kBarDqFull only after both passed
-// kBarDqEmpty), so it costs nothing, and compute-sanitizer racecheck sees the job slot's hand-off
-// ordered (with arrive -> sync it reported the slot's store and load as racing).
+// kBarDqEmpty), so it costs nothing. (compute-sanitizer racecheck reported kernel 4's job slot store and
+// load as racing with arrive -> sync, and its per-step store still with sync -> sync; kernel 5 has no slot.)
 constexpr int kBarDqFull = 8;    // + w: consumer w's dQ job is staged
 constexpr int kBarDqEmpty = 10;  // + w: writer w's reductions have read the staging buffer
 
@@ -101,9 +106,22 @@ __device__ __forceinline__ void st_shared_s32x4(uint32_t addr, int x, int y, int
   asm volatile("st.shared.v4.s32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(x), "r"(y), "r"(z), "r"(w) : "memory");
 }
 
-// What a consumer tells its dQ writer about the staged rows: rows [row0, row0 + rows) of query head h,
-// columns [col0, col0 + 64); rows = 0: nothing to reduce (the half outside the run), rows < 0: no more
-// steps.
+// v, hidden from the compiler's loop-invariant code motion: descriptors derived from it inside a loop are
+// computed there, instead of being hoisted out and held in registers across the whole loop.
+__device__ __forceinline__ uint32_t opaque_u32(uint32_t v) {
+  asm volatile("mov.b32 %0, %0;\n" : "+r"(v));
+  return v;
+}
+
+// The descriptor of (the address of d) + off, for a 16-byte multiple off that keeps the address below
+// 256 KB: the address field is the descriptor's low 14 bits, so off adds to its low word alone (one add).
+__device__ __forceinline__ uint64_t desc_add(uint64_t d, uint32_t off) {
+  return (d & ~0xFFFFFFFFull) | static_cast<uint32_t>(static_cast<uint32_t>(d) + (off >> 4));
+}
+
+// Kernel 4: what a consumer tells its dQ writer about the staged rows: rows [row0, row0 + rows) of query
+// head h, columns [col0, col0 + 64); rows = 0: nothing to reduce (the half outside the run), rows < 0: no
+// more steps.
 struct alignas(16) DqJob {
   int row0, h, col0, rows;
 };
@@ -119,12 +137,15 @@ struct Smem {
   static_assert(sStats % 128 == 0, "TMA destination alignment");
 };
 
-template <typename T, int D>
+template <typename T, int D, int kKernel>
 __global__ void __launch_bounds__(kThreads, 1)
     bwd_pingpong_kernel(const BwdParams p, const __grid_constant__ CUtensorMap tm_q,
                         const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
                         const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_stats) {
   using L = Smem<D>;
+  // Kernel 4: ping-pong issue order, dQ jobs through the job slot. Kernel 5: neither (the writers walk
+  // the steps themselves).
+  constexpr bool kPingpong = kKernel == 4, kJobSlot = kKernel == 4;
   constexpr int QS = L::QS;
   constexpr int kCB = D / 64;          // 64-column (128-byte) blocks
   constexpr int kTiles = QS / kTileQ;  // plan tiles per step
@@ -151,7 +172,46 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {
     setmaxnreg_dec<24>();
     const int lane = tid & 31;
-    if (warp == 1 || warp == 2) {  // dQ writer of consumer w: reduces whatever its consumer staged
+    if (!kJobSlot && (warp == 1 || warp == 2)) {
+      // dQ writer of consumer w, kernel 5: walks the consumer's steps (the loops below) and derives each
+      // step's rows itself; the same barriers per step as kernel 4, no end marker. One copy per warp
+      // (w a compile-time constant: fewer live registers in the producer's 24).
+      auto writer = [&](auto w_tag) {
+        constexpr int w = decltype(w_tag)::value;
+        const uint32_t stage = base + L::sdQ + w * kDqBytes;
+        // Minimal live state (h, ri, t): the run and item fields are re-read after each barrier (L1 hits).
+        const Item* item = p.k_side.items + blockIdx.x / p.heads_kv;
+        const int h_end = (blockIdx.x % p.heads_kv + 1) * p.group;
+        for (int h = h_end - p.group; h < h_end; ++h) {
+          for (int ri = item->run_begin; ri < item->run_end; ++ri) {
+            for (int t = 0; t < p.k_side.runs[ri].tiles; t += kTiles) {
+              named_bar_sync(kBarDqEmpty + w, 160);  // the previous rows have been read
+              named_bar_sync(kBarDqFull + w, 160);
+              const Run run = p.k_side.runs[ri];
+              // QS = 128: the second query half lies outside the run on an odd run's last step (dS = 0).
+              const int row0 = run.begin + t * kTileQ + (QS == 128 ? w * 64 : 0);
+              const bool in_run = QS == 64 || w == 0 || t + 1 < run.tiles;
+              const int rows = in_run ? min(64, p.num_q - row0) : 0;
+#pragma unroll 1
+              for (int r = lane; r < rows; r += 32)
+                bulk_reduce_add_f32(
+                    p.dq_accum + (static_cast<int64_t>(row0 + r) * p.heads_q + h) * D + (D == 128 ? w * 64 : 0),
+                    stage + r * kDqRowFloats * 4, 64 * 4);
+              bulk_commit();
+              bulk_wait_read<0>();
+              __syncwarp();
+            }
+          }
+        }
+        bulk_wait<0>();  // the shared source must outlive the reductions
+      };
+      if (warp == 1)
+        writer(std::integral_constant<int, 0>{});
+      else
+        writer(std::integral_constant<int, 1>{});
+      return;
+    }
+    if (kJobSlot && (warp == 1 || warp == 2)) {  // dQ writer of consumer w: reduces whatever its consumer staged
       const int w = warp - 1;
       const uint32_t stage = base + L::sdQ + w * kDqBytes, job_slot = base + L::sJobs + w * sizeof(DqJob);
       for (;;) {
@@ -245,7 +305,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int n = 0; n < D / 2; ++n) dk[n] = dv[n] = 0.f;
 
-  const bool pingpong = p.pingpong;  // kernel 5 (an experiment): the consumers issue S^T/dP^T freely
+  // Kernel 4 reads its (always true) flag at run time: as a compile-time constant ptxas spills 36 bytes
+  // at D=128.
+  const bool pingpong = kPingpong && p.pingpong;
   if (pingpong && cw == 1) named_bar_arrive(kBarSched + 0, 256);  // consumer 0 issues first
   mbar_wait(full_kv, 0);
   int n = 0;
@@ -261,6 +323,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int q0 = run.begin + t * kTileQ;
         const uint32_t q_st = sQ + s * L::kQ, do_st = sdO + s * L::kQ, ds_buf = sdS + s * L::kS;
         mbar_wait(full + 8 * s, (n >> 1) & 1);
+        // GEMM operand descriptors. Kernel 4 builds each from its address (the K/V ones are loop-invariant:
+        // the compiler builds them before the loop and holds 16-24 of them in registers, which fits there).
+        // Kernel 5 re-derives the K/V addresses per step (opaque_u32; held, they spilled 28 bytes at D=128)
+        // and builds each descriptor from the step's base descriptor with one add.
+        const uint64_t k_d = smem_desc(kKernel == 5 ? opaque_u32(k_wg) : k_wg, 16, 1024);
+        const uint64_t v_d = smem_desc(kKernel == 5 ? opaque_u32(v_wg) : v_wg, 16, 1024);
+        const uint64_t kdq_d = smem_desc(kKernel == 5 ? opaque_u32(sK) : sK, kBN * 128, 1024);
+        const uint64_t q_d = smem_desc(q_st, 16, 1024), do_d = smem_desc(do_st, 16, 1024);
+        auto desc_at = [](uint64_t d, uint32_t addr, uint32_t off, uint32_t lbo) {
+          if constexpr (kKernel == 5)
+            return desc_add(d, off);
+          else
+            return smem_desc(addr + off, lbo, 1024);
+        };
 
         float sc[QS / 2], dp[QS / 2];
         if (pingpong) named_bar_sync(kBarSched + cw, 256);  // the other consumer has issued its pair
@@ -268,13 +344,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk >> 2) * (kBN * 128) + (kk & 3) * 32, kb = (kk >> 2) * (QS * 128) + (kk & 3) * 32;
-          wgmma_ss<T, QS>(sc, smem_desc(k_wg + ka, 16, 1024), smem_desc(q_st + kb, 16, 1024), kk > 0 ? 1 : 0);
+          wgmma_ss<T, QS>(sc, desc_at(k_d, k_wg, ka, 16), desc_at(q_d, q_st, kb, 16), kk > 0 ? 1 : 0);
         }
         wg_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk >> 2) * (kBN * 128) + (kk & 3) * 32, kb = (kk >> 2) * (QS * 128) + (kk & 3) * 32;
-          wgmma_ss<T, QS>(dp, smem_desc(v_wg + ka, 16, 1024), smem_desc(do_st + kb, 16, 1024), kk > 0 ? 1 : 0);
+          wgmma_ss<T, QS>(dp, desc_at(v_d, v_wg, ka, 16), desc_at(do_d, do_st, kb, 16), kk > 0 ? 1 : 0);
         }
         wg_commit();
         if (pingpong) named_bar_arrive(kBarSched + (1 - cw), 256);  // the other consumer may issue its pair now
@@ -392,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk)
           wgmma_ss_tt<T, 64>(dq, smem_desc(ds_buf + mb * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024),
-                             smem_desc(sK + job * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024), kk > 0 ? 1 : 0);
+                             desc_at(kdq_d, sK, job * (kBN * 128) + kk * 16 * 128, kBN * 128), kk > 0 ? 1 : 0);
         wg_commit();
         wg_wait<0>();
         reg_fence(dk);
@@ -413,7 +489,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<float2*>(st + ((r0 + 8) * kDqRowFloats + col) * 4) =
               make_float2(dq[4 * j + 2], dq[4 * j + 3]);
         }
-        if (wq == 0 && lane == 0) {
+        if (kJobSlot && wq == 0 && lane == 0) {
           // QS = 128: the second query half lies outside the run on an odd run's last step (dS = 0 there).
           const int row0 = q0 + mb * 64;
           const bool in_run = QS == 64 || cw == 0 || t + 1 < run.tiles;
@@ -425,11 +501,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  // No more steps: release the writer, and consume consumer 1's last ping-pong arrive.
-  named_bar_sync(kBarDqEmpty + cw, 160);
-  if (wq == 0 && lane == 0) st_shared_s32x4(sJobs + cw * sizeof(DqJob), 0, 0, 0, -1);
-  __syncwarp();
-  named_bar_sync(kBarDqFull + cw, 160);
+  // No more steps (kernel 4): release the writer, and consume consumer 1's last ping-pong arrive.
+  if constexpr (kJobSlot) {
+    named_bar_sync(kBarDqEmpty + cw, 160);
+    if (wq == 0 && lane == 0) st_shared_s32x4(sJobs + cw * sizeof(DqJob), 0, 0, 0, -1);
+    __syncwarp();
+    named_bar_sync(kBarDqFull + cw, 160);
+  }
   if (pingpong && cw == 0) named_bar_sync(kBarSched + 0, 256);
 
   // Epilogue: both warpgroups' last dQ GEMMs (which read all of K) are done before K/V are reused as
@@ -481,7 +559,7 @@ CUtensorMap make_stats_map(const float* stats, int heads, int rows) {
   return map;
 }
 
-template <typename T, int D>
+template <typename T, int D, int kKernel>
 void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   constexpr int QS = queries_per_step<D>();
   const int64_t grid = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
@@ -492,7 +570,7 @@ void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   const CUtensorMap tv = make_tensor_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
   const CUtensorMap ts = make_stats_map(p.stats, p.heads_q, p.stats_rows);
   constexpr int kSmem = Smem<D>::total;
-  auto kernel = bwd_pingpong_kernel<T, D>;
+  auto kernel = bwd_pingpong_kernel<T, D, kKernel>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward (ping-pong): ") + cudaGetErrorString(err));
   kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tdo, tk, tv, ts);
@@ -501,14 +579,21 @@ void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
     throw std::runtime_error(std::string("ffa backward (ping-pong) launch: ") + cudaGetErrorString(err));
 }
 
+template <int kKernel>
+void launch_kernel(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
+  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64, kKernel>(dtype, p, stream);
+  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128, kKernel>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64, kKernel>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128, kKernel>(dtype, p, stream);
+  throw std::runtime_error("ffa backward (ping-pong): unsupported dtype/head_dim");
+}
+
 }  // namespace
 
-void launch_dkdv_pingpong(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(dtype, p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(dtype, p, stream);
-  throw std::runtime_error("ffa backward (ping-pong): unsupported dtype/head_dim");
+void launch_dkdv_pingpong(int kernel, int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
+  if (kernel == 4) return launch_kernel<4>(dtype, head_dim, p, stream);
+  if (kernel == 5) return launch_kernel<5>(dtype, head_dim, p, stream);
+  throw std::runtime_error("ffa backward (ping-pong): kernel must be 4 or 5");
 }
 
 }  // namespace detail

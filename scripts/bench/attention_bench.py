@@ -258,7 +258,7 @@ def main():
         if "ours_pp_fwdbwd_tflops" in r:
             print(f"{r['shape']:<40} backward kernel 4 (ping-pong, v8): f+b {r['ours_pp_fwdbwd_tflops']:.1f} "
                   f"(default {r['ours_fwdbwd_tflops']:.1f}), backward alone {r['ours_pp_bwd_tflops']:.1f} "
-                  f"(default {r['ours_bwd_tflops']:.1f}; kernel 5, no ping-pong order: "
+                  f"(default {r['ours_bwd_tflops']:.1f}; kernel 5, no ping-pong order, no job slot: "
                   f"{r['ours_ppfree_bwd_tflops']:.1f}) TFLOP/s")
         if "ours_default_fwdbwd_tflops" in r:
             sd = r.get("sdpa_fwdbwd_tflops", float("nan"))

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Randomized model of the synchronization protocol of backward kernels 4/5 (cuda/ffa_bwd_pingpong.cu),
-written without a GPU to check the design before its first run. Each role (loader, two consumer
-warpgroups, two dQ writer warps) is the kernel's sequence of barrier operations and buffer accesses;
+written without a GPU to check the design before its first run. Kernel 4: ping-pong issue order, dQ jobs
+through a job slot ended by a marker; kernel 5: neither (its writers walk the consumers' steps and count
+them). Each role (loader, two consumer warpgroups, two dQ writer warps) is the kernel's sequence of
+barrier operations and buffer accesses;
 roles advance one operation at a time in random order. Named barriers follow the hardware rule (bar.sync
 and bar.arrive both count threads; the barrier completes at its count and releases the syncing threads),
 mbarriers complete a phase at their arrival count. Checks: no deadlock, no barrier over-arrival, none
 left with arrivals at exit, and no buffer (Q/dO stage, dS^T halves, dQ staging, job slot) overwritten
 while a reader may still read it. It mirrors the kernel by hand: change both together.
     python3 scripts/dev/bwd_pingpong_protocol.py [seed] [mutation ...]
-Mutations (each must fail): noparity (one dS barrier per warpgroup), nofinalsched, earlyempty (release
-the stage before the GEMMs that read it are waited for), writerorder (writer syncs before it frees)."""
+Mutations (each must fail): noparity (one dS barrier per warpgroup), nofinalsched (kernel 4), earlyempty
+(release the stage before the GEMMs that read it are waited for), writerorder (writer syncs before it
+frees), writersteps (kernel 5: the writer walks one step fewer than its consumer)."""
 import random
 import sys
 
@@ -45,7 +48,8 @@ def steps_of(nsteps):
 MUT = set(sys.argv[2:])
 
 
-def simulate(nsteps, pingpong, rng):
+def simulate(nsteps, kernel, rng):
+    pingpong = job_slot = kernel == 4
     B = {}
     B['epi'] = NamedBarrier(256)
     for w in range(2):
@@ -102,21 +106,37 @@ def simulate(nsteps, pingpong, rng):
                 yield ('arrive_empty', s)
             yield ('sync', ('dqe', w), 128)
             assert not staging_busy[w], f"consumer {w} step {n}: staging still read by the writer"
-            assert slot_read[w], f"consumer {w} step {n}: slot not yet read"
             staging_step[w] = n
-            slot[w] = ('job', n)
+            if job_slot:
+                assert slot_read[w], f"consumer {w} step {n}: slot not yet read"
+                slot[w] = ('job', n)
+                slot_read[w] = False
+            yield ('sync', ('dqf', w), 128)
+        if job_slot:  # the end marker
+            yield ('sync', ('dqe', w), 128)
+            assert slot_read[w]
+            slot[w] = ('end',)
             slot_read[w] = False
             yield ('sync', ('dqf', w), 128)
-        yield ('sync', ('dqe', w), 128)
-        assert slot_read[w]
-        slot[w] = ('end',)
-        slot_read[w] = False
-        yield ('sync', ('dqf', w), 128)
         if pingpong and w == 0 and 'nofinalsched' not in MUT:
             yield ('sync', ('sched', 0), 128)
         yield ('sync', 'epi', 128)
 
     def writer(w):
+        if not job_slot:  # kernel 5: the writer walks its consumer's steps and knows their count
+            for n in range(nsteps - 1 if 'writersteps' in MUT else nsteps):
+                staging_busy[w] = False
+                if 'writerorder' in MUT:
+                    yield ('sync', ('dqf', w), 32)
+                    yield ('sync', ('dqe', w), 32)
+                else:
+                    yield ('sync', ('dqe', w), 32)
+                    yield ('sync', ('dqf', w), 32)
+                assert staging_step[w] == n, f"writer {w} step {n}: staging holds step {staging_step[w]}"
+                staging_busy[w] = True
+                yield ('work',)
+            staging_busy[w] = False  # bulk_wait before the writer exits
+            return
         while True:
             staging_busy[w] = False
             if 'writerorder' in MUT:
@@ -206,9 +226,9 @@ def main():
     rng = random.Random(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     trials = 0
     for nsteps in [0, 1, 2, 3, 4, 5, 8, 13]:
-        for pingpong in (True, False):
+        for kernel in (4, 5):
             for _ in range(400):
-                simulate(nsteps, pingpong, rng)
+                simulate(nsteps, kernel, rng)
                 trials += 1
     print(f"{trials} random schedules: no deadlock, no hazard" + (f" (mutations {sorted(MUT)})" if MUT else ""))
 

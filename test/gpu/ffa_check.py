@@ -175,7 +175,7 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
     g_mma = ffa_lib.backward(plan, dout, q, k, v, out, lse, scale, False, kernel=2)  # mma.sync fallback
     g_q64 = ffa_lib.backward(plan, dout, q, k, v, out, lse, scale, False, kernel=3)  # TMA, 64-query steps
     g_pp = ffa_lib.backward(plan, dout, q, k, v, out, lse, scale, False, kernel=4)  # TMA, ping-pong (v8)
-    g_pp5 = ffa_lib.backward(plan, dout, q, k, v, out, lse, scale, False, kernel=5)  # v8 without the order
+    g_pp5 = ffa_lib.backward(plan, dout, q, k, v, out, lse, scale, False, kernel=5)  # v8, no order, no job slot
     det1 = ffa_lib.backward(plan, dout, q, k, v, out, lse, scale, True)
     det2 = ffa_lib.backward(plan, dout, q, k, v, out, lse, scale, True)
     torch.cuda.synchronize()
