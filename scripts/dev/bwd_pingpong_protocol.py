@@ -122,16 +122,19 @@ def simulate(nsteps, kernel, rng):
             yield ('sync', ('sched', 0), 128)
         yield ('sync', 'epi', 128)
 
+    def writer_handoff(w):  # staging free (the previous rows were read), then the next rows staged
+        if 'writerorder' in MUT:
+            yield ('sync', ('dqf', w), 32)
+            yield ('sync', ('dqe', w), 32)
+        else:
+            yield ('sync', ('dqe', w), 32)
+            yield ('sync', ('dqf', w), 32)
+
     def writer(w):
         if not job_slot:  # kernel 5: the writer walks its consumer's steps and knows their count
             for n in range(nsteps - 1 if 'writersteps' in MUT else nsteps):
                 staging_busy[w] = False
-                if 'writerorder' in MUT:
-                    yield ('sync', ('dqf', w), 32)
-                    yield ('sync', ('dqe', w), 32)
-                else:
-                    yield ('sync', ('dqe', w), 32)
-                    yield ('sync', ('dqf', w), 32)
+                yield from writer_handoff(w)
                 assert staging_step[w] == n, f"writer {w} step {n}: staging holds step {staging_step[w]}"
                 staging_busy[w] = True
                 yield ('work',)
@@ -139,12 +142,7 @@ def simulate(nsteps, kernel, rng):
             return
         while True:
             staging_busy[w] = False
-            if 'writerorder' in MUT:
-                yield ('sync', ('dqf', w), 32)
-                yield ('sync', ('dqe', w), 32)
-            else:
-                yield ('sync', ('dqe', w), 32)
-                yield ('sync', ('dqf', w), 32)
+            yield from writer_handoff(w)
             job = slot[w]
             slot_read[w] = True
             if job[0] == 'end':
