@@ -56,7 +56,7 @@ for s in "${steps[@]}"; do
       for v in "${variants[@]}"; do
         name=train-$(echo "$v" | tr ' =' '_-')
         step "$name" 200 env $v bash scripts/bench/train-vs-hf.sh --hf-modes "" ${TRAIN_ARGS:-}
-        grep -h '"runner": "flexcp"' "$out/$name.log" | head -c 400; echo
+        grep -hE '^flexcp |step by phase' "$out/$name.log"  # train-vs-hf.sh's table row and phases
       done ;;
     *) echo "gpu-session.sh: unknown step '$s' (see the header)"; failed=$((failed + 1)) ;;
   esac
