@@ -209,12 +209,8 @@ int run(int D, const Case& c) {
   CK(cudaMemcpy(dv_.p, to_bf(v).data(), v.size() * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(ddo.p, to_bf(dout).data(), q.size() * 2, cudaMemcpyHostToDevice));
 
-  ffa::Plan plan = ffa::plan_build(slices, tq, tk);
-  ffa::DevicePlan dp;
-  const auto blob = ffa::plan_serialize(plan, &dp.layout);
-  Dev dblob(blob.size() * 4);
-  CK(cudaMemcpy(dblob.p, blob.data(), blob.size() * 4, cudaMemcpyHostToDevice));
-  dp.data = static_cast<const int32_t*>(dblob.p);
+  const PlanOnDevice plan(slices, tq, tk, ffa::PlanConfig{}.fwd_tile_q);  // kernels 0-2 and every backward
+  const ffa::DevicePlan& dp = plan.dev;
 
   ffa::ForwardArgs fa;
   fa.dims = {tq, tk, hq, hkv, D};
@@ -285,19 +281,13 @@ int run(int D, const Case& c) {
   if (c.merge_split) {
     // Two halves of the slices, merged in place into the first: must equal the whole.
     const std::vector<ffa::Slice> s1 = {slices[0], slices[2]}, s2 = {slices[1], slices[3]};
-    ffa::DevicePlan p1, p2;
-    const auto b1 = ffa::plan_serialize(ffa::plan_build(s1, tq, tk), &p1.layout);
-    const auto b2 = ffa::plan_serialize(ffa::plan_build(s2, tq, tk), &p2.layout);
-    Dev db1(b1.size() * 4), db2(b2.size() * 4), o2(q.size() * 2), l2(rl.size() * 4);
-    CK(cudaMemcpy(db1.p, b1.data(), b1.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(db2.p, b2.data(), b2.size() * 4, cudaMemcpyHostToDevice));
-    p1.data = static_cast<const int32_t*>(db1.p);
-    p2.data = static_cast<const int32_t*>(db2.p);
-    ffa::forward(fa, p1, 0);
+    const PlanOnDevice p1(s1, tq, tk, ffa::PlanConfig{}.fwd_tile_q), p2(s2, tq, tk, ffa::PlanConfig{}.fwd_tile_q);
+    Dev o2(q.size() * 2), l2(rl.size() * 4);
+    ffa::forward(fa, p1.dev, 0);
     ffa::ForwardArgs fb = fa;
     fb.out = {o2.p, hq * D, D};
     fb.lse = {static_cast<float*>(l2.p), hq, 1};
-    ffa::forward(fb, p2, 0);
+    ffa::forward(fb, p2.dev, 0);
     ffa::MergeArgs ma;
     ma.num_tokens = tq, ma.heads = hq, ma.head_dim = D, ma.dtype = ffa::DType::BF16;
     ma.o1 = fa.out, ma.o2 = fb.out, ma.out = fa.out, ma.lse1 = fa.lse, ma.lse2 = fb.lse, ma.lse = fa.lse;
