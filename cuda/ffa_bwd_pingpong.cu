@@ -49,6 +49,7 @@
 #include <type_traits>
 
 #include "cuda/ffa_device.cuh"
+#include "cuda/ffa_bwd_epilogue.cuh"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
 #include "cuda/ffa_tma.h"
@@ -513,33 +514,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Epilogue: both warpgroups' last dQ GEMMs (which read all of K) are done before K/V are reused as
   // staging for dK (times the softmax scale) and dV.
   named_bar_sync(kBarEpilogue, 256);
-  const int row = cw * 64 + wq * 16 + (lane >> 2);
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    const int col = j * 8 + (lane & 3) * 2;
-    *reinterpret_cast<uint32_t*>(smem + L::sK + sw_off<kBN>(row, col)) =
-        pack2<T>(dk[4 * j] * p.scale, dk[4 * j + 1] * p.scale);
-    *reinterpret_cast<uint32_t*>(smem + L::sK + sw_off<kBN>(row + 8, col)) =
-        pack2<T>(dk[4 * j + 2] * p.scale, dk[4 * j + 3] * p.scale);
-    *reinterpret_cast<uint32_t*>(smem + L::sV + sw_off<kBN>(row, col)) = pack2<T>(dv[4 * j], dv[4 * j + 1]);
-    *reinterpret_cast<uint32_t*>(smem + L::sV + sw_off<kBN>(row + 8, col)) = pack2<T>(dv[4 * j + 2], dv[4 * j + 3]);
-  }
-  __syncwarp();
-  constexpr int kChunksPerRow = D / 8;
-  T* dkg = static_cast<T*>(p.dk) + hk * p.dk_sh;
-  T* dvg = static_cast<T*>(p.dv) + hk * p.dv_sh;
-#pragma unroll
-  for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
-    const int idx = lane + k * 32;
-    const int r = cw * 64 + wq * 16 + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
-    const int grow = c0 + r;
-    if (grow < it.row_end) {
-      *reinterpret_cast<uint4*>(dkg + static_cast<int64_t>(grow) * p.dk_st + c) =
-          *reinterpret_cast<const uint4*>(smem + L::sK + sw_off<kBN>(r, c));
-      *reinterpret_cast<uint4*>(dvg + static_cast<int64_t>(grow) * p.dv_st + c) =
-          *reinterpret_cast<const uint4*>(smem + L::sV + sw_off<kBN>(r, c));
-    }
-  }
+  store_dkdv_warp_rows<T, D, kBN>(smem + L::sK, smem + L::sV, cw * 64 + wq * 16, dk, dv, p.scale,
+                                  static_cast<T*>(p.dk) + hk * p.dk_sh, p.dk_st, static_cast<T*>(p.dv) + hk * p.dv_sh,
+                                  p.dv_st, c0, it.row_end);
 }
 
 // The preprocessing kernel's per-head stats (BwdParams::stats) as a 3-D fp32 tensor (row, lse2 or delta,

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "cuda/ffa_device.cuh"
+#include "cuda/ffa_bwd_epilogue.cuh"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
 #include "cuda/ffa_wgmma.cuh"
@@ -211,31 +212,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_wgmma_kernel(const BwdParams
   // Epilogue: dK (times the softmax scale) and dV through this warp's rows of the K / V tiles.
   cp_async_wait<0>();
   __syncthreads();
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    const int row = warp * 16 + (lane >> 2), col = j * 8 + (lane & 3) * 2;
-    *reinterpret_cast<uint32_t*>(smem + sw_off<64>(row, col)) = pack2<T>(dk[4 * j] * p.scale, dk[4 * j + 1] * p.scale);
-    *reinterpret_cast<uint32_t*>(smem + sw_off<64>(row + 8, col)) =
-        pack2<T>(dk[4 * j + 2] * p.scale, dk[4 * j + 3] * p.scale);
-    *reinterpret_cast<uint32_t*>(smem + kTile + sw_off<64>(row, col)) = pack2<T>(dv[4 * j], dv[4 * j + 1]);
-    *reinterpret_cast<uint32_t*>(smem + kTile + sw_off<64>(row + 8, col)) = pack2<T>(dv[4 * j + 2], dv[4 * j + 3]);
-  }
-  __syncwarp();
-  constexpr int kChunksPerRow = D / 8;
-  T* dkg = static_cast<T*>(p.dk) + hk * p.dk_sh;
-  T* dvg = static_cast<T*>(p.dv) + hk * p.dv_sh;
-#pragma unroll
-  for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
-    const int idx = lane + k * 32;
-    const int r = warp * 16 + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
-    const int grow = c0 + r;
-    if (grow < row_end) {
-      *reinterpret_cast<uint4*>(dkg + static_cast<int64_t>(grow) * p.dk_st + c) =
-          *reinterpret_cast<const uint4*>(smem + sw_off<64>(r, c));
-      *reinterpret_cast<uint4*>(dvg + static_cast<int64_t>(grow) * p.dv_st + c) =
-          *reinterpret_cast<const uint4*>(smem + kTile + sw_off<64>(r, c));
-    }
-  }
+  store_dkdv_warp_rows<T, D, 64>(smem, smem + kTile, warp * 16, dk, dv, p.scale, static_cast<T*>(p.dk) + hk * p.dk_sh,
+                                 p.dk_st, static_cast<T*>(p.dv) + hk * p.dv_sh, p.dv_st, c0, row_end);
 }
 
 template <typename T, int D>
