@@ -49,7 +49,7 @@
 #include <type_traits>
 
 #include "cuda/ffa_device.cuh"
-#include "cuda/ffa_bwd_epilogue.cuh"
+#include "cuda/ffa_epilogue.cuh"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
 #include "cuda/ffa_tma.h"

@@ -15,7 +15,7 @@
 #include <string>
 
 #include "cuda/ffa_device.cuh"
-#include "cuda/ffa_bwd_epilogue.cuh"
+#include "cuda/ffa_epilogue.cuh"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
 #include "cuda/ffa_wgmma.cuh"

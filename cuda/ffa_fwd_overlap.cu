@@ -31,6 +31,7 @@
 #include <string>
 
 #include "cuda/ffa_device.cuh"
+#include "cuda/ffa_epilogue.cuh"
 #include "cuda/ffa_exp2_poly.h"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
@@ -361,36 +362,8 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
 
   // ---------------------------------------------------------------------------------------------
   // Epilogue through this warp's own 16 rows of the Q tile (this consumer's S GEMMs are complete).
-  const int wrow = (warp - 4) * 16;  // the warp's first row in the q tile
-  T* og = static_cast<T*>(p.out) + h * p.o_sh;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = l[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const int row = wrow + (lane >> 2) + r * 8;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const int col = j * 8 + (lane & 3) * 2;
-      *reinterpret_cast<uint32_t*>(smem + sw_off<kBM>(row, col)) =
-          pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-    }
-    const int grow = it.row_begin + row;
-    if ((lane & 3) == 0 && grow < it.row_end)
-      p.lse[grow * p.lse_st + h * p.lse_sh] = sum > 0.f ? (m[r] + __log2f(sum)) * kLn2 : -INFINITY;
-  }
-  __syncwarp();
-  constexpr int kChunksPerRow = D / 8;
-#pragma unroll
-  for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
-    const int idx = lane + k * 32;
-    const int r = wrow + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
-    const int grow = it.row_begin + r;
-    if (grow < it.row_end)
-      *reinterpret_cast<uint4*>(og + static_cast<int64_t>(grow) * p.o_st + c) =
-          *reinterpret_cast<const uint4*>(smem + sw_off<kBM>(r, c));
-  }
+  store_out_lse_warp_rows<T, D, kBM>(smem, (warp - 4) * 16, o, l, m, static_cast<T*>(p.out) + h * p.o_sh, p.o_st,
+                                     p.lse + h * p.lse_sh, p.lse_st, it.row_begin, it.row_end);
 }
 
 template <typename T, int D, bool kPoly>

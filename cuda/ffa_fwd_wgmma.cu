@@ -12,6 +12,7 @@
 #include <string>
 
 #include "cuda/ffa_device.cuh"
+#include "cuda/ffa_epilogue.cuh"
 #include "cuda/ffa_kernels.h"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_wgmma.cuh"
@@ -192,35 +193,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const FwdParams 
   __syncthreads();
 
   // Epilogue: normalize, stage this warp's 16 rows in its part of the Q tile, 16-byte stores.
-  T* og = static_cast<T*>(p.out) + h * p.o_sh;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = l[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const int row = warp * 16 + (lane >> 2) + r * 8;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const int col = j * 8 + (lane & 3) * 2;
-      *reinterpret_cast<uint32_t*>(smem + sw_off<kBM>(row, col)) =
-          pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-    }
-    const int grow = row_lo + r * 8;
-    if ((lane & 3) == 0 && grow < it.row_end)
-      p.lse[grow * p.lse_st + h * p.lse_sh] = sum > 0.f ? (m[r] + __log2f(sum)) * kLn2 : -INFINITY;
-  }
-  __syncwarp();
-  constexpr int kChunksPerRow = D / 8;
-#pragma unroll
-  for (int n = 0; n < 16 * kChunksPerRow / 32; ++n) {
-    const int idx = lane + n * 32;
-    const int r = warp * 16 + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
-    const int grow = it.row_begin + r;
-    if (grow < it.row_end)
-      *reinterpret_cast<uint4*>(og + static_cast<int64_t>(grow) * p.o_st + c) =
-          *reinterpret_cast<const uint4*>(smem + sw_off<kBM>(r, c));
-  }
+  store_out_lse_warp_rows<T, D, kBM>(smem, warp * 16, o, l, m, static_cast<T*>(p.out) + h * p.o_sh, p.o_st,
+                                     p.lse + h * p.lse_sh, p.lse_st, it.row_begin, it.row_end);
 }
 
 template <typename T, int D>

@@ -1,0 +1,89 @@
+// The epilogues of the wgmma kernels: each warp holds the accumulators of 16 rows (m64 wgmma fragments)
+// and writes them out through a tile in shared memory that is free by then (the caller's barrier), so
+// that global stores are whole 16-byte row chunks. Forward (ffa_fwd_wgmma.cu, ffa_fwd_tma.cu,
+// ffa_fwd_overlap.cu): out and lse through the Q tile; backward (ffa_bwd_wgmma.cu, ffa_bwd_tma.cu,
+// ffa_bwd_pingpong.cu): dK and dV through the K and V tiles.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/ffa_device.cuh"
+#include "cuda/ffa_hopper.cuh"
+
+namespace ffa {
+namespace dev {
+
+// Forward: rows [row0, row0 + 16) of the R-row swizzled Q tile at q_tile receive out = o / l (the row
+// sums l and maxima m (log2 domain) are per thread, reduced over its quad here); then to global rows
+// row_begin + row below row_end of og (the head's first row), and lse (natural log, -inf for a row
+// that saw no key) to lse_h[row * lse_st].
+template <typename T, int D, int R>
+__device__ __forceinline__ void store_out_lse_warp_rows(unsigned char* q_tile, int row0, const float (&o)[D / 2],
+                                                        const float (&l)[2], const float (&m)[2], T* og, int64_t o_st,
+                                                        float* lse_h, int64_t lse_st, int row_begin, int row_end) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = l[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int row = row0 + (lane >> 2) + r * 8;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const int col = j * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(q_tile + sw_off<R>(row, col)) =
+          pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+    }
+    const int grow = row_begin + row;
+    if ((lane & 3) == 0 && grow < row_end) lse_h[grow * lse_st] = sum > 0.f ? (m[r] + __log2f(sum)) * kLn2 : -INFINITY;
+  }
+  __syncwarp();
+  constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+  for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
+    const int idx = lane + k * 32;
+    const int r = row0 + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+    const int grow = row_begin + r;
+    if (grow < row_end)
+      *reinterpret_cast<uint4*>(og + static_cast<int64_t>(grow) * o_st + c) =
+          *reinterpret_cast<const uint4*>(q_tile + sw_off<R>(r, c));
+  }
+}
+
+// Backward: rows [row0, row0 + 16) of the R-row swizzled tiles at k_tile / v_tile: dK times `scale` and dV, in T,
+// then to global rows c0 + row for the rows below row_end (dkg / dvg: the kv head's first row).
+template <typename T, int D, int R>
+__device__ __forceinline__ void store_dkdv_warp_rows(unsigned char* k_tile, unsigned char* v_tile, int row0,
+                                                     const float (&dk)[D / 2], const float (&dv)[D / 2],
+                                                     float scale, T* dkg, int64_t dk_st, T* dvg, int64_t dv_st,
+                                                     int c0, int row_end) {
+  const int lane = threadIdx.x & 31;
+  const int row = row0 + (lane >> 2);
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    const int col = j * 8 + (lane & 3) * 2;
+    *reinterpret_cast<uint32_t*>(k_tile + sw_off<R>(row, col)) = pack2<T>(dk[4 * j] * scale, dk[4 * j + 1] * scale);
+    *reinterpret_cast<uint32_t*>(k_tile + sw_off<R>(row + 8, col)) =
+        pack2<T>(dk[4 * j + 2] * scale, dk[4 * j + 3] * scale);
+    *reinterpret_cast<uint32_t*>(v_tile + sw_off<R>(row, col)) = pack2<T>(dv[4 * j], dv[4 * j + 1]);
+    *reinterpret_cast<uint32_t*>(v_tile + sw_off<R>(row + 8, col)) = pack2<T>(dv[4 * j + 2], dv[4 * j + 3]);
+  }
+  __syncwarp();
+  constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+  for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
+    const int idx = lane + k * 32;
+    const int r = row0 + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+    const int grow = c0 + r;
+    if (grow < row_end) {
+      *reinterpret_cast<uint4*>(dkg + static_cast<int64_t>(grow) * dk_st + c) =
+          *reinterpret_cast<const uint4*>(k_tile + sw_off<R>(r, c));
+      *reinterpret_cast<uint4*>(dvg + static_cast<int64_t>(grow) * dv_st + c) =
+          *reinterpret_cast<const uint4*>(v_tile + sw_off<R>(r, c));
+    }
+  }
+}
+
+}  // namespace dev
+}  // namespace ffa
