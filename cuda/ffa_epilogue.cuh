@@ -13,6 +13,24 @@
 namespace ffa {
 namespace dev {
 
+// The warp's 16 rows [row0, row0 + 16) of an R-row swizzled tile to global rows base_row + row (row
+// stride st) below row_end, in 16-byte chunks (consecutive lanes, consecutive chunks of a row).
+template <typename T, int D, int R>
+__device__ __forceinline__ void copy_tile_rows(const unsigned char* tile, int row0, T* dst, int64_t st, int base_row,
+                                               int row_end) {
+  const int lane = threadIdx.x & 31;
+  constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+  for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
+    const int idx = lane + k * 32;
+    const int r = row0 + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+    const int grow = base_row + r;
+    if (grow < row_end)
+      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(grow) * st + c) =
+          *reinterpret_cast<const uint4*>(tile + sw_off<R>(r, c));
+  }
+}
+
 // Forward: rows [row0, row0 + 16) of the R-row swizzled Q tile at q_tile receive out = o / l (the row
 // sums l and maxima m (log2 domain) are per thread, reduced over its quad here); then to global rows
 // row_begin + row below row_end of og (the head's first row), and lse (natural log, -inf for a row
@@ -39,16 +57,7 @@ __device__ __forceinline__ void store_out_lse_warp_rows(unsigned char* q_tile, i
     if ((lane & 3) == 0 && grow < row_end) lse_h[grow * lse_st] = sum > 0.f ? (m[r] + __log2f(sum)) * kLn2 : -INFINITY;
   }
   __syncwarp();
-  constexpr int kChunksPerRow = D / 8;
-#pragma unroll
-  for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
-    const int idx = lane + k * 32;
-    const int r = row0 + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
-    const int grow = row_begin + r;
-    if (grow < row_end)
-      *reinterpret_cast<uint4*>(og + static_cast<int64_t>(grow) * o_st + c) =
-          *reinterpret_cast<const uint4*>(q_tile + sw_off<R>(r, c));
-  }
+  copy_tile_rows<T, D, R>(q_tile, row0, og, o_st, row_begin, row_end);
 }
 
 // Backward: rows [row0, row0 + 16) of the R-row swizzled tiles at k_tile / v_tile: dK times `scale` and dV, in T,
@@ -70,19 +79,8 @@ __device__ __forceinline__ void store_dkdv_warp_rows(unsigned char* k_tile, unsi
     *reinterpret_cast<uint32_t*>(v_tile + sw_off<R>(row + 8, col)) = pack2<T>(dv[4 * j + 2], dv[4 * j + 3]);
   }
   __syncwarp();
-  constexpr int kChunksPerRow = D / 8;
-#pragma unroll
-  for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
-    const int idx = lane + k * 32;
-    const int r = row0 + idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
-    const int grow = c0 + r;
-    if (grow < row_end) {
-      *reinterpret_cast<uint4*>(dkg + static_cast<int64_t>(grow) * dk_st + c) =
-          *reinterpret_cast<const uint4*>(k_tile + sw_off<R>(r, c));
-      *reinterpret_cast<uint4*>(dvg + static_cast<int64_t>(grow) * dv_st + c) =
-          *reinterpret_cast<const uint4*>(v_tile + sw_off<R>(r, c));
-    }
-  }
+  copy_tile_rows<T, D, R>(k_tile, row0, dkg, dk_st, c0, row_end);
+  copy_tile_rows<T, D, R>(v_tile, row0, dvg, dv_st, c0, row_end);
 }
 
 }  // namespace dev
