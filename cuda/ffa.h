@@ -52,17 +52,16 @@ struct ForwardArgs {
   // Kernel: 0 = TMA producer + wgmma consumers (warp-specialized, the default here), 1 = wgmma with
   // cp.async loads, 2 = mma.sync (FlashAttention-2 style fallback), 3 = v8 (flexcp's ffa backend
   // default): 0 plus the softmax of a key tile overlapped with the next tile's S GEMM inside each
-  // consumer warpgroup and, at D=64, three consumer warpgroups over 192-row q tiles, 4 = v9 (opt-in
-  // until measured): 3 with a quarter of the softmax exponentials computed by a polynomial on the FMA
-  // pipe instead of MUFU.EX2 (docs/kernel-log.md "v9"; P differs from kernel 3's by at most one bf16
-  // ulp, in ~1% of elements). The plan's q tile must be forward_tile_q(kernel, head_dim).
+  // consumer warpgroup and, at D=64, three consumer warpgroups over 192-row q tiles. (4 was v9, a
+  // polynomial exp2 for part of the softmax: 5-7% slower, removed; docs/kernel-log.md "v9".) The plan's
+  // q tile must be forward_tile_q(kernel, head_dim).
   int kernel = 0;
 };
 
 void forward(const ForwardArgs& args, const DevicePlan& plan, cudaStream_t stream);
 
-// Query rows per q-side plan item that forward kernel `kernel` needs at `head_dim`: 192 for kernels 3
-// and 4 at D=64, else 128 (PlanConfig{}.fwd_tile_q). Build the plan with PlanConfig::fwd_tile_q set to it. The
+// Query rows per q-side plan item that forward kernel `kernel` needs at `head_dim`: 192 for kernel 3
+// at D=64, else 128 (PlanConfig{}.fwd_tile_q). Build the plan with PlanConfig::fwd_tile_q set to it. The
 // backward reads the q side only when deterministic, and then needs 128.
 int forward_tile_q(int kernel, int head_dim);
 

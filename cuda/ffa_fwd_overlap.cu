@@ -1,6 +1,5 @@
-// Forward pass v8 (ForwardArgs::kernel = 3, the default of flexcp's ffa backend) and v9 (kernel = 4,
-// opt-in until measured: v8 with a quarter of the softmax exponentials on the FMA pipe, see exp2_poly
-// and kPolyGroupPeriod; docs/kernel-log.md "v9"). v8 is the v4 TMA kernel (ffa_fwd_tma.cu) plus
+// Forward pass v8 (ForwardArgs::kernel = 3, the default of flexcp's ffa backend): the v4 TMA kernel
+// (ffa_fwd_tma.cu) plus
 // FlashAttention-3's intra-warpgroup overlap, a consumer ring of 3 warpgroups at D=64, a deeper K/V ring
 // with separate K and V barriers, and a softmax that seldom rescales O. docs/kernel-log.md "v8" has the
 // reasoning and the figures.
@@ -32,7 +31,6 @@
 
 #include "cuda/ffa_device.cuh"
 #include "cuda/ffa_epilogue.cuh"
-#include "cuda/ffa_exp2_poly.h"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
 #include "cuda/ffa_tma.h"
@@ -77,50 +75,11 @@ __device__ __forceinline__ void visible_cols(const CutSlice& c, int i, int c0, i
   hi = ((i >= q0) & (i < q1)) ? min(k1, i + dhi + 1) - c0 : lo;
 }
 
-// 2^x without the MUFU (FlashAttention-4's exp2 emulation, for kernel 4): Cody-Waite reduction
-// x = n + f with n = floor(x), f in [0, 1); p(f) ~ 2^f by a degree-3 minimax polynomial (relative error
-// 8.6e-5, cuda/ffa_exp2_poly.h); n added into p's exponent bits. 8 instructions: FMNMX (ALU), 3 FADD +
-// 3 FFMA (FMA pipe), and one for the exponent add (ptxas picks IMAD on the FMA pipe for most, LEA or
-// IADD3 on the ALU for the rest). Valid for x <= 127 (the softmax's x is at most kStaleMaxLog2). x = -inf (masked) is clamped to -127: f = 0, p = 1, and
-// 1.0's exponent minus 127 is the bit pattern of +0, as exp2_ftz(-inf) = +0. Results below 2^-126 are
-// not 2^x (a denormal pattern under 2^-126, or 0), which does not matter next to a row sum >= 1, as for
-// ex2.approx.ftz. NaN in gives 0 out (fmaxf drops it), where ex2 gives NaN: a NaN score still reaches
-// out through the three quarters of a row's elements that take the MUFU.
-// scripts/dev/exp2_poly_check.cpp runs these operations on the CPU over every float32 in [-127, 8].
-__device__ __forceinline__ float exp2_poly(float x) {
-  using namespace exp2_poly_constants;
-  x = fmaxf(x, kMin);
-  const float j = __fadd_rd(x, kRound);                  // kRound + floor(x), exact
-  const float f = __fadd_rn(x, -__fadd_rn(j, -kRound));  // x - floor(x), exact
-  const float p = __fmaf_rn(__fmaf_rn(__fmaf_rn(kC3, f, kC2), f, kC1), f, 1.f);  // in [1, 2)
-  // j's low 9 bits hold floor(x) mod 2^9; shifted to the exponent field they add floor(x) to it.
-  return __uint_as_float(__float_as_uint(p) + (__float_as_uint(j) << 23));
-}
-
-// Which exponentials of a tile kernel 4 computes with exp2_poly: those of 8-column group j with
-// j % kPolyGroupPeriod == kPolyGroupPeriod - 1, a quarter of them. The count, per SM sub-partition
-// (SMSP: 1 instruction issued per cycle, MUFU 4 lanes, ALU 16, FMA 32) and per 128 x 128 tile
-// (4096 elements per SMSP = 128 warp-instructions per instruction per element) at D=64:
-//   tensor cores: 1024 cycles (S and P V GEMMs, 2 x 2 x 128 x 128 x 64 FLOP at 4096 FLOP/cycle/SM).
-//   kernel 3, per element: FMNMX (row max), FFMA (scale, -max), MUFU.EX2, FADD (row sum), 1/2 F2FP
-//     (pack P): 4.5 issues -> 576 issue cycles; MUFU 128 x 8 = 1024 cycles: the MUFU is as busy as the
-//     tensor cores, so any stall in the overlap shows up in the time.
-//   with a fraction q through exp2_poly (+7 issues per element: 8 instructions for one MUFU):
-//     MUFU 1024 (1 - q), issue 576 + 896 q, ALU 2 x 128 x (1.5 + 1..2 q) = 384 + 256..512 q (16 lanes:
-//     2 cycles a warp-instruction), FMA 256 + 768..896 q.
-//   MUFU = issue at q = 0.23. q = 1/4: MUFU 768, issue 800, ALU <= 512, FMA <= 480 cycles, every one at
-//   most ~80% of the tensor cores' 1024; q = 1/8: MUFU 896; q = 3/8: issue 912. Whole 8-column groups keep
-//   the choice a compile-time constant per element of the unrolled loop; spreading them (groups 3, 7,
-//   11, 15) lets ptxas interleave the FMA chains with MUFU work. At D=128 the tensor cores take 2048
-//   cycles per tile, so neither count binds there; kernel 4 uses the same split at both head dims.
-constexpr int kPolyGroupPeriod = 4;
-
 // Online softmax of one 64 x 128 S tile in the wgmma accumulator layout: thread element 4j + 2r + e is
 // row (lane / 4) + 8r of the warp's 16, column 8j + 2 (lane % 4) + e. Leaves P (unnormalized, in fp32)
 // in sc, updates the row max m (log2 domain) and the thread's partial row sums l, and returns the
-// factor alpha by which O must be scaled (1 where the row kept its max). kPoly: kernel 4's exponentials
-// (a quarter by exp2_poly), else all by the MUFU.
-template <bool kMasked, bool kPoly>
+// factor alpha by which O must be scaled (1 where the row kept its max).
+template <bool kMasked>
 __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                              float scale_log2, const CutSlice* cut, int row0, int c0, int lane) {
 #pragma unroll
@@ -154,9 +113,8 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
     for (int j = 0; j < kBN / 8; ++j) {
       const float x0 = fmaf(sc[4 * j + 2 * r], scale_log2, -m_sub);
       const float x1 = fmaf(sc[4 * j + 2 * r + 1], scale_log2, -m_sub);
-      const bool poly = kPoly && j % kPolyGroupPeriod == kPolyGroupPeriod - 1;  // constant once unrolled
-      const float p0 = poly ? exp2_poly(x0) : exp2_ftz(x0);
-      const float p1 = poly ? exp2_poly(x1) : exp2_ftz(x1);
+      const float p0 = exp2_ftz(x0);
+      const float p1 = exp2_ftz(x1);
       sc[4 * j + 2 * r] = p0;
       sc[4 * j + 2 * r + 1] = p1;
       sum0 += p0;
@@ -166,7 +124,7 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
   }
 }
 
-template <typename T, int D, bool kPoly>
+template <typename T, int D>
 __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     fwd_overlap_kernel(const FwdParams p, const __grid_constant__ CUtensorMap tm_q,
                        const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
@@ -283,9 +241,9 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   auto softmax = [&](const Run& run, int t, float (&alpha)[2], bool masked_always) {
     const int c0 = run.begin + t * kBN;
     if (masked_always || run.masked)
-      softmax_tile<true, kPoly>(sc, m, l, alpha, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0, lane);
+      softmax_tile<true>(sc, m, l, alpha, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0, lane);
     else
-      softmax_tile<false, kPoly>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
+      softmax_tile<false>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
   };
   auto pack_p = [&]() {
 #pragma unroll
@@ -366,10 +324,10 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
                                      p.lse + h * p.lse_sh, p.lse_st, it.row_begin, it.row_end);
 }
 
-template <typename T, int D, bool kPoly>
+template <typename T, int D>
 void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
   using S = Shape<D>;
-  const char* name = kPoly ? "ffa forward (v9)" : "ffa forward (v8)";
+  const char* name = "ffa forward (v8)";
   const int64_t grid = static_cast<int64_t>(p.side.num_items) * p.heads_q;
   if (grid == 0) return;
   const CUtensorMap tq = make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, S::kBM);
@@ -379,7 +337,7 @@ void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
   const CUtensorMap tk = no_keys ? make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, kBN)
                                  : make_tensor_map(p.k, dtype, p.num_k, p.heads_kv, p.k_st, p.k_sh, D, kBN);
   const CUtensorMap tv = no_keys ? tk : make_tensor_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
-  auto kernel = fwd_overlap_kernel<T, D, kPoly>;
+  auto kernel = fwd_overlap_kernel<T, D>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmem);
   if (err != cudaSuccess) throw std::runtime_error(std::string(name) + ": " + cudaGetErrorString(err));
   kernel<<<static_cast<unsigned>(grid), S::kThreads, S::kSmem, stream>>>(p, tq, tk, tv);
@@ -387,22 +345,16 @@ void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(name) + " launch: " + cudaGetErrorString(err));
 }
 
-template <bool kPoly>
-void launch_dispatch(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64, kPoly>(dtype, p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128, kPoly>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64, kPoly>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128, kPoly>(dtype, p, stream);
-  throw std::runtime_error("ffa forward (v8/v9): unsupported dtype/head_dim");
-}
-
 }  // namespace
 
 int forward_overlap_tile_q(int head_dim) { return head_dim == 64 ? Shape<64>::kBM : Shape<128>::kBM; }
 
-void launch_forward_overlap(int dtype, int head_dim, bool poly_exp2, const FwdParams& p, cudaStream_t stream) {
-  if (poly_exp2) return launch_dispatch<true>(dtype, head_dim, p, stream);
-  return launch_dispatch<false>(dtype, head_dim, p, stream);
+void launch_forward_overlap(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream) {
+  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(dtype, p, stream);
+  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(dtype, p, stream);
+  throw std::runtime_error("ffa forward (v8): unsupported dtype/head_dim");
 }
 
 }  // namespace detail

@@ -7,9 +7,8 @@
 
 Shapes: (a) the seed model: S=8192, Hq=32, Hkv=8, D=64, causal; (b) D=128, Hq=Hkv=16, S=8192, causal
 and full; (c) 8 packed documents in 8192 tokens (seed heads). Inputs are random normal; medians of
-triton.testing.do_bench. The forward kernels 3 (v8, flexcp's default) and 4 (v9: v8 with a polynomial
-exp2 for a quarter of the exponentials, opt-in) are timed next to kernel 0 in the same process, each
-twice (0, 3, 4, 0, 3, 4), kernel 3's output compared with 0's and 4's with 3's.
+triton.testing.do_bench. "ours" is flexcp's default kernel pair (DEFAULT_FWD, DEFAULT_BWD); every kernel
+of FWD_KERNELS / BWD_KERNELS is timed beside it in the same process, with its ratio.
 """
 import argparse
 import json
@@ -23,6 +22,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ffa_lib  # noqa: E402
+
+# cuda/ffa.h kernel numbers. The defaults are core/attention_ffa.h's.
+DEFAULT_FWD, DEFAULT_BWD = 3, 5
+FWD_KERNELS = {0: "v7 tma", 3: "v8 overlap"}
+BWD_KERNELS = {5: "v8 dQ writers", 0: "v7 tma", 3: "tma 64-query steps", 1: "wgmma cp.async"}
 
 try:
     from triton.testing import do_bench
@@ -82,73 +86,54 @@ def run_shape(sh, dtype, which):
     fwd_flops = 4.0 * d * hq * pairs
     res = {"shape": sh["name"], "visible_pairs": pairs, "fwd_flops": fwd_flops, "plan": plan.stats()}
 
-    # ---- ours
-    def ours_fwd():
-        return ffa_lib.forward(plan, q, k, v)
+    # ---- ours. flexcp's ffa backend runs DEFAULT_FWD + DEFAULT_BWD (core/attention_ffa.h); the other
+    # kernels are timed beside them in the same process: every forward kernel twice, interleaved
+    # (0, 3, ..., 0, 3, ...), so that drift shows; each one's output compared with kernel 0's.
+    plans = {}
 
-    out, lse = ours_fwd()
+    def plan_for(kern):
+        tile_q = ffa_lib.forward_tile_q(kern, d)
+        if tile_q not in plans:
+            plans[tile_q] = ffa_lib.Plan(slices, S, S, fwd_tile_q=tile_q)
+        return plans[tile_q]
+
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    out, lse = ffa_lib.forward(plan, q, k, v, kernel=0)
+    finite = torch.isfinite(lse)
+    for kern in FWD_KERNELS:
+        o, l = ffa_lib.forward(plan_for(kern), q, k, v, kernel=kern)
+        res[f"fwd{kern}_out_maxdiff"] = (o.float() - out.float()).abs().max().item()
+        res[f"fwd{kern}_lse_maxdiff"] = (l[finite] - lse[finite]).abs().max().item() if finite.any() else 0.0
+    for rep in ("", "_repeat"):
+        for kern in FWD_KERNELS:
+            res[f"ours_fwd{kern}{rep}_fwd_ms"] = bench_ms(
+                lambda kern=kern: ffa_lib.forward(plan_for(kern), q, k, v, kernel=kern))
+    # Backward kernels alone (on the forward's out/lse; they read only the plan's k side unless
+    # deterministic, the same in every plan).
+    for kern in BWD_KERNELS:
+        if kern == 3 and d != 64:  # kernel 3 (64-query steps) differs from 0 only at D=64
+            continue
+        res[f"ours_bwd{kern}_bwd_ms"] = bench_ms(
+            lambda kern=kern: ffa_lib.backward(plan, dout, q, k, v, out, lse, grads=grads, kernel=kern))
 
-    def ours_fwdbwd():
-        o, l = ffa_lib.forward(plan, q, k, v)
-        ffa_lib.backward(plan, dout, q, k, v, o, l, grads=grads)
+    def ours_pair(fk, bk, deterministic=False):
+        pl = plan_for(fk) if not deterministic else plan
 
-    def ours_fwdbwd_det():
-        o, l = ffa_lib.forward(plan, q, k, v)
-        ffa_lib.backward(plan, dout, q, k, v, o, l, deterministic=True, grads=grads)
-
-    def ours_fwdbwd_kernel(kern):
         def run():
-            o, l = ffa_lib.forward(plan, q, k, v)
-            ffa_lib.backward(plan, dout, q, k, v, o, l, grads=grads, kernel=kern)
+            o, l = ffa_lib.forward(pl, q, k, v, kernel=fk if not deterministic else 0)
+            ffa_lib.backward(pl, dout, q, k, v, o, l, grads=grads, kernel=bk, deterministic=deterministic)
         return run
 
-    res["ours_fwd_ms"] = bench_ms(ours_fwd)
-    # Forward kernel 3 (v8) on the plan it needs (192-row q tiles at D=64), timed twice around a second
-    # timing of the default so that drift between the two shows.
-    plan3 = ffa_lib.Plan(slices, S, S, fwd_tile_q=ffa_lib.forward_tile_q(3, d))
-    res["plan_v8"] = plan3.stats()
-    out3, lse3 = ffa_lib.forward(plan3, q, k, v, kernel=3)
-    res["v8_out_maxdiff"] = (out3.float() - out.float()).abs().max().item()
-    finite = torch.isfinite(lse)
-    res["v8_lse_maxdiff"] = (lse3[finite] - lse[finite]).abs().max().item() if finite.any() else 0.0
-    # Forward kernel 4 (v9) on the same plan: compared with kernel 3 (it differs only in a quarter of
-    # the exponentials) and timed right after it, both twice.
-    out4, lse4 = ffa_lib.forward(plan3, q, k, v, kernel=4)
-    res["v9_out_maxdiff"] = (out4.float() - out3.float()).abs().max().item()
-    res["v9_lse_maxdiff"] = (lse4[finite] - lse3[finite]).abs().max().item() if finite.any() else 0.0
-    res["ours_v8_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan3, q, k, v, kernel=3))
-    res["ours_v9_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan3, q, k, v, kernel=4))
-    res["ours_fwd_repeat_ms"] = bench_ms(ours_fwd)
-    res["ours_v8_fwd_repeat_ms"] = bench_ms(lambda: ffa_lib.forward(plan3, q, k, v, kernel=3))
-    res["ours_v9_fwd_repeat_ms"] = bench_ms(lambda: ffa_lib.forward(plan3, q, k, v, kernel=4))
-    res["ours_fwdbwd_ms"] = bench_ms(ours_fwdbwd)
-    # The previous default backward (wgmma + cp.async, 64 keys per CTA), measured in the same process.
-    res["ours_wgmma_cpasync_fwdbwd_ms"] = bench_ms(ours_fwdbwd_kernel(1))
-    if d == 64:  # kernel 3 (64-query steps, the v6 default) differs from 0 only at D=64
-        res["ours_q64_fwdbwd_ms"] = bench_ms(ours_fwdbwd_kernel(3))
-    # Backward kernel 4 (v8: ping-pong consumers, dQ writer warps; opt-in until measured) beside the
-    # default, fwd+bwd and the backward alone.
-    res["ours_pp_fwdbwd_ms"] = bench_ms(ours_fwdbwd_kernel(4))
-    # flexcp's default pair: forward kernel 3 on its plan, backward kernel 4 (which reads only the plan's
-    # k side when not deterministic, the same in both plans).
-    def ours_default_fwdbwd():
-        o, l = ffa_lib.forward(plan3, q, k, v, kernel=3)
-        ffa_lib.backward(plan3, dout, q, k, v, o, l, grads=grads, kernel=4)
-    res["ours_default_fwdbwd_ms"] = bench_ms(ours_default_fwdbwd)
-    # The same pair with forward kernel 4 (what flexcp would run if v9 became its default).
-    def ours_v9_pair_fwdbwd():
-        o, l = ffa_lib.forward(plan3, q, k, v, kernel=4)
-        ffa_lib.backward(plan3, dout, q, k, v, o, l, grads=grads, kernel=4)
-    res["ours_v9_pair_fwdbwd_ms"] = bench_ms(ours_v9_pair_fwdbwd)
-    for kern, key in ((0, "ours_bwd_ms"), (4, "ours_pp_bwd_ms"), (5, "ours_ppfree_bwd_ms")):
-        res[key] = bench_ms(lambda kern=kern: ffa_lib.backward(plan, dout, q, k, v, out, lse, grads=grads, kernel=kern))
+    # flexcp's default pair as one call (the headline "ours f+b").
+    res["ours_fwdbwd_ms"] = bench_ms(ours_pair(DEFAULT_FWD, DEFAULT_BWD))
+    res["ours_fwd_ms"] = min(res[f"ours_fwd{DEFAULT_FWD}_fwd_ms"], res[f"ours_fwd{DEFAULT_FWD}_repeat_fwd_ms"])
+    res["ours_bwd_ms"] = res[f"ours_bwd{DEFAULT_BWD}_bwd_ms"]
     if "fallbacks" in which:
         res["ours_wgmma_cpasync_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan, q, k, v, kernel=1))
         res["ours_mmasync_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan, q, k, v, kernel=2))
-        res["ours_mmasync_fwdbwd_ms"] = bench_ms(ours_fwdbwd_kernel(2))
+        res["ours_mmasync_fwdbwd_ms"] = bench_ms(ours_pair(0, 2))
     if "det" in which:
-        res["ours_fwdbwd_det_ms"] = bench_ms(ours_fwdbwd_det)
+        res["ours_fwdbwd_det_ms"] = bench_ms(ours_pair(0, 0, deterministic=True))
 
     # ---- torch layouts (B=1, H, S, D) as strided views of the same data
     qt, kt, vt, dot = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v, dout))
@@ -211,7 +196,7 @@ def run_shape(sh, dtype, which):
             res["flex_error"] = str(e)[:300]
 
     for key in list(res):
-        if key.endswith("_fwd_ms") or key.endswith("_fwd_repeat_ms"):
+        if key.endswith("_fwd_ms"):
             res[key.replace("_ms", "_tflops")] = fwd_flops / (res[key] * 1e-3) / 1e12
         elif key.endswith("_fwdbwd_ms") or key.endswith("_fwdbwd_det_ms"):
             res[key.replace("_ms", "_tflops")] = 3.5 * fwd_flops / (res[key] * 1e-3) / 1e12
@@ -241,43 +226,20 @@ def main():
     hdr = f"{'shape':<40} {'ours fwd':>9} {'sdpa fwd':>9} {'flex fwd':>9} {'x sdpa':>7} {'x flex':>7} | " \
           f"{'ours f+b':>9} {'sdpa f+b':>9} {'flex f+b':>9} {'x sdpa':>7} {'x flex':>7}"
     print(hdr)
-    base = [r for r in results if "ours_wgmma_cpasync_fwdbwd_tflops" in r]
     for r in results:
-        def g(k):
-            return r.get(k, float("nan"))
-        print(f"{r['shape']:<40} {g('ours_fwd_tflops'):9.1f} {g('sdpa_fwd_tflops'):9.1f} {g('flex_fwd_tflops'):9.1f} "
-              f"{g('ours_fwd_tflops') / g('sdpa_fwd_tflops'):7.2f} {g('ours_fwd_tflops') / g('flex_fwd_tflops'):7.2f} | "
-              f"{g('ours_fwdbwd_tflops'):9.1f} {g('sdpa_fwdbwd_tflops'):9.1f} {g('flex_fwdbwd_tflops'):9.1f} "
-              f"{g('ours_fwdbwd_tflops') / g('sdpa_fwdbwd_tflops'):7.2f} {g('ours_fwdbwd_tflops') / g('flex_fwdbwd_tflops'):7.2f}")
-    for r in base:
-        print(f"{r['shape']:<40} f+b with the wgmma+cp.async backward (previous default): "
-              f"{r['ours_wgmma_cpasync_fwdbwd_tflops']:.1f}"
-              + (f", with the 64-query-step TMA backward (kernel 3): {r['ours_q64_fwdbwd_tflops']:.1f}"
-                 if "ours_q64_fwdbwd_tflops" in r else ""))
-    for r in results:
-        if "ours_pp_fwdbwd_tflops" in r:
-            print(f"{r['shape']:<40} backward kernel 4 (ping-pong, v8): f+b {r['ours_pp_fwdbwd_tflops']:.1f} "
-                  f"(default {r['ours_fwdbwd_tflops']:.1f}), backward alone {r['ours_pp_bwd_tflops']:.1f} "
-                  f"(default {r['ours_bwd_tflops']:.1f}; kernel 5, no ping-pong order, no job slot: "
-                  f"{r['ours_ppfree_bwd_tflops']:.1f}) TFLOP/s")
-        if "ours_default_fwdbwd_tflops" in r:
-            sd = r.get("sdpa_fwdbwd_tflops", float("nan"))
-            print(f"{r['shape']:<40} flexcp's default pair (forward 3 + backward 4): f+b "
-                  f"{r['ours_default_fwdbwd_tflops']:.1f} TFLOP/s ({r['ours_default_fwdbwd_tflops'] / sd:.2f}x sdpa)")
-        if "ours_v8_fwd_tflops" not in r:
-            continue
-        k0 = (r["ours_fwd_tflops"], r["ours_fwd_repeat_tflops"])
-        k3 = (r["ours_v8_fwd_tflops"], r["ours_v8_fwd_repeat_tflops"])
-        sd = r.get("sdpa_fwd_tflops", float("nan"))
-        print(f"{r['shape']:<40} fwd kernel 3 (v8): {k3[0]:.1f} / {k3[1]:.1f} TFLOP/s vs kernel 0: {k0[0]:.1f} / "
-              f"{k0[1]:.1f} ({max(k3) / max(k0):.3f}x, {max(k3) / sd:.2f}x sdpa); max|out3 - out0| "
-              f"{r['v8_out_maxdiff']:.2e}, max|lse3 - lse0| {r['v8_lse_maxdiff']:.2e}")
-        if "ours_v9_fwd_tflops" in r:
-            k4 = (r["ours_v9_fwd_tflops"], r["ours_v9_fwd_repeat_tflops"])
-            print(f"{r['shape']:<40} fwd kernel 4 (v9): {k4[0]:.1f} / {k4[1]:.1f} TFLOP/s vs kernel 3: {k3[0]:.1f} / "
-                  f"{k3[1]:.1f} ({max(k4) / max(k3):.3f}x, {max(k4) / sd:.2f}x sdpa); max|out4 - out3| "
-                  f"{r['v9_out_maxdiff']:.2e}, max|lse4 - lse3| {r['v9_lse_maxdiff']:.2e}; pair f+b with forward 4: "
-                  f"{r['ours_v9_pair_fwdbwd_tflops']:.1f} (with 3: {r['ours_default_fwdbwd_tflops']:.1f})")
+        sd_f, sd_fb = r.get("sdpa_fwd_tflops", float("nan")), r.get("sdpa_fwdbwd_tflops", float("nan"))
+        for kern in FWD_KERNELS:
+            t = (r[f"ours_fwd{kern}_fwd_tflops"], r[f"ours_fwd{kern}_repeat_fwd_tflops"])
+            print(f"{r['shape']:<40} forward {kern} ({FWD_KERNELS[kern]}): {t[0]:.1f} / {t[1]:.1f} TFLOP/s "
+                  f"({max(t) / sd_f:.2f}x sdpa); max|out - out0| {r[f'fwd{kern}_out_maxdiff']:.2e}, "
+                  f"max|lse - lse0| {r[f'fwd{kern}_lse_maxdiff']:.2e}")
+        base = r[f"ours_bwd{DEFAULT_BWD}_bwd_tflops"]
+        print(f"{r['shape']:<40} backward alone: " + ", ".join(
+            f"{kern} ({BWD_KERNELS[kern]}) {r[f'ours_bwd{kern}_bwd_tflops']:.1f}"
+            f" ({r[f'ours_bwd{kern}_bwd_tflops'] / base:.3f}x)" for kern in BWD_KERNELS
+            if f"ours_bwd{kern}_bwd_tflops" in r) + " TFLOP/s")
+        print(f"{r['shape']:<40} default pair (forward {DEFAULT_FWD} + backward {DEFAULT_BWD}): f+b "
+              f"{r['ours_fwdbwd_tflops']:.1f} TFLOP/s ({r['ours_fwdbwd_tflops'] / sd_fb:.2f}x sdpa)")
     if args.json:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
                 "flop_convention": "fwd = 4*D*Hq*visible_pairs; fwd+bwd = 3.5x fwd", "results": results}

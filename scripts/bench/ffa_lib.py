@@ -96,8 +96,7 @@ def _p(t):
 
 def forward(plan, q, k, v, scale=0.0, out=None, lse=None, kernel=0):
     """kernel: 0 TMA + wgmma (default), 1 wgmma with cp.async loads, 2 mma.sync fallback, 3 v8 (TMA with
-    intra-warpgroup overlap; its plan needs fwd_tile_q=forward_tile_q(3, d)), 4 v9 (3 with a quarter of the
-    softmax exponentials by a polynomial on the FMA pipe; the same plan as 3)."""
+    intra-warpgroup overlap; its plan needs fwd_tile_q=forward_tile_q(3, d))."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty_like(q) if out is None else out

@@ -7,7 +7,7 @@
 # standalone (ffa_standalone, all kernels), sanitize (memcheck + racecheck --quick of it), ffa-check
 # (test/gpu/ffa_check.py), bench (attention_bench.py --which sdpa), gpu-tests (flexcp_gpu_tests [gpu]),
 # smoke (scripts/gpu-smoke.sh), train (train-vs-hf.sh; TRAIN_ARGS are passed on), train-variants (flexcp
-# alone under each environment of VARIANTS, ';'-separated, e.g. "FLEXCP_FFA_FWD_KERNEL=3;FLEXCP_FFA_BWD_KERNEL=4").
+# alone under each environment of VARIANTS, ';'-separated, e.g. "FLEXCP_FFA_FWD_KERNEL=0;FLEXCP_FFA_BWD_KERNEL=0").
 # Logs go to $OUT/<step>.log; one line per step says ok/FAILED and its seconds.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)

@@ -6,9 +6,7 @@ fp32 (the reference) and in the input dtype by PyTorch (the "bf16 computation").
 lse, dq, dk, dv: max|ours - ref| <= 2 * max|lowprec - ref| + atol (FlashAttention's convention), rows
 with no visible key give out 0 and lse -inf exactly, every output element is written (outputs are
 poisoned with NaN first), the deterministic mode is bitwise reproducible, the other forward kernels (1, 2,
-3 = v8 on its own plan with 192-row q tiles at D=64, and 4 = v9 on the same plan) meet the same rule,
-kernel 4's lse stays within 2e-4 of kernel 3's (its polynomial exp2 is within 8.6e-5 relative of 2^x,
-the rest of the arithmetic is the same), and the merge of two partial results equals the whole. Needs a GPU: run as
+3 = v8 on its own plan with 192-row q tiles at D=64) meet the same rule, and the merge of two partial results equals the whole. Needs a GPU: run as
     scripts/bench/build_ffa_lib.sh && python3 test/gpu/ffa_check.py [--quick] [--seed N]
 Exit code 0 when every case passes.
 """
@@ -205,10 +203,9 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
         errs[nm] = (e_ours, e_low)
         if not (e_ours <= 2 * e_low + atol):
             problems.append(f"{nm}: err {e_ours:.3e} > 2 * {e_low:.3e} + {atol:.1e}")
-    # The other forward kernels (1: wgmma with cp.async loads, 2: mma.sync fallback, 3: v8, 4: v9, on a plan
-    # with the q tile it needs) must agree as well.
-    fwd_out = {}
-    for kern in (1, 2, 3, 4):
+    # The other forward kernels (1: wgmma with cp.async loads, 2: mma.sync fallback, 3: v8, on a plan with
+    # the q tile it needs) must agree as well.
+    for kern in (1, 2, 3):
         tile_q = ffa_lib.forward_tile_q(kern, d)
         plan_k = plan if tile_q == ffa_lib.forward_tile_q(0, d) else ffa_lib.Plan(slices, tq, tk, fwd_tile_q=tile_q)
         o_fb = torch.full_like(q, float("nan"))
@@ -223,18 +220,6 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
         if torch.isnan(o_fb).any() or torch.isnan(l_fb).any() or not torch.equal(torch.isneginf(l_fb), torch.isneginf(lse)):
             problems.append(f"forward kernel {kern}: NaN or -inf rows differ")
         errs[f"out_k{kern}"] = (e_fb, errs["out"][1])
-        fwd_out[kern] = (o_fb, l_fb)
-    # Kernel 4 differs from 3 only in how a quarter of the exponentials are computed (relative error
-    # <= 8.6e-5): lse moves by at most about that (natural log units), and out by about a bf16 rounding.
-    # The rule above (2x the bf16 computation's error) would let a polynomial off by a percent through.
-    (o3, l3), (o4, l4) = fwd_out[3], fwd_out[4]
-    fin = torch.isfinite(l3)
-    e_l34 = (l4[fin] - l3[fin]).abs().max().item() if fin.any() else 0.0
-    if not e_l34 <= 2e-4:
-        problems.append(f"forward kernel 4 vs 3: max|lse4 - lse3| {e_l34:.3e} > 2e-4")
-    e_o34 = maxerr(o4, o3)
-    if not e_o34 <= 1e-2 * max(1.0, o3.abs().max().item() if o3.numel() else 0.0):
-        problems.append(f"forward kernel 4 vs 3: max|out4 - out3| {e_o34:.3e}")
     for label, g in (("wgmma", g_wg), ("mma.sync", g_mma), ("tma 64-query steps", g_q64),
                      ("tma ping-pong", g_pp), ("tma v8 free order", g_pp5)):
         for a, nm in zip(g, ["dq", "dk", "dv"]):
