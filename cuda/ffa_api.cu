@@ -99,15 +99,17 @@ size_t delta_region_bytes(const Dims& d, bool deterministic) {
 }  // namespace
 
 int forward_tile_q(int kernel, int head_dim) {
-  return kernel == 3 ? detail::forward_overlap_tile_q(head_dim) : detail::kFwdTileQ;
+  return kernel == 3 || kernel == 5 ? detail::forward_overlap_tile_q(head_dim) : detail::kFwdTileQ;
 }
 
 void forward(const ForwardArgs& a, const DevicePlan& plan, cudaStream_t stream) {
   const char* where = "ffa::forward";
   const Dims& d = a.dims;
-  if (a.kernel < 0 || a.kernel > 3)
+  // 4 was v9 (a polynomial exp2), removed: refused like any unknown number.
+  if (a.kernel < 0 || a.kernel > 5 || a.kernel == 4)
     fail(where, "unknown forward kernel " + std::to_string(a.kernel),
-         "use 0 (tma), 1 (wgmma), 2 (mma.sync) or 3 (v8: tma with intra-warpgroup overlap)");
+         "use 0 (tma), 1 (wgmma), 2 (mma.sync), 3 (v8: tma with intra-warpgroup overlap) or 5 (v10: v8 on a "
+         "persistent grid)");
   check_inputs(where, d, a.dtype, a.q, a.k, a.v, a.out, a.lse, plan, forward_tile_q(a.kernel, d.head_dim));
   detail::FwdParams p{};
   p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.out = a.out.data, p.lse = a.lse.data;
@@ -125,7 +127,7 @@ void forward(const ForwardArgs& a, const DevicePlan& plan, cudaStream_t stream) 
   else if (a.kernel == 2)
     detail::launch_forward(static_cast<int>(a.dtype), d.head_dim, p, stream);
   else
-    detail::launch_forward_overlap(static_cast<int>(a.dtype), d.head_dim, p, stream);
+    detail::launch_forward_overlap(a.kernel, static_cast<int>(a.dtype), d.head_dim, p, stream);
 }
 
 size_t backward_workspace_bytes(const Dims& d, bool deterministic) {

@@ -26,6 +26,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -33,6 +36,7 @@
 #include "cuda/ffa_epilogue.cuh"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
+#include "cuda/ffa_schedule.h"
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
@@ -56,6 +60,10 @@ struct Shape {
   static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : 240;
   static constexpr uint32_t kQBytes = kBM * D * 2, kKVBytes = kBN * D * 2;
   static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + 1024 + 8 * (1 + 4 * kStages);
+  // Kernel 5 adds the epilogue's staging tile (kBM rows, like Q) and the empty_q mbarrier: 181392 bytes in
+  // all at D=64, 197712 at D=128, under the 232448 (227 KB) a block may have.
+  static constexpr int kPersistentExtraSmem = kQBytes + 8;
+  static_assert(kSmem + kPersistentExtraSmem <= 227 * 1024, "kernel 5 needs more shared memory than a block has");
 };
 
 // A row keeps its running max until a tile's max exceeds it by more than this (log2 units): P = 2^(s -
@@ -124,7 +132,11 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
   }
 }
 
-template <typename T, int D>
+// kPersistent = false: kernel 3 (v8), one CTA per work tile, blockIdx.x = item * heads_q + head.
+// kPersistent = true: kernel 5 (v10), at most one CTA per SM, each running the work tiles
+// persistent_tile(j, blockIdx.x, gridDim.x, num_items * heads_q) for j = 0, 1, ... (cuda/ffa_schedule.h).
+// A work tile t is item t / heads_q, head t % heads_q in both.
+template <typename T, int D, bool kPersistent>
 __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     fwd_overlap_kernel(const FwdParams p, const __grid_constant__ CUtensorMap tm_q,
                        const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
@@ -136,16 +148,22 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   const uint32_t sQ = (raw + 1023u) & ~1023u;  // 128B-swizzled tiles want 1024-byte alignment
   unsigned char* smem = smem_raw + (sQ - raw);
   const uint32_t sK = sQ + S::kQBytes, sV = sK + kStages * S::kKVBytes;
-  // mbarriers (8 bytes each): full_q, then per stage full_k, full_v, empty_k, empty_v.
-  const uint32_t full_q = sV + kStages * S::kKVBytes;
+  // Kernel 5 only: the epilogue's own staging tile (Q's shape and layout), so that the next work tile's Q
+  // can land while this one's epilogue runs. Kernel 3 stages in the Q tile.
+  const uint32_t sO = sV + kStages * S::kKVBytes;
+  // mbarriers (8 bytes each): full_q, then per stage full_k, full_v, empty_k, empty_v; kernel 5 then empty_q.
+  const uint32_t full_q = sO + (kPersistent ? S::kQBytes : 0);
   const uint32_t full_k = full_q + 8, full_v = full_k + 8 * kStages;
   const uint32_t empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
+  const uint32_t empty_q = empty_v + 8 * kStages;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
+  // Kernel 3's work tile, read before the barrier setup so that its latency hides there (kernel 5 reads
+  // its tiles in for_each_tile; these go unused and the compiler drops them).
   const int item_idx = blockIdx.x / p.heads_q;
-  const int h = blockIdx.x % p.heads_q;
-  const int hk = h / p.group;
-  const Item it = p.side.items[item_idx];
+  const int h_cta = blockIdx.x % p.heads_q;
+  const int hk_cta = h_cta / p.group;
+  const Item it_cta = p.side.items[item_idx];
   const Run* runs = p.side.runs;
 
   if (tid == 0) {
@@ -156,41 +174,80 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       mbar_init(empty_k + 8 * s, 4 * kNC);  // one arrival per consumer warp
       mbar_init(empty_v + 8 * s, 4 * kNC);
     }
+    if (kPersistent) mbar_init(empty_q, 4 * kNC);
     mbar_init_fence();
   }
   __syncthreads();
 
+  // fn(item, head, kv head, j) for this CTA's work tiles in order, j = 0, 1, ...; the producer and every consumer
+  // walk the same list. The mbarriers are initialized once (above): their phases, and the K/V ring
+  // position, run on from one work tile to the next.
+  auto for_each_tile = [&](auto&& fn) {
+    if constexpr (kPersistent) {
+      const int num_tiles = p.side.num_items * p.heads_q;
+#pragma unroll 1
+      for (int j = 0;; ++j) {
+        const int tile = persistent_tile(j, blockIdx.x, gridDim.x, num_tiles);
+        if (tile < 0) break;
+        const int h = tile % p.heads_q;
+        fn(p.side.items[tile / p.heads_q], h, h / p.group, j);
+      }
+    } else {
+      fn(it_cta, h_cta, hk_cta, 0);
+    }
+  };
+
   // ---------------------------------------------------------------------------------------------
-  // Producer: Q, K_0, then (K_n, V_{n-1}) for n >= 1, then V_last. Tile n lives in stage n % kStages.
+  // Producer, per work tile: Q, K_0 (kernel 5: K_0, then Q), then (K_n, V_{n-1}) for n >= 1, then V_last.
+  // n is the ring position: key tiles counted over the CTA's work tiles so far plus the tile's own index;
+  // tile n lives in stage n % kStages.
   if (wg == 0) {
     setmaxnreg_dec<S::kProducerRegs>();
     if (tid == 0) {
-      mbar_expect_tx(full_q, S::kQBytes);
+      int n = 0;
+      for_each_tile([&](const Item& it, int h, int hk, int j) {
+        // Q of work tile j. Kernel 5 first waits until every consumer warp released work tile j - 1's Q
+        // (empty_q completes phase j - 1 once all 4 * kNC warps arrived; they arrive after their last S
+        // GEMM of the tile completed). A consumer arrives only after it saw full_q's phase j - 1, which
+        // this thread started, so empty_q is never more than one phase ahead of this wait.
+        auto load_q = [&]() {
+          if (kPersistent && j > 0) mbar_wait(empty_q, (j - 1) & 1);
+          mbar_expect_tx(full_q, S::kQBytes);
 #pragma unroll
-      for (int cb = 0; cb < kCB; ++cb) tma_load_3d(sQ + cb * (kBM * 128), &tm_q, cb * 64, h, it.row_begin, full_q);
-      // Tile n of K or V (keys from c0) into its stage, once every consumer warp released the stage's
-      // previous tile (n - kStages).
-      auto load = [&](const CUtensorMap* tm, uint32_t dst, uint32_t full, uint32_t empty, int n, int c0) {
-        const int s = n % kStages;
-        if (n >= kStages) mbar_wait(empty + 8 * s, ((n / kStages) - 1) & 1);
-        mbar_expect_tx(full + 8 * s, S::kKVBytes);
+          for (int cb = 0; cb < kCB; ++cb) tma_load_3d(sQ + cb * (kBM * 128), &tm_q, cb * 64, h, it.row_begin, full_q);
+        };
+        if constexpr (!kPersistent) load_q();
+        // Tile n of K or V (keys from c0) into its stage, once every consumer warp released the stage's
+        // previous tile (n - kStages).
+        auto load = [&](const CUtensorMap* tm, uint32_t dst, uint32_t full, uint32_t empty, int n, int c0) {
+          const int s = n % kStages;
+          if (n >= kStages) mbar_wait(empty + 8 * s, ((n / kStages) - 1) & 1);
+          mbar_expect_tx(full + 8 * s, S::kKVBytes);
 #pragma unroll
-        for (int cb = 0; cb < kCB; ++cb)
-          tma_load_3d(dst + s * S::kKVBytes + cb * (kBN * 128), tm, cb * 64, hk, c0, full + 8 * s);
-      };
-      int n = 0, c_prev = 0;
+          for (int cb = 0; cb < kCB; ++cb)
+            tma_load_3d(dst + s * S::kKVBytes + cb * (kBN * 128), tm, cb * 64, hk, c0, full + 8 * s);
+        };
+        const int n_first = n;
+        int c_prev = 0;
 #pragma unroll 1
-      for (int ri = it.run_begin; ri < it.run_end; ++ri) {
-        const Run run = runs[ri];
+        for (int ri = it.run_begin; ri < it.run_end; ++ri) {
+          const Run run = runs[ri];
 #pragma unroll 1
-        for (int t = 0; t < run.tiles; ++t, ++n) {
-          const int c0 = run.begin + t * kBN;
-          load(&tm_k, sK, full_k, empty_k, n, c0);
-          if (n > 0) load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
-          c_prev = c0;
+          for (int t = 0; t < run.tiles; ++t, ++n) {
+            const int c0 = run.begin + t * kBN;
+            load(&tm_k, sK, full_k, empty_k, n, c0);
+            if (n > n_first)
+              load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
+            else if constexpr (kPersistent)
+              load_q();  // after K_0: the wait for the Q release does not hold the first K back
+            c_prev = c0;
+          }
         }
-      }
-      if (n > 0) load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
+        if (n > n_first)
+          load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
+        else if constexpr (kPersistent)
+          load_q();  // no key tiles: the consumers still wait for Q (then write out 0, lse -inf)
+      });
     }
     return;
   }
@@ -200,136 +257,200 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   setmaxnreg_inc<S::kConsumerRegs>();
   const int cw = wg - 1;                                    // consumer 0 .. kNC - 1
   const int bar_mine = 1 + cw, bar_next = 1 + (cw + 1) % kNC;  // named barriers (0 is __syncthreads)
-  const int row_lo = it.row_begin + (warp - 4) * 16 + (lane >> 2);  // the thread's rows: row_lo, row_lo + 8
   const uint32_t q_wg = sQ + cw * 64 * 128;                 // this consumer's 64 rows of Q
 
-  int n_tiles = 0;
+  // The turn ring: named barrier 1 + c is consumer c's turn (bar.sync by c, bar.arrive by c - 1, 256
+  // threads). One turn token circulates: the last consumer gives consumer 0 the first turn, every turn
+  // ends with an arrive on the next consumer's barrier, and consumer 0 takes the last consumer's final
+  // arrive at the end. So each barrier has at most one arrive outstanding, which its sync consumes before
+  // another can be posted (the next arrive on it needs the token to go round). Kernel 3 starts and ends
+  // the ring in its one work tile; kernel 5 once for all its tiles (below and after the tile loop): the
+  // token just goes on round across tiles, since every consumer of a CTA takes one turn per key tile of
+  // the same work tiles. (Starting and ending it per tile would let the last consumer post the next
+  // tile's start arrive on barrier 1 before consumer 0 took the previous end arrive: two arrives of one
+  // warpgroup on one barrier, which completes it without consumer 0 and deadlocks the ring.) A work tile
+  // with no key tiles takes no turn; a CTA with no work tile still pairs the start arrive with the end sync.
+  if constexpr (kPersistent) {
+    if (cw == kNC - 1) named_bar_arrive(1, 256);
+  }
+  int n_base = 0;  // ring position of the work tile's first key tile (the producer's n there)
+
+  for_each_tile([&](const Item& it, int h, int /*hk*/, int j) {
+    const int row_lo = it.row_begin + (warp - 4) * 16 + (lane >> 2);  // the thread's rows: row_lo, row_lo + 8
+
+    int n_tiles = 0;
 #pragma unroll 1
-  for (int ri = it.run_begin; ri < it.run_end; ++ri) n_tiles += runs[ri].tiles;
+    for (int ri = it.run_begin; ri < it.run_end; ++ri) n_tiles += runs[ri].tiles;
 
-  float o[D / 2];
+    float o[D / 2];
 #pragma unroll
-  for (int j = 0; j < D / 2; ++j) o[j] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  float sc[kBN / 2];      // S_n, then P_n in fp32
-  uint32_t pa[kBN / 16][4];  // P_{n-1} as the A operand of the P V GEMM (bf16/fp16 pairs)
+    for (int jj = 0; jj < D / 2; ++jj) o[jj] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float sc[kBN / 2];         // S_n, then P_n in fp32
+    uint32_t pa[kBN / 16][4];  // P_{n-1} as the A operand of the P V GEMM (bf16/fp16 pairs)
 
-  // S_n = Q K_n^T (SS-wgmma m64n128k16, K-major operands); the caller fences and commits.
-  auto issue_s = [&](int n) {
-    const uint32_t k_st = sK + (n % kStages) * S::kKVBytes;
+    // Key tile n of this work tile sits at ring position n_base + n: its stage and its phase parity.
+    auto stage = [&](int n) { return (n_base + n) % kStages; };
+    auto parity = [&](int n) { return static_cast<uint32_t>(((n_base + n) / kStages) & 1); };
+    // S_n = Q K_n^T (SS-wgmma m64n128k16, K-major operands); the caller fences and commits.
+    auto issue_s = [&](int n) {
+      const uint32_t k_st = sK + stage(n) * S::kKVBytes;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t koff = (kk & 3) * 32;
-      wgmma_ss<T, kBN>(sc, smem_desc(q_wg + (kk >> 2) * (kBM * 128) + koff, 16, 1024),
-                       smem_desc(k_st + (kk >> 2) * (kBN * 128) + koff, 16, 1024), kk > 0 ? 1 : 0);
-    }
-  };
-  // O += P_n V_n (RS-wgmma, V read N-major: LBO = the next 64-column block).
-  auto issue_pv = [&](int n) {
-    const uint32_t v_st = sV + (n % kStages) * S::kKVBytes;
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb<T, D>(o, pa[kk], smem_desc(v_st + kk * 16 * 128, kBN * 128, 1024));
-  };
-  auto parity = [](int n) { return static_cast<uint32_t>((n / kStages) & 1); };
-  // One arrival per warp once the warp's wgmma reads of the stage are complete.
-  auto release = [&](uint32_t empty, int n) {
-    if (lane == 0) mbar_arrive(empty + 8 * (n % kStages));
-  };
-  // Mask (boundary tiles only) and softmax of S_n, whose run is `run`; t = tile index in the run.
-  // masked_always: apply the mask whatever the run says (correct for any tile: every run names its cut);
-  // used for the first tile, so that only the loop carries both versions of the softmax.
-  auto softmax = [&](const Run& run, int t, float (&alpha)[2], bool masked_always) {
-    const int c0 = run.begin + t * kBN;
-    if (masked_always || run.masked)
-      softmax_tile<true>(sc, m, l, alpha, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0, lane);
-    else
-      softmax_tile<false>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
-  };
-  auto pack_p = [&]() {
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<T>(sc[8 * kk + 2 * i], sc[8 * kk + 2 * i + 1]);
-  };
-
-  if (cw == kNC - 1) named_bar_arrive(1, 256);  // the ring starts with consumer 0
-  mbar_wait(full_q, 0);
-  if (n_tiles > 0) {
-    // Tile 0: S_0 alone (there is no P V yet), waited for at once.
-    int ri = it.run_begin, t = 0;
-    Run run = runs[ri];
-    float alpha[2];
-    mbar_wait(full_k, 0);
-    named_bar_sync(bar_mine, 256);
-    wg_fence();
-    issue_s(0);
-    wg_commit();
-    named_bar_arrive(bar_next, 256);
-    wg_wait<0>();
-    reg_fence(sc);
-    release(empty_k, 0);
-    softmax(run, t, alpha, true);  // O is still 0: no rescale
-    pack_p();
-
-    for (int n = 1; n < n_tiles; ++n) {
-      if (++t == run.tiles) {  // tile n's run (read now: its latency hides behind the GEMMs)
-        run = runs[++ri];
-        t = 0;
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t koff = (kk & 3) * 32;
+        wgmma_ss<T, kBN>(sc, smem_desc(q_wg + (kk >> 2) * (kBM * 128) + koff, 16, 1024),
+                         smem_desc(k_st + (kk >> 2) * (kBN * 128) + koff, 16, 1024), kk > 0 ? 1 : 0);
       }
-      mbar_wait(full_k + 8 * (n % kStages), parity(n));
-      // Our turn: S_n and P_{n-1} V_{n-1} go to the tensor cores back to back.
+    };
+    // O += P_n V_n (RS-wgmma, V read N-major: LBO = the next 64-column block).
+    auto issue_pv = [&](int n) {
+      const uint32_t v_st = sV + stage(n) * S::kKVBytes;
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb<T, D>(o, pa[kk], smem_desc(v_st + kk * 16 * 128, kBN * 128, 1024));
+    };
+    // One arrival per warp once the warp's wgmma reads of the stage are complete.
+    auto release = [&](uint32_t empty, int n) {
+      if (lane == 0) mbar_arrive(empty + 8 * stage(n));
+    };
+    // Mask (boundary tiles only) and softmax of S_n, whose run is `run`; t = tile index in the run.
+    // masked_always: apply the mask whatever the run says (correct for any tile: every run names its cut);
+    // used for the first tile, so that only the loop carries both versions of the softmax.
+    auto softmax = [&](const Run& run, int t, float (&alpha)[2], bool masked_always) {
+      const int c0 = run.begin + t * kBN;
+      if (masked_always || run.masked)
+        softmax_tile<true>(sc, m, l, alpha, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0, lane);
+      else
+        softmax_tile<false>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
+    };
+    auto pack_p = [&]() {
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<T>(sc[8 * kk + 2 * i], sc[8 * kk + 2 * i + 1]);
+    };
+
+    if constexpr (!kPersistent) {
+      if (cw == kNC - 1) named_bar_arrive(1, 256);  // the ring starts with consumer 0
+    }
+    // Q of work tile j: full_q's phase j (the producer loads Q once per work tile, even with no key tiles).
+    mbar_wait(full_q, static_cast<uint32_t>(j & 1));
+    if (n_tiles > 0) {
+      // Tile 0: S_0 alone (there is no P V yet), waited for at once.
+      int ri = it.run_begin, t = 0;
+      Run run = runs[ri];
+      float alpha[2];
+      mbar_wait(full_k + 8 * stage(0), parity(0));
       named_bar_sync(bar_mine, 256);
       wg_fence();
-      issue_s(n);
-      wg_commit();
-      mbar_wait(full_v + 8 * ((n - 1) % kStages), parity(n - 1));
-      wg_fence();  // as FA3 does before each GEMM (ptxas inserts it here otherwise: C7519)
-      issue_pv(n - 1);
+      issue_s(0);
       wg_commit();
       named_bar_arrive(bar_next, 256);
-      wg_wait<1>();  // S_n is complete; P_{n-1} V_{n-1} may still run
+      wg_wait<0>();
       reg_fence(sc);
-      release(empty_k, n);
-      softmax(run, t, alpha, false);
+      release(empty_k, 0);
+      softmax(run, t, alpha, true);  // O is still 0: no rescale
+      pack_p();
+
+      for (int n = 1; n < n_tiles; ++n) {
+        if (++t == run.tiles) {  // tile n's run (read now: its latency hides behind the GEMMs)
+          run = runs[++ri];
+          t = 0;
+        }
+        mbar_wait(full_k + 8 * stage(n), parity(n));
+        // Our turn: S_n and P_{n-1} V_{n-1} go to the tensor cores back to back.
+        named_bar_sync(bar_mine, 256);
+        wg_fence();
+        issue_s(n);
+        wg_commit();
+        mbar_wait(full_v + 8 * stage(n - 1), parity(n - 1));
+        wg_fence();  // as FA3 does before each GEMM (ptxas inserts it here otherwise: C7519)
+        issue_pv(n - 1);
+        wg_commit();
+        named_bar_arrive(bar_next, 256);
+        wg_wait<1>();  // S_n is complete; P_{n-1} V_{n-1} may still run
+        reg_fence(sc);
+        release(empty_k, n);
+        softmax(run, t, alpha, false);
+        wg_wait<0>();
+        reg_fence(o);
+        reg_fence_u(pa);
+        release(empty_v, n - 1);
+        // O holds P_0 V_0 + ... + P_{n-1} V_{n-1} at the previous max: bring it to the new one.
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+          for (int jj = 0; jj < D / 8; ++jj)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[4 * jj + e] *= alpha[e >> 1];
+        }
+        pack_p();
+      }
+
+      // The last P V, outside the ring (nothing of ours follows it).
+      const int n = n_tiles - 1;
+      if constexpr (kPersistent) {
+        // Every S GEMM of this tile is complete (waited for above): Q is free for the next tile's load.
+        if (lane == 0) mbar_arrive(empty_q);
+      }
+      mbar_wait(full_v + 8 * stage(n), parity(n));
+      wg_fence();
+      issue_pv(n);
+      wg_commit();
       wg_wait<0>();
       reg_fence(o);
       reg_fence_u(pa);
-      release(empty_v, n - 1);
-      // O holds P_0 V_0 + ... + P_{n-1} V_{n-1} at the previous max: bring it to the new one.
-      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) o[4 * j + e] *= alpha[e >> 1];
-      }
-      pack_p();
+      release(empty_v, n);
+    } else if constexpr (kPersistent) {
+      if (lane == 0) mbar_arrive(empty_q);  // no key tiles: Q (loaded, waited for above) was never read
+    }
+    if constexpr (!kPersistent) {
+      if (cw == 0) named_bar_sync(1, 256);  // consume the last consumer's final arrive
     }
 
-    // The last P V, outside the ring (nothing of ours follows it).
-    const int n = n_tiles - 1;
-    mbar_wait(full_v + 8 * (n % kStages), parity(n));
-    wg_fence();
-    issue_pv(n);
-    wg_commit();
-    wg_wait<0>();
-    reg_fence(o);
-    reg_fence_u(pa);
-    release(empty_v, n);
-  }
-  if (cw == 0) named_bar_sync(1, 256);  // consume the last consumer's final arrive
+    // -------------------------------------------------------------------------------------------
+    // Epilogue through this warp's own 16 rows of a staging tile: kernel 3 the Q tile (this consumer's S
+    // GEMMs are complete), kernel 5 its own tile. There the warp's previous epilogue read these rows back
+    // (other lanes than write them now): __syncwarp orders those reads before the new writes.
+    if constexpr (kPersistent) __syncwarp();
+    store_out_lse_warp_rows<T, D, kBM>(kPersistent ? smem + (sO - sQ) : smem, (warp - 4) * 16, o, l, m,
+                                       static_cast<T*>(p.out) + h * p.o_sh, p.o_st, p.lse + h * p.lse_sh, p.lse_st,
+                                       it.row_begin, it.row_end);
+    n_base += n_tiles;
+  });
 
-  // ---------------------------------------------------------------------------------------------
-  // Epilogue through this warp's own 16 rows of the Q tile (this consumer's S GEMMs are complete).
-  store_out_lse_warp_rows<T, D, kBM>(smem, (warp - 4) * 16, o, l, m, static_cast<T*>(p.out) + h * p.o_sh, p.o_st,
-                                     p.lse + h * p.lse_sh, p.lse_st, it.row_begin, it.row_end);
+  if constexpr (kPersistent) {
+    if (cw == 0) named_bar_sync(1, 256);  // consume the last consumer's final arrive (or the start one)
+  }
 }
 
-template <typename T, int D>
+// Streaming multiprocessors of the current device, read once per device: kernel 5's grid size.
+int sm_count() {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa forward (v10): ") + cudaGetErrorString(err));
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];  // 0 = not read yet; a race reads the same value twice
+  if (dev < kMaxDevices) {
+    const int known = cache[dev].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int sms = 0;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess || sms <= 0)
+    throw std::runtime_error(std::string("ffa forward (v10): SM count: ") + cudaGetErrorString(err));
+  if (dev < kMaxDevices) cache[dev].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+template <typename T, int D, bool kPersistent>
 void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
   using S = Shape<D>;
-  const char* name = "ffa forward (v8)";
-  const int64_t grid = static_cast<int64_t>(p.side.num_items) * p.heads_q;
-  if (grid == 0) return;
+  const char* name = kPersistent ? "ffa forward (v10)" : "ffa forward (v8)";
+  const int64_t tiles = static_cast<int64_t>(p.side.num_items) * p.heads_q;
+  if (tiles == 0) return;
+  if (tiles > INT32_MAX) throw std::runtime_error(std::string(name) + ": more than 2^31 - 1 work tiles");
+  // Kernel 5: one CTA per SM at most (its shared memory allows no second one), never more than tiles.
+  const int64_t grid = kPersistent ? std::min<int64_t>(tiles, sm_count()) : tiles;
+  const int smem = S::kSmem + (kPersistent ? S::kPersistentExtraSmem : 0);
   const CUtensorMap tq = make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, S::kBM);
   // No keys at all (a context-parallel stage with nothing to attend): no item has a key tile, so K and V
   // are never read, but k/v may be null, which a tensor map cannot describe; map q in their place.
@@ -337,24 +458,30 @@ void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
   const CUtensorMap tk = no_keys ? make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, kBN)
                                  : make_tensor_map(p.k, dtype, p.num_k, p.heads_kv, p.k_st, p.k_sh, D, kBN);
   const CUtensorMap tv = no_keys ? tk : make_tensor_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
-  auto kernel = fwd_overlap_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmem);
+  auto kernel = fwd_overlap_kernel<T, D, kPersistent>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) throw std::runtime_error(std::string(name) + ": " + cudaGetErrorString(err));
-  kernel<<<static_cast<unsigned>(grid), S::kThreads, S::kSmem, stream>>>(p, tq, tk, tv);
+  kernel<<<static_cast<unsigned>(grid), S::kThreads, smem, stream>>>(p, tq, tk, tv);
   err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string(name) + " launch: " + cudaGetErrorString(err));
+}
+
+template <bool kPersistent>
+void launch_dispatch(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream) {
+  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64, kPersistent>(dtype, p, stream);
+  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128, kPersistent>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64, kPersistent>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128, kPersistent>(dtype, p, stream);
+  throw std::runtime_error("ffa forward (v8/v10): unsupported dtype/head_dim");
 }
 
 }  // namespace
 
 int forward_overlap_tile_q(int head_dim) { return head_dim == 64 ? Shape<64>::kBM : Shape<128>::kBM; }
 
-void launch_forward_overlap(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(dtype, p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(dtype, p, stream);
-  throw std::runtime_error("ffa forward (v8): unsupported dtype/head_dim");
+void launch_forward_overlap(int kernel, int dtype, int head_dim, const FwdParams& p, cudaStream_t stream) {
+  if (kernel == 5) return launch_dispatch<true>(dtype, head_dim, p, stream);
+  return launch_dispatch<false>(dtype, head_dim, p, stream);
 }
 
 }  // namespace detail

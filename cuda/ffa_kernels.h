@@ -75,9 +75,10 @@ struct MergeParams {
 void launch_forward(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);        // mma.sync
 void launch_forward_wgmma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);  // sm_90a wgmma
 void launch_forward_tma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);    // + TMA, warp-specialized
-// v8 (ForwardArgs::kernel 3): + intra-warpgroup overlap, 3 consumer warpgroups at D=64. Its q tile
-// (the plan's fwd_tile_q) is forward_overlap_tile_q(head_dim): 192 at D=64, 128 at D=128.
-void launch_forward_overlap(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);
+// v8 (ForwardArgs::kernel 3): + intra-warpgroup overlap, 3 consumer warpgroups at D=64; v10 (kernel 5): the
+// same kernel on a persistent grid (one CTA per SM looping over the work tiles). `kernel` is 3 or 5. Their q
+// tile (the plan's fwd_tile_q) is forward_overlap_tile_q(head_dim): 192 at D=64, 128 at D=128.
+void launch_forward_overlap(int kernel, int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);
 int forward_overlap_tile_q(int head_dim);
 // dkdv_kernel: 0 = TMA warp-specialized (sm_90a; atomic dQ only: deterministic calls use 1), 1 = wgmma
 // with cp.async loads (sm_90a), 2 = mma.sync, 3 = as 0 with 64-query steps at D=64 too (the v6 default),
