@@ -1,13 +1,24 @@
-// Forward pass v8 (ForwardArgs::kernel = 3, the default of flexcp's ffa backend): the v4 TMA kernel
-// (ffa_fwd_tma.cu) plus
-// FlashAttention-3's intra-warpgroup overlap, a consumer ring of 3 warpgroups at D=64, a deeper K/V ring
-// with separate K and V barriers, and a softmax that seldom rescales O. docs/kernel-log.md "v8" has the
-// reasoning and the figures.
+// Forward pass v8 (ForwardArgs::kernel = 3, the default of flexcp's ffa backend) and v10 (kernel 5, the same
+// kernel on a persistent grid). v8 is the v4 TMA kernel (ffa_fwd_tma.cu) plus FlashAttention-3's
+// intra-warpgroup overlap, a consumer ring of 3 warpgroups at D=64, a deeper K/V ring with separate K and
+// V barriers, and a softmax that seldom rescales O. docs/kernel-log.md "v8" and "v10" have the reasoning
+// and the figures.
 //
-//   warpgroup 0        producer. One thread issues TMA copies: Q once, then K_0, then per key tile n >= 1
-//                      K_n followed by V_{n-1} (the order the consumers use them), into a kStages ring.
-//                      K and V have their own full/empty mbarriers, so a K stage is refilled as soon as
-//                      every consumer's S GEMM has read it, not after the P V GEMM as well.
+// A work tile is one q-side plan item (a q tile) of one query head: tile t = item t / heads_q, head
+// t % heads_q. The plan sorts items longest first, so tile numbers are a global longest-first order.
+//   kernel 3   one CTA per work tile (grid = items x heads): each CTA sets up, fills its pipeline, runs
+//              and writes out once; the prologue and the epilogue overlap no tensor-core work of its own.
+//   kernel 5   min(SMs, tiles) CTAs; CTA b runs tiles persistent_tile(j, b, grid, tiles), j = 0, 1, ...
+//              (cuda/ffa_schedule.h: round-robin, serpentine). The barriers are set up once; the K/V
+//              ring and its phases run on across tiles, so the producer loads the next tile's first K/V
+//              while the consumers finish the previous tile; the epilogue stages through its own tile,
+//              so the consumers free Q after their last S GEMM and the next Q loads during the epilogue.
+// Per work tile:
+//   warpgroup 0        producer. One thread issues TMA copies: Q, then K_0 (kernel 5: K_0, then Q once the
+//                      consumers freed it), then per key tile n >= 1 K_n followed by V_{n-1} (the order
+//                      the consumers use them), then V_last, into a kStages ring. K and V have their own
+//                      full/empty mbarriers, so a K stage is refilled as soon as every consumer's S GEMM
+//                      has read it, not after the P V GEMM as well.
 //   warpgroups 1..NC   consumers, 64 query rows each: NC = 3 at D=64 (a 192-row q tile: the plan is built
 //                      with fwd_tile_q = 192, see ffa::forward_tile_q), NC = 2 at D=128 (there S, the
 //                      packed P and O alone take the 160 registers a thread of 3 consumers may have).
@@ -20,7 +31,8 @@
 //                      see one consumer's GEMM pair after another's and every softmax has other GEMMs
 //                      to hide behind.
 //   epilogue           each consumer normalizes its rows, stages them in its own rows of the Q tile
-//                      (its last S GEMM has read them) and writes out and lse.
+//                      (kernel 3: its last S GEMM has read them) or of the staging tile (kernel 5), and
+//                      writes out and lse.
 // No CTA-wide barrier after the setup. Tiles, masks and empty rows as in the other forward kernels.
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -179,9 +191,9 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   }
   __syncthreads();
 
-  // fn(item, head, kv head, j) for this CTA's work tiles in order, j = 0, 1, ...; the producer and every consumer
-  // walk the same list. The mbarriers are initialized once (above): their phases, and the K/V ring
-  // position, run on from one work tile to the next.
+  // fn(item, head, kv head, j) for this CTA's work tiles in order, j = 0, 1, ...; the producer and every
+  // consumer walk the same list. The mbarriers are initialized once (above): their phases, and the K/V
+  // ring position, run on from one work tile to the next.
   auto for_each_tile = [&](auto&& fn) {
     if constexpr (kPersistent) {
       const int num_tiles = p.side.num_items * p.heads_q;
@@ -217,11 +229,11 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
           for (int cb = 0; cb < kCB; ++cb) tma_load_3d(sQ + cb * (kBM * 128), &tm_q, cb * 64, h, it.row_begin, full_q);
         };
         if constexpr (!kPersistent) load_q();
-        // Tile n of K or V (keys from c0) into its stage, once every consumer warp released the stage's
-        // previous tile (n - kStages).
-        auto load = [&](const CUtensorMap* tm, uint32_t dst, uint32_t full, uint32_t empty, int n, int c0) {
-          const int s = n % kStages;
-          if (n >= kStages) mbar_wait(empty + 8 * s, ((n / kStages) - 1) & 1);
+        // Tile `pos` (a ring position) of K or V (keys from c0) into its stage, once every consumer warp
+        // released the stage's previous tile (pos - kStages).
+        auto load = [&](const CUtensorMap* tm, uint32_t dst, uint32_t full, uint32_t empty, int pos, int c0) {
+          const int s = pos % kStages;
+          if (pos >= kStages) mbar_wait(empty + 8 * s, ((pos / kStages) - 1) & 1);
           mbar_expect_tx(full + 8 * s, S::kKVBytes);
 #pragma unroll
           for (int cb = 0; cb < kCB; ++cb)
