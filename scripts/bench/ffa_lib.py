@@ -57,7 +57,7 @@ def _stream():
 
 
 def forward_tile_q(kernel, d):
-    """Rows per q-side plan item that forward kernel `kernel` needs at head dim d (192 for kernels 3 and 4
+    """Rows per q-side plan item that forward kernel `kernel` needs at head dim d (192 for kernels 3 and 5
     at D=64, else 128): pass it as Plan(..., fwd_tile_q=...) for that kernel."""
     return lib().ffa_c_forward_tile_q(int(kernel), int(d))
 
@@ -96,7 +96,8 @@ def _p(t):
 
 def forward(plan, q, k, v, scale=0.0, out=None, lse=None, kernel=0):
     """kernel: 0 TMA + wgmma (default), 1 wgmma with cp.async loads, 2 mma.sync fallback, 3 v8 (TMA with
-    intra-warpgroup overlap; its plan needs fwd_tile_q=forward_tile_q(3, d))."""
+    intra-warpgroup overlap; its plan needs fwd_tile_q=forward_tile_q(3, d)), 5 v10 (v8 on a persistent grid,
+    the same plan as 3)."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty_like(q) if out is None else out

@@ -6,7 +6,9 @@ fp32 (the reference) and in the input dtype by PyTorch (the "bf16 computation").
 lse, dq, dk, dv: max|ours - ref| <= 2 * max|lowprec - ref| + atol (FlashAttention's convention), rows
 with no visible key give out 0 and lse -inf exactly, every output element is written (outputs are
 poisoned with NaN first), the deterministic mode is bitwise reproducible, the other forward kernels (1, 2,
-3 = v8 on its own plan with 192-row q tiles at D=64) meet the same rule, and the merge of two partial results equals the whole. Needs a GPU: run as
+3 = v8 on its own plan with 192-row q tiles at D=64, 5 = v8 on a persistent grid) meet the same rule, kernel
+5's out and lse equal kernel 3's bit for bit, and the merge of two partial results equals the whole. Needs a
+GPU: run as
     scripts/bench/build_ffa_lib.sh && python3 test/gpu/ffa_check.py [--quick] [--seed N]
 Exit code 0 when every case passes.
 """
@@ -203,9 +205,11 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
         errs[nm] = (e_ours, e_low)
         if not (e_ours <= 2 * e_low + atol):
             problems.append(f"{nm}: err {e_ours:.3e} > 2 * {e_low:.3e} + {atol:.1e}")
-    # The other forward kernels (1: wgmma with cp.async loads, 2: mma.sync fallback, 3: v8, on a plan with
-    # the q tile it needs) must agree as well.
-    for kern in (1, 2, 3):
+    # The other forward kernels (1: wgmma with cp.async loads, 2: mma.sync fallback, 3: v8, 5: v10 = v8 on a
+    # persistent grid, on a plan with the q tile it needs) must agree as well; 5 runs 3's arithmetic per work
+    # tile, so its result must be 3's bits.
+    fwd_k = {}
+    for kern in (1, 2, 3, 5):
         tile_q = ffa_lib.forward_tile_q(kern, d)
         plan_k = plan if tile_q == ffa_lib.forward_tile_q(0, d) else ffa_lib.Plan(slices, tq, tk, fwd_tile_q=tile_q)
         o_fb = torch.full_like(q, float("nan"))
@@ -220,6 +224,11 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
         if torch.isnan(o_fb).any() or torch.isnan(l_fb).any() or not torch.equal(torch.isneginf(l_fb), torch.isneginf(lse)):
             problems.append(f"forward kernel {kern}: NaN or -inf rows differ")
         errs[f"out_k{kern}"] = (e_fb, errs["out"][1])
+        fwd_k[kern] = (o_fb, l_fb)
+    for nm, a, b in (("out", fwd_k[5][0], fwd_k[3][0]), ("lse", fwd_k[5][1], fwd_k[3][1])):
+        if not torch.equal(a.view(torch.int16 if a.dtype != torch.float32 else torch.int32),
+                           b.view(torch.int16 if b.dtype != torch.float32 else torch.int32)):
+            problems.append(f"forward kernel 5 {nm} is not bitwise kernel 3's")
     for label, g in (("wgmma", g_wg), ("mma.sync", g_mma), ("tma 64-query steps", g_q64),
                      ("tma ping-pong", g_pp), ("tma v8 free order", g_pp5)):
         for a, nm in zip(g, ["dq", "dk", "dv"]):

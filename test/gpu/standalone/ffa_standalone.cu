@@ -1,10 +1,12 @@
 // Standalone GPU test of cuda/ffa.h with no LibTorch, small enough to run under compute-sanitizer
 // (memcheck, racecheck): a few slices of every mask type over lengths that are not tile multiples,
-// GQA 2, D 64 and 128, bf16; forward (all four kernels), backward (kernels 0-5, atomic and deterministic)
-// and merge, checked against a float64 CPU reference. Without --quick also: a longer backward case (GQA 4,
-// runs of odd and even tile counts, many steps per CTA) for the TMA backward kernels 0, 4 and 5, and a
-// longer forward case (up to 11 key tiles per item, so the K/V rings wrap several times) for the default
-// kernel 0 and kernel 3 (v8, 192-row q tiles at D=64).
+// GQA 2, D 64 and 128, bf16; forward (kernels 0-3 and 5), backward (kernels 0-5, atomic and deterministic)
+// and merge, checked against a float64 CPU reference; the same slices with 256 query heads (more work tiles
+// than SMs, so every CTA of the persistent forward kernel 5 runs several) for kernels 3 and 5. Without
+// --quick also: a longer backward case (GQA 4, runs of odd and even tile counts, many steps per CTA) for
+// the TMA backward kernels 0, 4 and 5, and a longer forward case (up to 11 key tiles per item, so the K/V
+// rings wrap several times) for the default kernel 0, kernel 3 (v8, 192-row q tiles at D=64) and kernel 5
+// (v10, v8 persistent), with 4 and with 64 query heads.
 // Exit code 0 when every check passes.
 //   scripts/bench/build_ffa_lib.sh && nvcc ... (see scripts/bench/build_ffa_lib.sh) && ./ffa_standalone
 //   compute-sanitizer --tool racecheck ./ffa_standalone --quick   (--quick: the small cases only)
@@ -88,19 +90,26 @@ std::vector<double> reference_probs(const std::vector<float>& q, const std::vect
   return p;
 }
 
-// Max |got - ref| over a device array (bf16 or fp32) against a float64 reference: -inf must match
-// exactly, NaN (unwritten, poisoned outputs) never passes. Returns 1 on failure.
-int compare(int D, const char* name, const void* dptr, const std::vector<double>& ref, bool is_bf16, double tol) {
-  std::vector<float> got(ref.size());
+// A device array of n bf16 or fp32 values, as floats.
+std::vector<float> download(const void* dptr, size_t n, bool is_bf16) {
+  std::vector<float> got(n);
   if (is_bf16) {
-    std::vector<bf16> b(ref.size());
+    std::vector<bf16> b(n);
     CK(cudaMemcpy(b.data(), dptr, b.size() * 2, cudaMemcpyDeviceToHost));
-    for (size_t n = 0; n < b.size(); ++n) got[n] = __bfloat162float(b[n]);
+    for (size_t i = 0; i < n; ++i) got[i] = __bfloat162float(b[i]);
   } else {
     CK(cudaMemcpy(got.data(), dptr, got.size() * 4, cudaMemcpyDeviceToHost));
   }
+  return got;
+}
+
+// Max |got - ref| against a float64 reference over the elements where `checked` is empty or true: -inf
+// must match exactly, NaN (unwritten, poisoned outputs) never passes. Returns 1 on failure.
+int compare_values(int D, const char* name, const std::vector<float>& got, const std::vector<double>& ref, double tol,
+                   const std::vector<bool>& checked = {}) {
   double err = 0, mag = 0;
   for (size_t n = 0; n < ref.size(); ++n) {
+    if (!checked.empty() && !checked[n]) continue;
     if (std::isinf(ref[n])) {
       if (!(std::isinf(got[n]) && got[n] < 0)) err = INFINITY;
       continue;
@@ -112,6 +121,23 @@ int compare(int D, const char* name, const void* dptr, const std::vector<double>
   const bool ok = err <= tol * std::max(1.0, mag);
   std::printf("  D=%d %-22s max err %.3e (|ref| %.2f) %s\n", D, name, err, mag, ok ? "ok" : "FAIL");
   return ok ? 0 : 1;
+}
+
+// The same for a device array (bf16 or fp32) against a float64 reference of every element.
+int compare(int D, const char* name, const void* dptr, const std::vector<double>& ref, bool is_bf16, double tol) {
+  return compare_values(D, name, download(dptr, ref.size(), is_bf16), ref, tol);
+}
+
+// Bitwise equality of two device arrays (kernel 5 runs kernel 3's arithmetic per work tile, in the same
+// order, so its out and lse must be the same bits). Returns 1 on failure.
+int compare_bitwise(int D, const char* name, const void* a, const void* b, size_t bytes) {
+  std::vector<unsigned char> ha(bytes), hb(bytes);
+  CK(cudaMemcpy(ha.data(), a, bytes, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(hb.data(), b, bytes, cudaMemcpyDeviceToHost));
+  size_t diff = 0;
+  for (size_t n = 0; n < bytes; ++n) diff += ha[n] != hb[n];
+  std::printf("  D=%d %-22s %zu of %zu bytes differ %s\n", D, name, diff, bytes, diff == 0 ? "ok" : "FAIL");
+  return diff == 0 ? 0 : 1;
 }
 
 // The plan for the slices with q-side items of fwd_tile_q rows, on the device (freed with the struct).
@@ -231,8 +257,9 @@ int run(int D, const Case& c) {
     check(names[2 * kern], dout_.p, ro, true, 2e-2);
     check(names[2 * kern + 1], dlse.p, rl, false, 1e-3);
   }
-  // Kernel 3 (v8) on its own plan (192-row q tiles at D=64); the backward below uses kernel 0's result.
-  for (int kern : {3}) {
+  // Kernels 3 (v8) and 5 (v10: v8 persistent) on their plan (192-row q tiles at D=64); the backward below
+  // uses kernel 0's result.
+  for (int kern : {3, 5}) {
     PlanOnDevice p3(slices, tq, tk, ffa::forward_tile_q(kern, D));
     ffa::ForwardArgs f3 = fa;
     f3.kernel = kern;
@@ -243,8 +270,8 @@ int run(int D, const Case& c) {
     CK(cudaMemset(l3.p, 0xff, rl.size() * 4));
     ffa::forward(f3, p3.dev, 0);
     CK(cudaDeviceSynchronize());
-    check("out (v8)", o3.p, ro, true, 2e-2);
-    check("lse (v8)", l3.p, rl, false, 1e-3);
+    check(kern == 3 ? "out (v8)" : "out (v10)", o3.p, ro, true, 2e-2);
+    check(kern == 3 ? "lse (v8)" : "lse (v10)", l3.p, rl, false, 1e-3);
   }
   // Every backward kernel (0 TMA, 1 wgmma, 2 mma.sync, 3 TMA with 64-query steps, 4 ping-pong (v8),
   // 5 the same without the ping-pong order), each with atomic and deterministic dQ.
@@ -297,29 +324,59 @@ int run(int D, const Case& c) {
   return failures;
 }
 
-// Forward only, on items with many key tiles: rows [0, 300) see 1000-1300 keys (causal, bottom-right
-// aligned), rows [300, 500) see a full block, an inverse-causal block and a diagonal band (three runs of
-// different cuts per item, masked and unmasked), rows [500, 530) see nothing (out 0, lse -inf). GQA 2.
-// Kernels 0, 3 and 4, each on the plan it needs; float64 reference.
-int run_long(int D) {
-  const int tq = 530, tk = 1300, hq = 4, hkv = 2, g = hq / hkv;
+// A forward-only case: shape, slices, the forward kernels to run (each on the plan it needs) and which
+// query heads the float64 reference checks (h % ref_head_step == ref_head_step - 1: one head per kv head
+// when ref_head_step is the GQA group; 1 = every head).
+struct ForwardCase {
+  const char* label;
+  int tq, tk, hq, hkv;
+  std::vector<ffa::Slice> slices;
+  std::vector<int> kernels;
+  int ref_head_step;
+};
+
+// The small case's slices with 256 query heads (GQA 128): 512 work tiles for the forward kernels 3 and 5,
+// so that on an H100 (132 SMs) every CTA of kernel 5 runs 3 or 4 tiles back to back (the K/V ring, Q and
+// the staging tile reused across tiles, the turn ring carried over). Small enough for racecheck.
+ForwardCase many_heads_case() {
+  return {"h256", 150, 133, 256, 2, small_case(64).slices, {3, 5}, 1};
+}
+
+// Items with many key tiles: rows [0, 300) see 1000-1300 keys (causal, bottom-right aligned), rows
+// [300, 500) see a full block, an inverse-causal block and a diagonal band (three runs of different cuts
+// per item, masked and unmasked), rows [500, 530) see nothing (out 0, lse -inf). GQA 2, 4 heads: kernels
+// 0, 3 and 5 (5 with one tile per CTA); with 128 heads (GQA 16; 640 work tiles at D=64, 768 at D=128,
+// 5-6 per CTA of kernel 5, among them the empty items) kernels 3 and 5, the reference on 8 heads.
+ForwardCase long_case(int heads_q) {
   const std::vector<ffa::Slice> slices = {{0, 300, 0, 1300, ffa::Mask::Causal},
                                           {300, 500, 0, 700, ffa::Mask::Full},
                                           {300, 500, 700, 1100, ffa::Mask::InvCausal},
                                           {300, 500, 1100, 1300, ffa::Mask::BiCausal}};
+  if (heads_q == 4) return {"long", 530, 1300, 4, 2, slices, {0, 3, 5}, 1};
+  return {"long h128", 530, 1300, 128, 8, slices, {3, 5}, 16};
+}
+
+// Runs the case's forward kernels against the float64 reference (on the heads it names); when it runs
+// both 3 and 5, their out and lse must also be the same bits.
+int run_forward(int D, const ForwardCase& c) {
+  const int tq = c.tq, tk = c.tk, hq = c.hq, hkv = c.hkv, g = hq / hkv;
+  const std::vector<ffa::Slice>& slices = c.slices;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  std::mt19937 rng(7 + D);
+  std::mt19937 rng(7 + D + hq);
   const auto q = random_bf16(rng, size_t(tq) * hq * D), k = random_bf16(rng, size_t(tk) * hkv * D),
              v = random_bf16(rng, size_t(tk) * hkv * D);
-  std::vector<double> ro(q.size()), rl(size_t(tq) * hq);
-  for (int h = 0; h < hq; ++h)
+  std::vector<double> ro(q.size(), 0), rl(size_t(tq) * hq, 0);
+  std::vector<bool> o_checked(q.size(), false), l_checked(rl.size(), false);
+  for (int h = c.ref_head_step - 1; h < hq; h += c.ref_head_step)
     for (int i = 0; i < tq; ++i) {
       const int hk = h / g;
       const std::vector<double> p = reference_probs(q, k, slices, i, h, g, hq, hkv, tk, D, scale, rl[size_t(i) * hq + h]);
+      l_checked[size_t(i) * hq + h] = true;
       for (int d = 0; d < D; ++d) {
         double o = 0;
         for (int j = 0; j < tk; ++j) o += p[j] * v[(size_t(j) * hkv + hk) * D + d];
         ro[(size_t(i) * hq + h) * D + d] = o;
+        o_checked[(size_t(i) * hq + h) * D + d] = true;
       }
     }
   auto upload = [](const std::vector<float>& f, Dev& dst) {
@@ -328,11 +385,13 @@ int run_long(int D) {
     CK(cudaMemcpy(dst.p, b.data(), b.size() * 2, cudaMemcpyHostToDevice));
   };
   Dev dq(q.size() * 2), dk(k.size() * 2), dv(v.size() * 2), dout(q.size() * 2), dlse(rl.size() * 4);
+  Dev out3(q.size() * 2), lse3(rl.size() * 4);  // kernel 3's result, for the bitwise comparison with 5
   upload(q, dq);
   upload(k, dk);
   upload(v, dv);
   int failures = 0;
-  for (int kern : {0, 3}) {
+  bool have3 = false;
+  for (int kern : c.kernels) {
     PlanOnDevice plan(slices, tq, tk, ffa::forward_tile_q(kern, D));
     ffa::ForwardArgs fa;
     fa.dims = {tq, tk, hq, hkv, D};
@@ -345,9 +404,19 @@ int run_long(int D) {
     CK(cudaMemset(dlse.p, 0xff, rl.size() * 4));
     ffa::forward(fa, plan.dev, 0);
     CK(cudaDeviceSynchronize());
-    const char* name = kern == 0 ? "tma" : "v8";
-    failures += compare(D, (std::string("long out (") + name + ")").c_str(), dout.p, ro, true, 2e-2);
-    failures += compare(D, (std::string("long lse (") + name + ")").c_str(), dlse.p, rl, false, 1e-3);
+    const char* kname = kern == 0 ? "tma" : kern == 3 ? "v8" : "v10";
+    const std::string on = std::string(c.label) + " out (" + kname + ")";
+    const std::string ln = std::string(c.label) + " lse (" + kname + ")";
+    failures += compare_values(D, on.c_str(), download(dout.p, ro.size(), true), ro, 2e-2, o_checked);
+    failures += compare_values(D, ln.c_str(), download(dlse.p, rl.size(), false), rl, 1e-3, l_checked);
+    if (kern == 3) {
+      CK(cudaMemcpy(out3.p, dout.p, q.size() * 2, cudaMemcpyDeviceToDevice));
+      CK(cudaMemcpy(lse3.p, dlse.p, rl.size() * 4, cudaMemcpyDeviceToDevice));
+      have3 = true;
+    } else if (kern == 5 && have3) {
+      failures += compare_bitwise(D, (std::string(c.label) + " out v10 = v8").c_str(), dout.p, out3.p, q.size() * 2);
+      failures += compare_bitwise(D, (std::string(c.label) + " lse v10 = v8").c_str(), dlse.p, lse3.p, rl.size() * 4);
+    }
   }
   return failures;
 }
@@ -358,11 +427,15 @@ int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";  // the small cases only (racecheck)
   int failures = 0;
   try {
-    for (int D : {64, 128}) failures += run(D, small_case(D));
+    for (int D : {64, 128}) {
+      failures += run(D, small_case(D));
+      failures += run_forward(D, many_heads_case());
+    }
     if (!quick)
       for (int D : {64, 128}) {
         failures += run(D, long_backward_case());
-        failures += run_long(D);
+        failures += run_forward(D, long_case(4));
+        failures += run_forward(D, long_case(128));
       }
   } catch (const std::exception& e) {
     std::printf("exception: %s\n", e.what());
