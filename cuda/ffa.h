@@ -53,15 +53,17 @@ struct ForwardArgs {
   // cp.async loads, 2 = mma.sync (FlashAttention-2 style fallback), 3 = v8 (flexcp's ffa backend
   // default): 0 plus the softmax of a key tile overlapped with the next tile's S GEMM inside each
   // consumer warpgroup and, at D=64, three consumer warpgroups over 192-row q tiles. (4 was v9, a
-  // polynomial exp2 for part of the softmax: 5-7% slower, removed; docs/kernel-log.md "v9".) The plan's
-  // q tile must be forward_tile_q(kernel, head_dim).
+  // polynomial exp2 for part of the softmax: 5-7% slower, removed and refused; docs/kernel-log.md "v9".)
+  // 5 = v10: v8 on a persistent grid (one CTA per SM walks a static list of work tiles, so one tile's
+  // epilogue and the next one's loads overlap; the same results as 3, bit for bit; opt-in until timed,
+  // docs/kernel-log.md "v10"). The plan's q tile must be forward_tile_q(kernel, head_dim).
   int kernel = 0;
 };
 
 void forward(const ForwardArgs& args, const DevicePlan& plan, cudaStream_t stream);
 
-// Query rows per q-side plan item that forward kernel `kernel` needs at `head_dim`: 192 for kernel 3
-// at D=64, else 128 (PlanConfig{}.fwd_tile_q). Build the plan with PlanConfig::fwd_tile_q set to it. The
+// Query rows per q-side plan item that forward kernel `kernel` needs at `head_dim`: 192 for kernels 3
+// and 5 at D=64, else 128 (PlanConfig{}.fwd_tile_q). Build the plan with PlanConfig::fwd_tile_q set to it. The
 // backward reads the q side only when deterministic, and then needs 128.
 int forward_tile_q(int kernel, int head_dim);
 

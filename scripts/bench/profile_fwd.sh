@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Nsight Compute snapshot of one forward kernel (GPU machine): speed of light, warp stalls, instruction mix.
 #   FFA_LIB=... scripts/bench/profile_fwd.sh "b: S=8192 Hq=Hkv=16 D=128 full" fwd_wgmma [SKIP]
-# Kernel names: fwd_tma (kernel 0, the default), fwd_overlap (kernel 3, v8; with SKIP = 1 kernel 4, v9,
-# which the bench launches right after kernel 3's first call), fwd_wgmma (1), fwd_kernel (2).
+# Kernel names: fwd_tma (kernel 0), fwd_overlap (kernels 3 and 5, one template: SKIP = 0 is kernel 3, v8;
+# SKIP = 1 kernel 5, v10 persistent, which the bench launches right after kernel 3's first call; or
+# "fwd_overlap_kernel.*Lb1" for kernel 5 alone), fwd_wgmma (1), fwd_kernel (2).
 set -euo pipefail
 shape=${1:-full}
 kernel=${2:-fwd_wgmma}

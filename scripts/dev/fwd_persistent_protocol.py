@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Randomized model of the synchronization protocol of forward kernels 3 and 5 (cuda/ffa_fwd_overlap.cu:
+v8, and v10 = v8 on a persistent grid), written without a GPU to check kernel 5's cross-tile protocol before
+its first run. One CTA: the producer thread, kNC consumer warpgroups (one arrival per warpgroup stands for
+its four warps' arrivals) and the TMA unit (copies complete later, in any order). Kernel 3 runs one work
+tile; kernel 5 a list of them (any number of key tiles each, 0 included) with the K/V ring position, the
+mbarrier phases and the turn ring carried over. Named barriers follow the hardware rule (bar.sync and
+bar.arrive both count threads; the barrier completes at its count and releases the syncing threads);
+mbarrier waits are parity waits on a phase bit, as in hardware. Checks: no deadlock; every named-barrier
+completion releases a waiting consumer (an arrive never meets another arrive of the same round: the
+one-token ring); no barrier left with arrivals at exit; a TMA never writes a Q, K or V buffer that a GEMM
+may still read; a GEMM reads the Q of its own work tile and the K/V tile of its ring position.
+It mirrors the kernel by hand: change both together.
+    python3 scripts/dev/fwd_persistent_protocol.py [seed] [mutation ...]
+Mutations (each must fail): pertile (kernel 5 starts and ends the turn ring every work tile, as kernel 3
+does once), earlyq (kernel 5 frees Q when the tile's last S GEMM is issued, not when it completed), noqwait
+(the producer loads Q without waiting for empty_q), noparity (the K ring's waits use phase 0 always)."""
+import random
+import sys
+
+MUT = set(sys.argv[2:])
+
+
+class NamedBarrier:
+    def __init__(self, count):
+        self.count, self.arrived, self.waiting = count, 0, []
+
+    def arrive(self, threads):
+        self.arrived += threads
+        assert self.arrived <= self.count, "over-arrival"
+        if self.arrived == self.count:
+            self.arrived = 0
+            released, self.waiting = self.waiting, []
+            assert released, "a named barrier completed with arrives only (two arrives of one round: the ring broke)"
+            return released
+        return []
+
+
+class MBar:
+    def __init__(self, count):
+        self.count, self.arrived, self.phase = count, 0, 0
+
+    def arrive(self):
+        self.arrived += 1
+        assert self.arrived <= self.count
+        if self.arrived == self.count:
+            self.arrived, self.phase = 0, self.phase ^ 1
+
+
+def simulate(kernel, nc, stages, tiles, rng):
+    """tiles: key tiles per work tile of this CTA (kernel 3: exactly one work tile)."""
+    persistent = kernel == 5
+    bars = {i: NamedBarrier(256) for i in range(1, nc + 1)}
+    full_q, empty_q = MBar(1), MBar(nc)
+    full_k, full_v = [MBar(1) for _ in range(stages)], [MBar(1) for _ in range(stages)]
+    empty_k, empty_v = [MBar(nc) for _ in range(stages)], [MBar(nc) for _ in range(stages)]
+    mb = {'full_q': [full_q], 'empty_q': [empty_q], 'full_k': full_k, 'full_v': full_v, 'empty_k': empty_k,
+          'empty_v': empty_v}
+    # Buffer contents ('w' while a TMA writes) and the consumers whose GEMMs may still read them.
+    data = {('q', 0): None}
+    readers = {('q', 0): set()}
+    for s in range(stages):
+        for x in 'kv':
+            data[(x, s)], readers[(x, s)] = None, set()
+    tma = []  # copies in flight: (buffer, value, barrier list, index)
+
+    def tma_load(buf, value, bar, idx):
+        assert not readers[buf], f"TMA into {buf} (for {value}) while GEMMs of consumers {readers[buf]} may read it"
+        data[buf] = 'w'
+        tma.append((buf, value, bar, idx))
+
+    def parity_wait(bar, idx, parity):
+        return ('wait', bar, idx, parity)
+
+    def producer():
+        n = 0
+        for j, nt in enumerate(tiles):
+            def load_q():
+                if persistent and j > 0 and 'noqwait' not in MUT:
+                    yield parity_wait('empty_q', 0, (j - 1) & 1)
+                tma_load(('q', 0), j, 'full_q', 0)
+
+            def load(x, pos):
+                s = pos % stages
+                if pos >= stages:
+                    yield parity_wait('empty_' + x, s, 0 if 'noparity' in MUT and x == 'k' else ((pos // stages) - 1) & 1)
+                tma_load((x, s), pos, 'full_' + x, s)
+
+            if not persistent:
+                yield from load_q()
+            n_first = n
+            for _ in range(nt):
+                yield from load('k', n)
+                if n > n_first:
+                    yield from load('v', n - 1)
+                elif persistent:
+                    yield from load_q()
+                n += 1
+                yield ('work',)
+            if n > n_first:
+                yield from load('v', n - 1)
+            elif persistent:
+                yield from load_q()
+
+    def consumer(c):
+        last = nc - 1
+        mine, nxt = 1 + c, 1 + (c + 1) % nc
+        ring_per_tile = not persistent or 'pertile' in MUT
+        if not ring_per_tile and c == last:
+            yield ('arrive', 1)
+        n_base = 0
+        for j, nt in enumerate(tiles):
+            if ring_per_tile and c == last:
+                yield ('arrive', 1)
+            yield parity_wait('full_q', 0, j & 1)
+            assert data[('q', 0)] == j, f"consumer {c} tile {j}: Q holds {data[('q', 0)]}"
+
+            def wait_full(x, n):
+                pos = n_base + n
+                s = pos % stages
+                yield parity_wait('full_' + x, s, 0 if 'noparity' in MUT and x == 'k' else (pos // stages) & 1)
+                assert data[(x, s)] == pos, f"consumer {c}: {x} stage {s} holds {data[(x, s)]}, wants {pos}"
+
+            def release(x, n):
+                s = (n_base + n) % stages
+                readers[(x, s)].discard(c)
+                yield ('mbar', 'empty_' + x, s)
+
+            def issue_s(n):
+                readers[('q', 0)].add(c)
+                readers[('k', (n_base + n) % stages)].add(c)
+
+            q_freed = False
+            if nt > 0:
+                yield from wait_full('k', 0)
+                yield ('sync', mine)
+                issue_s(0)
+                if 'earlyq' in MUT and persistent and nt == 1:
+                    yield ('mbar', 'empty_q', 0)
+                    q_freed = True
+                yield ('arrive', nxt)
+                readers[('q', 0)].discard(c)  # wait<0>: S_0 complete
+                yield from release('k', 0)
+                yield ('work',)  # softmax
+                for n in range(1, nt):
+                    yield from wait_full('k', n)
+                    yield ('sync', mine)
+                    issue_s(n)
+                    if 'earlyq' in MUT and persistent and n == nt - 1:
+                        yield ('mbar', 'empty_q', 0)
+                        q_freed = True
+                    yield from wait_full('v', n - 1)
+                    readers[('v', (n_base + n - 1) % stages)].add(c)
+                    yield ('arrive', nxt)
+                    yield ('work',)
+                    readers[('q', 0)].discard(c)  # wait<1>: S_n complete
+                    yield from release('k', n)
+                    yield ('work',)  # softmax
+                    yield from release('v', n - 1)  # wait<0>: P V complete
+                if persistent and not q_freed:
+                    assert c not in readers[('q', 0)]
+                    yield ('mbar', 'empty_q', 0)
+                yield from wait_full('v', nt - 1)
+                readers[('v', (n_base + nt - 1) % stages)].add(c)
+                yield ('work',)
+                yield from release('v', nt - 1)
+            elif persistent:
+                yield ('mbar', 'empty_q', 0)
+            if ring_per_tile and c == 0:
+                yield ('sync', 1)
+            yield ('work',)  # epilogue (kernel 5: its own staging tile; kernel 3: Q, whose readers are done)
+            n_base += nt
+        if not ring_per_tile and c == 0:
+            yield ('sync', 1)
+
+    roles = {'prod': producer()}
+    for c in range(nc):
+        roles[f'c{c}'] = consumer(c)
+    pending = {name: None for name in roles}
+    done = set()
+
+    def ready(name):
+        op = pending[name]
+        if op is None:
+            return True
+        if op[0] == 'sync':
+            return False
+        if op[0] == 'wait':
+            return mb[op[1]][op[2]].phase != op[3]
+        return True
+
+    while len(done) < len(roles) or tma:
+        runnable = [r for r in roles if r not in done and ready(r)]
+        if tma:
+            runnable.append('tma')
+        if not runnable:
+            raise AssertionError(f"deadlock: pending {pending}, named barrier counts "
+                                 f"{ {k: b.arrived for k, b in bars.items() if b.arrived} }")
+        name = rng.choice(runnable)
+        if name == 'tma':
+            buf, value, bar, idx = tma.pop(rng.randrange(len(tma)))
+            data[buf] = value
+            mb[bar][idx].arrive()
+            continue
+        pending[name] = None
+        try:
+            op = next(roles[name])
+        except StopIteration:
+            done.add(name)
+            continue
+        kind = op[0]
+        if kind == 'arrive':
+            for waiter in bars[op[1]].arrive(128):
+                pending[waiter] = None
+        elif kind == 'sync':
+            bar = bars[op[1]]
+            bar.waiting.append(name)
+            released = bar.arrive(128)
+            if name not in released:
+                pending[name] = op
+            for waiter in released:
+                pending[waiter] = None
+        elif kind == 'wait':
+            pending[name] = op
+            if ready(name):
+                pending[name] = None
+        elif kind == 'mbar':
+            mb[op[1]][op[2]].arrive()
+    left = {k: b.arrived for k, b in bars.items() if b.arrived}
+    assert not left, f"named barriers left with arrivals at exit: {left}"
+
+
+def main():
+    rng = random.Random(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+    trials = 0
+    for nc, stages in ((3, 4), (2, 2)):  # D=64, D=128
+        for kernel in (3, 5):
+            for _ in range(1500):
+                if kernel == 3:
+                    tiles = [rng.choice([0, 1, 2, 3, 5, 9])]
+                else:
+                    tiles = [rng.choice([0, 0, 1, 2, 3, 4, 7]) for _ in range(rng.randint(0, 5))]
+                simulate(kernel, nc, stages, tiles, rng)
+                trials += 1
+    print(f"{trials} random schedules: no deadlock, no hazard" + (f" (mutations {sorted(MUT)})" if MUT else ""))
+
+
+if __name__ == "__main__":
+    main()
