@@ -202,7 +202,8 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
         const int tile = persistent_tile(j, blockIdx.x, gridDim.x, num_tiles);
         if (tile < 0) break;
         const int h = tile % p.heads_q;
-        fn(p.side.items[tile / p.heads_q], h, h / p.group, j);
+        const Item it = p.side.items[tile / p.heads_q];  // a copy: read once, not again after each store
+        fn(it, h, h / p.group, j);
       }
     } else {
       fn(it_cta, h_cta, hk_cta, 0);
