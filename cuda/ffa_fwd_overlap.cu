@@ -213,7 +213,12 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   // ---------------------------------------------------------------------------------------------
   // Producer, per work tile: Q, K_0 (kernel 5: K_0, then Q), then (K_n, V_{n-1}) for n >= 1, then V_last.
   // n is the ring position: key tiles counted over the CTA's work tiles so far plus the tile's own index;
-  // tile n lives in stage n % kStages.
+  // tile n lives in stage n % kStages, and its full/empty barriers are in phase n / kStages there. The
+  // consumers count the same positions (n_base + their index), so across tiles the stages and phases
+  // agree as within one: each K/V stage is filled once per lap of the ring, whichever tile the lap
+  // belongs to, and a wait for phase k is only reached after phase k - 1 of the same barrier was seen
+  // complete, so a parity wait can never mistake phase k - 2 for k. A tile with no key tiles loads no
+  // K/V and moves no K/V phase.
   if (wg == 0) {
     setmaxnreg_dec<S::kProducerRegs>();
     if (tid == 0) {
