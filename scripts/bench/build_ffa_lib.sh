@@ -5,6 +5,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${1:-$root/build-ffa}
 mkdir -p "$out"
+rm -f "$out"/*.o  # objects of sources since renamed or removed would be linked in below
 nvcc=${NVCC:-nvcc}
 flags=(-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I"$root" -Xcompiler -fPIC --expt-relaxed-constexpr -lineinfo)
 pids=()
