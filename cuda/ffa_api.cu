@@ -167,7 +167,8 @@ void backward(const BackwardArgs& a, const DevicePlan& plan, cudaStream_t stream
   p.q_side = q_view(plan);
   p.k_side = k_view(plan);
   if (a.kernel == 4)
-    fail(where, "backward kernel 4 (ping-pong) was removed", "use 5 (the same kernel without the ping-pong order)");
+    fail(where, "backward kernel 4 (ping-pong) was removed",
+         "use 5, the same kernel without the ping-pong order (BackwardArgs::kernel; FLEXCP_FFA_BWD_KERNEL in flexcp)");
   if (a.kernel < 0 || a.kernel > 5)
     fail(where, "unknown backward kernel " + std::to_string(a.kernel),
          "use 0 (tma), 1 (wgmma), 2 (mma.sync), 3 (tma with 64-query steps) or 5 (tma, dQ writer warps)");
