@@ -9,7 +9,8 @@
 # smoke (scripts/gpu-smoke.sh), train (train-vs-hf.sh; TRAIN_ARGS are passed on), train-variants (flexcp
 # alone under each environment of VARIANTS, ';'-separated, e.g. "FLEXCP_FFA_FWD_KERNEL=0;FLEXCP_FFA_BWD_KERNEL=0"),
 # bench-variant (libffa built again with the nvcc flags VARIANT_NVCC_FLAGS, e.g. -DFFA_FWD_STAGES_D128=3, into build-ffa-var/;
-# our kernels alone timed with it, then with the default build, then with it again).
+# our kernels alone timed with it, then with the default build, then with it again), profile (ncu of
+# flexcp's default forward and backward kernels on shape (a): profile-fwd.log, profile-bwd.log).
 # Logs go to $OUT/<step>.log; one line per step says ok/FAILED and its seconds.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -67,6 +68,9 @@ for s in "${steps[@]}"; do
         echo "   $lib (build-ffa-var: VARIANT_NVCC_FLAGS='${VARIANT_NVCC_FLAGS:-}'):"
         grep -E "forward|backward alone|default pair" "$out/bench-$lib.log"
       done ;;
+    profile)
+      FFA_LIB=$root/build-ffa/libffa.so step profile-fwd 200 bash scripts/bench/profile_fwd.sh "a: S=8192" fwd_overlap
+      FFA_LIB=$root/build-ffa/libffa.so step profile-bwd 200 bash scripts/bench/profile_bwd.sh "a: S=8192" 5 ;;
     *) echo "gpu-session.sh: unknown step '$s' (see the header)"; failed=$((failed + 1)) ;;
   esac
 done
