@@ -42,6 +42,10 @@ namespace {
 
 using namespace dev;
 
+#ifndef FFA_FWD_STAGES_D128
+#define FFA_FWD_STAGES_D128 2
+#endif
+
 constexpr int kBN = kPlanTileQCols;  // keys per tile (the q-side plan's column tile)
 
 // Everything that differs between the two head dims.
@@ -49,13 +53,16 @@ template <int D>
 struct Shape {
   static constexpr int kConsumers = D == 64 ? 3 : 2;
   static constexpr int kBM = 64 * kConsumers;  // query rows per CTA (= the plan's fwd_tile_q)
-  static constexpr int kStages = D == 64 ? 4 : 2;  // D=128: 2 stages of K+V already take 128 KB
+  // D=128: 2 stages of K+V take 128 KB; 3 (192 KB + the 32 KB Q tile) fit just under the 227 KB limit
+  // and are tried as a variant build (-DFFA_FWD_STAGES_D128=3, scripts/dev/gpu-session.sh bench-variant).
+  static constexpr int kStages = D == 64 ? 4 : FFA_FWD_STAGES_D128;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   // setmaxnreg budgets: 128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536.
   static constexpr int kProducerRegs = kConsumers == 3 ? 32 : 24;
   static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : 240;
   static constexpr uint32_t kQBytes = kBM * D * 2, kKVBytes = kBN * D * 2;
   static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + 1024 + 8 * (1 + 4 * kStages);
+  static_assert(kSmem <= 227 * 1024, "dynamic shared memory per block on sm_90");
 };
 
 // A row keeps its running max until a tile's max exceeds it by more than this (log2 units): P = 2^(s -

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Nsight Compute snapshot of one forward kernel (GPU machine): speed of light, warp stalls, instruction mix.
 #   FFA_LIB=... scripts/bench/profile_fwd.sh "b: S=8192 Hq=Hkv=16 D=128 full" fwd_wgmma [SKIP]
-# Kernel names: fwd_tma (kernel 0, the default), fwd_overlap (kernel 3, v8; with SKIP = 1 kernel 4, v9,
-# which the bench launches right after kernel 3's first call), fwd_wgmma (1), fwd_kernel (2).
+# Kernel names: fwd_tma (kernel 0), fwd_overlap (kernel 3, v8, flexcp's default; the bench launches it
+# first, SKIP = 1 gives its next instantiation launched), fwd_wgmma (1), fwd_kernel (2).
 set -euo pipefail
 shape=${1:-full}
 kernel=${2:-fwd_wgmma}
 skip=${3:-0}
 cd "$(dirname "$0")/../.."
-ncu --kernel-name "regex:${kernel}" --launch-skip "$skip" --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+ncu --clock-control none --kernel-name "regex:${kernel}" --launch-skip "$skip" --launch-count 1 --section SpeedOfLight --section WarpStateStats \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
     python3 scripts/bench/attention_bench.py --which ours --only "$shape"
