@@ -81,10 +81,10 @@ struct BackwardArgs {
   // dK/dV kernel: 0 = TMA producer + two wgmma consumer warpgroups (sm_90a, the default; the
   // deterministic mode runs 1 instead; 128-query steps at D=64), 1 = wgmma with cp.async loads,
   // 2 = mma.sync (FlashAttention-2 style fallback), 3 = as 0 with 64-query steps at D=64 too (the
-  // previous default, kept for comparison; the same as 0 at D=128), 4 = as 0 with the two consumer
-  // warpgroups out of lockstep (ping-pong), dQ writer warps and per-head lse/delta (docs/kernel-log.md
-  // v8-bwd; opt-in until measured; deterministic calls run 1), 5 = 4 without the ping-pong issue order
-  // and without the dQ job slot (its dQ writers walk the steps; the candidate to replace 4 once timed).
+  // previous default, kept for comparison; the same as 0 at D=128), 5 = as 0 with the two consumer
+  // warpgroups out of lockstep, dQ writer warps and per-head lse/delta (docs/kernel-log.md v8-bwd;
+  // flexcp's ffa backend default; deterministic calls run 1). (4, the same with a ping-pong issue order
+  // and a dQ job slot, was removed: as fast as 5, and racecheck reported its job slot.)
   int kernel = 0;
 };
 

@@ -87,7 +87,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
-// delta (Tq, Hq), or for backward kernels 4 and 5 (never deterministic) the per-head stats in the same
+// delta (Tq, Hq), or for backward kernel 5 (never deterministic) the per-head stats in the same
 // memory (BwdParams::stats: lse and delta, stats_rows_for(Tq) rows per head).
 size_t delta_region_bytes(const Dims& d, bool deterministic) {
   const size_t rowheads = static_cast<size_t>(d.num_q) * static_cast<size_t>(d.heads_q);
@@ -105,8 +105,10 @@ int forward_tile_q(int kernel, int head_dim) {
 void forward(const ForwardArgs& a, const DevicePlan& plan, cudaStream_t stream) {
   const char* where = "ffa::forward";
   const Dims& d = a.dims;
-  // 4 was v9 (a polynomial exp2), removed: refused like any unknown number.
-  if (a.kernel < 0 || a.kernel > 5 || a.kernel == 4)
+  if (a.kernel == 4)
+    fail(where, "forward kernel 4 (v9, a polynomial exp2) was removed",
+         "use 3 (v8) or 5 (v8 on a persistent grid) (ForwardArgs::kernel; FLEXCP_FFA_FWD_KERNEL in flexcp)");
+  if (a.kernel < 0 || a.kernel > 5)
     fail(where, "unknown forward kernel " + std::to_string(a.kernel),
          "use 0 (tma), 1 (wgmma), 2 (mma.sync), 3 (v8: tma with intra-warpgroup overlap) or 5 (v10: v8 on a "
          "persistent grid)");
@@ -168,10 +170,12 @@ void backward(const BackwardArgs& a, const DevicePlan& plan, cudaStream_t stream
   p.scale_log2 = p.scale * kLog2e;
   p.q_side = q_view(plan);
   p.k_side = k_view(plan);
+  if (a.kernel == 4)
+    fail(where, "backward kernel 4 (ping-pong) was removed",
+         "use 5, the same kernel without the ping-pong order (BackwardArgs::kernel; FLEXCP_FFA_BWD_KERNEL in flexcp)");
   if (a.kernel < 0 || a.kernel > 5)
     fail(where, "unknown backward kernel " + std::to_string(a.kernel),
-         "use 0 (tma), 1 (wgmma), 2 (mma.sync), 3 (tma with 64-query steps), 4 (tma, ping-pong) or 5 (4 without "
-         "the ping-pong order)");
+         "use 0 (tma), 1 (wgmma), 2 (mma.sync), 3 (tma with 64-query steps) or 5 (tma, dQ writer warps)");
   detail::launch_backward(static_cast<int>(a.dtype), d.head_dim, a.deterministic, a.kernel, p, stream);
 }
 

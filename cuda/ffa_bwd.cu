@@ -32,7 +32,7 @@ __device__ __forceinline__ float to_f<__half>(__half x) {
   return __half2float(x);
 }
 
-// One thread per 8 elements of a (row, head): delta = sum(dout * out); also zeroes dq_accum. Kernel 4
+// One thread per 8 elements of a (row, head): delta = sum(dout * out); also zeroes dq_accum. Kernel 5
 // reads per-head stats instead (p.stats set): the (row, head) pairs are then walked head-major over
 // p.stats_rows rows per head, and lse * log2(e) (+inf for rows with no key) and delta go to p.stats
 // (rows past num_q: +inf and 0, so a step reaching past the end needs no test).
@@ -446,11 +446,10 @@ void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& para
   BwdParams p = params;
   const int64_t grid_kv = 2 * static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;  // two CTAs per item
   const bool tma = grid_kv > 0 && !deterministic && dkdv_tma_supported(p);
-  const bool pingpong_kernel = tma && (dkdv == 4 || dkdv == 5);
-  if (pingpong_kernel) {  // per-head stats in the memory of delta (ffa_api.cu sizes it)
+  const bool dqwriter_kernel = tma && dkdv == 5;
+  if (dqwriter_kernel) {  // per-head stats in the memory of delta (ffa_api.cu sizes it)
     p.stats = p.delta;
     p.stats_rows = static_cast<int>(stats_rows_for(p.num_q));
-    p.pingpong = dkdv == 4;
   }
   const int64_t rowheads = static_cast<int64_t>(p.num_q) * p.heads_q;
   const int64_t threads = rowheads * (D / 8);
@@ -460,8 +459,8 @@ void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& para
     check(cudaGetLastError(), "preprocess");
   }
   constexpr int kSmemKV = 6 * 64 * D * 2 + 64 * 64 * 2 + 4 * 64 * 4;
-  if (pingpong_kernel) {
-    launch_dkdv_pingpong(dkdv, dtype, D, p, stream);
+  if (dqwriter_kernel) {
+    launch_dkdv_dqwriter(dtype, D, p, stream);
   } else if (tma && (dkdv == 0 || dkdv == 3)) {
     launch_dkdv_tma(dtype, D, dkdv == 3, p, stream);
   } else if (grid_kv > 0 && dkdv != 2) {

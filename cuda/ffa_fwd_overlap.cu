@@ -11,8 +11,9 @@
 //   kernel 5   min(SMs, tiles) CTAs; CTA b runs tiles persistent_tile(j, b, grid, tiles), j = 0, 1, ...
 //              (cuda/ffa_schedule.h: round-robin, serpentine). The barriers are set up once; the K/V
 //              ring and its phases run on across tiles, so the producer loads the next tile's first K/V
-//              while the consumers finish the previous tile; the epilogue stages through its own tile,
-//              so the consumers free Q after their last S GEMM and the next Q loads during the epilogue.
+//              while the consumers finish the previous tile; the epilogue stages through its own tile
+//              (where shared memory allows: both default shapes), so the consumers free Q after their
+//              last S GEMM and the next Q loads during the epilogue.
 // Per work tile:
 //   warpgroup 0        producer. One thread issues TMA copies: Q, then K_0 (kernel 5: K_0, then Q once the
 //                      consumers freed it), then per key tile n >= 1 K_n followed by V_{n-1} (the order
@@ -58,6 +59,10 @@ namespace {
 
 using namespace dev;
 
+#ifndef FFA_FWD_STAGES_D128
+#define FFA_FWD_STAGES_D128 2
+#endif
+
 constexpr int kBN = kPlanTileQCols;  // keys per tile (the q-side plan's column tile)
 
 // Everything that differs between the two head dims.
@@ -65,16 +70,22 @@ template <int D>
 struct Shape {
   static constexpr int kConsumers = D == 64 ? 3 : 2;
   static constexpr int kBM = 64 * kConsumers;  // query rows per CTA (= the plan's fwd_tile_q)
-  static constexpr int kStages = D == 64 ? 4 : 2;  // D=128: 2 stages of K+V already take 128 KB
+  // D=128: 2 stages of K+V take 128 KB; 3 (192 KB + the 32 KB Q tile) fit just under the 227 KB limit
+  // and are tried as a variant build (-DFFA_FWD_STAGES_D128=3, scripts/dev/gpu-session.sh bench-variant).
+  static constexpr int kStages = D == 64 ? 4 : FFA_FWD_STAGES_D128;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   // setmaxnreg budgets: 128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536.
   static constexpr int kProducerRegs = kConsumers == 3 ? 32 : 24;
   static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : 240;
   static constexpr uint32_t kQBytes = kBM * D * 2, kKVBytes = kBN * D * 2;
   static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + 1024 + 8 * (1 + 4 * kStages);
-  // Kernel 5 adds the epilogue's staging tile (kBM rows, like Q) and the empty_q mbarrier: 181392 bytes in
-  // all at D=64, 197712 at D=128, under the 232448 (227 KB) a block may have.
-  static constexpr int kPersistentExtraSmem = kQBytes + 8;
+  static_assert(kSmem <= 227 * 1024, "dynamic shared memory per block on sm_90");
+  // Kernel 5 adds the empty_q mbarrier and, where it fits, the epilogue's own staging tile (kBM rows, Q's
+  // layout): 181392 bytes in all at D=64, 197712 at D=128 with 2 stages, of the 232448 (227 KB) a block may
+  // have. With 3 stages at D=128 (230504 bytes already) it does not fit: kernel 5 then stages in the Q tile
+  // as kernel 3 does and frees Q only after the epilogue.
+  static constexpr bool kOwnStaging = kSmem + kQBytes + 8 <= 227 * 1024;
+  static constexpr int kPersistentExtraSmem = (kOwnStaging ? kQBytes : 0) + 8;
   static_assert(kSmem + kPersistentExtraSmem <= 227 * 1024, "kernel 5 needs more shared memory than a block has");
 };
 
@@ -155,16 +166,18 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   using S = Shape<D>;
   constexpr int kNC = S::kConsumers, kBM = S::kBM, kStages = S::kStages;
   constexpr int kCB = D / 64;  // 64-column (128-byte) blocks per row
+  // Kernel 5 with the epilogue's own staging tile (whenever it fits: see Shape::kOwnStaging).
+  constexpr bool kOwnStaging = kPersistent && S::kOwnStaging;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t sQ = (raw + 1023u) & ~1023u;  // 128B-swizzled tiles want 1024-byte alignment
   unsigned char* smem = smem_raw + (sQ - raw);
   const uint32_t sK = sQ + S::kQBytes, sV = sK + kStages * S::kKVBytes;
-  // Kernel 5 only: the epilogue's own staging tile (Q's shape and layout), so that the next work tile's Q
-  // can land while this one's epilogue runs. Kernel 3 stages in the Q tile.
+  // Kernel 5 (kOwnStaging): the epilogue's own staging tile (Q's shape and layout), so that the next work
+  // tile's Q can land while this one's epilogue runs. Otherwise the epilogue stages in the Q tile.
   const uint32_t sO = sV + kStages * S::kKVBytes;
   // mbarriers (8 bytes each): full_q, then per stage full_k, full_v, empty_k, empty_v; kernel 5 then empty_q.
-  const uint32_t full_q = sO + (kPersistent ? S::kQBytes : 0);
+  const uint32_t full_q = sO + (kOwnStaging ? S::kQBytes : 0);
   const uint32_t full_k = full_q + 8, full_v = full_k + 8 * kStages;
   const uint32_t empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
   const uint32_t empty_q = empty_v + 8 * kStages;
@@ -226,8 +239,9 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       for_each_tile([&](const Item& it, int h, int hk, int j) {
         // Q of work tile j. Kernel 5 first waits until every consumer warp released work tile j - 1's Q
         // (empty_q completes phase j - 1 once all 4 * kNC warps arrived; they arrive after their last S
-        // GEMM of the tile completed). A consumer arrives only after it saw full_q's phase j - 1, which
-        // this thread started, so empty_q is never more than one phase ahead of this wait.
+        // GEMM of the tile completed, or without the own staging tile after the epilogue read its rows
+        // of the Q tile back). A consumer arrives only after it saw full_q's phase j - 1, which this
+        // thread started, so empty_q is never more than one phase ahead of this wait.
         auto load_q = [&]() {
           if (kPersistent && j > 0) mbar_wait(empty_q, (j - 1) & 1);
           mbar_expect_tx(full_q, S::kQBytes);
@@ -405,7 +419,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
 
       // The last P V, outside the ring (nothing of ours follows it).
       const int n = n_tiles - 1;
-      if constexpr (kPersistent) {
+      if constexpr (kOwnStaging) {
         // Every S GEMM of this tile is complete (waited for above): Q is free for the next tile's load.
         if (lane == 0) mbar_arrive(empty_q);
       }
@@ -417,7 +431,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       reg_fence(o);
       reg_fence_u(pa);
       release(empty_v, n);
-    } else if constexpr (kPersistent) {
+    } else if constexpr (kOwnStaging) {
       if (lane == 0) mbar_arrive(empty_q);  // no key tiles: Q (loaded, waited for above) was never read
     }
     if constexpr (!kPersistent) {
@@ -425,13 +439,20 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     }
 
     // -------------------------------------------------------------------------------------------
-    // Epilogue through this warp's own 16 rows of a staging tile: kernel 3 the Q tile (this consumer's S
-    // GEMMs are complete), kernel 5 its own tile. There the warp's previous epilogue read these rows back
-    // (other lanes than write them now): __syncwarp orders those reads before the new writes.
+    // Epilogue through this warp's own 16 rows of a staging tile: the Q tile (this consumer's S GEMMs are
+    // complete), or kernel 5's own tile. There the warp's previous epilogue read these rows back (other
+    // lanes than write them now): __syncwarp orders those reads before the new writes.
     if constexpr (kPersistent) __syncwarp();
-    store_out_lse_warp_rows<T, D, kBM>(kPersistent ? smem + (sO - sQ) : smem, (warp - 4) * 16, o, l, m,
+    store_out_lse_warp_rows<T, D, kBM>(kOwnStaging ? smem + (sO - sQ) : smem, (warp - 4) * 16, o, l, m,
                                        static_cast<T*>(p.out) + h * p.o_sh, p.o_st, p.lse + h * p.lse_sh, p.lse_st,
                                        it.row_begin, it.row_end);
+    if constexpr (kPersistent && !kOwnStaging) {
+      // Staged in the Q tile: free it once every lane of the warp read its rows back. The proxy fence
+      // orders these generic accesses before the next Q's TMA (async proxy) writes.
+      fence_async_smem();
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty_q);
+    }
     n_base += n_tiles;
   });
 

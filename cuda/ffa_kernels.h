@@ -46,13 +46,10 @@ struct BwdParams {
   void *dq, *dk, *dv;
   float* dq_accum;  // (Tq, Hq, D) fp32, atomic path only
   float* delta;     // (Tq, Hq) fp32: rowsum(dout * out)
-  // Kernels 4, 5 instead of delta: per query head, stats_rows values of lse * log2(e) (+inf for rows with
-  // no key and rows past num_q), then stats_rows values of delta (0 past num_q); same memory as delta.
+  // Kernel 5 instead of delta: per query head, stats_rows values of lse * log2(e) (+inf for rows with no
+  // key and rows past num_q), then stats_rows values of delta (0 past num_q); same memory as delta.
   float* stats;
   int stats_rows;
-  // Kernel 4: the consumers issue their S^T/dP^T GEMMs alternately; always true there (read at run time:
-  // as a compile-time constant, ptxas spills 36 bytes in kernel 4 at D=128). Kernel 5 ignores it.
-  bool pingpong;
   int64_t q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st, o_sh, do_st, do_sh, lse_st, lse_sh;
   int64_t dq_st, dq_sh, dk_st, dk_sh, dv_st, dv_sh;
   int num_q, num_k, heads_q, heads_kv, group;
@@ -82,16 +79,16 @@ void launch_forward_overlap(int kernel, int dtype, int head_dim, const FwdParams
 int forward_overlap_tile_q(int head_dim);
 // dkdv_kernel: 0 = TMA warp-specialized (sm_90a; atomic dQ only: deterministic calls use 1), 1 = wgmma
 // with cp.async loads (sm_90a), 2 = mma.sync, 3 = as 0 with 64-query steps at D=64 too (the v6 default),
-// 4 = as 0 with ping-pong consumers, dQ writer warps and per-head stats (v8; deterministic calls use 1),
-// 5 = 4 without the ping-pong issue order and without the dQ job slot (its writers walk the steps).
+// 5 = as 0 with the consumers out of lockstep, dQ writer warps and per-head stats (v8-bwd; deterministic
+// calls use 1). (4, the same with a ping-pong issue order and a dQ job slot, was removed: docs/kernel-log.md.)
 void launch_backward(int dtype, int head_dim, bool deterministic, int dkdv_kernel, const BwdParams& p,
                      cudaStream_t stream);
 void launch_dkdv_wgmma(int dtype, int head_dim, bool atomic_dq, const BwdParams& p, cudaStream_t stream);
 bool dkdv_tma_supported(const BwdParams& p);  // needs queries, keys and the fp32 dQ accumulator
 // q64_steps: 64 queries per step at D=64 as well (otherwise 128 there; D=128 always steps by 64).
 void launch_dkdv_tma(int dtype, int head_dim, bool q64_steps, const BwdParams& p, cudaStream_t stream);
-// Kernels 4 and 5 (cuda/ffa_bwd_pingpong.cu; `kernel` tells which); read p.stats instead of p.lse / p.delta.
-void launch_dkdv_pingpong(int kernel, int dtype, int head_dim, const BwdParams& p, cudaStream_t stream);
+// Kernel 5 (cuda/ffa_bwd_dqwriter.cu); reads p.stats instead of p.lse / p.delta.
+void launch_dkdv_dqwriter(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream);
 void launch_merge(int dtype, const MergeParams& p, cudaStream_t stream);
 
 }  // namespace detail

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Builds cuda/ (our attention kernels + the C ABI in ffa_capi.cu) into build-ffa/libffa.so for the
 # Python tests and benchmarks (test/gpu/ffa_check.py, scripts/bench/attention_bench.py). No LibTorch.
+#   scripts/bench/build_ffa_lib.sh [OUT_DIR]
+# FFA_NVCC_FLAGS: extra nvcc flags (space-separated), e.g. -DFFA_FWD_STAGES_D128=3 for a variant build
+# that scripts/dev/gpu-session.sh's bench-variant step times against the default one.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${1:-$root/build-ffa}
 mkdir -p "$out"
+rm -f "$out"/*.o  # objects of sources since renamed or removed would be linked in below
 nvcc=${NVCC:-nvcc}
 flags=(-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I"$root" -Xcompiler -fPIC --expt-relaxed-constexpr -lineinfo)
+read -r -a extra <<<"${FFA_NVCC_FLAGS:-}"
+flags+=("${extra[@]}")
 pids=()
 for f in "$root"/cuda/*.cu; do
   "$nvcc" "${flags[@]}" -c "$f" -o "$out/$(basename "$f" .cu).o" & pids+=($!)

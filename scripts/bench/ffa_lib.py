@@ -111,8 +111,8 @@ def forward(plan, q, k, v, scale=0.0, out=None, lse=None, kernel=0):
 
 def backward(plan, dout, q, k, v, out, lse, scale=0.0, deterministic=False, grads=None, kernel=0):
     """kernel: 0 TMA warp-specialized dK/dV (default; deterministic runs 1), 1 wgmma + cp.async, 2 mma.sync,
-    3 TMA with 64-query steps at D=64 (the previous default), 4 TMA with ping-pong consumers (v8, opt-in),
-    5 = 4 without the ping-pong order and the dQ job slot."""
+    3 TMA with 64-query steps at D=64 (the previous default), 5 TMA with dQ writer warps (v8-bwd, flexcp's
+    default). 4 (ping-pong) was removed: the library rejects it."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     if grads is None:

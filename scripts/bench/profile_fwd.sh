@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Nsight Compute snapshot of one forward kernel (GPU machine): speed of light, warp stalls, instruction mix.
 #   FFA_LIB=... scripts/bench/profile_fwd.sh "b: S=8192 Hq=Hkv=16 D=128 full" fwd_wgmma [SKIP]
-# Kernel names: fwd_tma (kernel 0), fwd_overlap (kernels 3 and 5, one template: SKIP = 0 is kernel 3, v8;
-# SKIP = 1 kernel 5, v10 persistent, which the bench launches right after kernel 3's first call; or
-# "fwd_overlap_kernel.*Lb1" for kernel 5 alone), fwd_wgmma (1), fwd_kernel (2).
+# Kernel names: fwd_tma (kernel 0), fwd_overlap (kernels 3 and 5, one template: the bench launches
+# kernel 3, v8, flexcp's default, first, so SKIP = 0 is kernel 3 and SKIP = 1 kernel 5, v10 persistent;
+# "fwd_overlap_kernel.*Lb1" matches kernel 5 alone), fwd_wgmma (1), fwd_kernel (2).
 set -euo pipefail
 shape=${1:-full}
 kernel=${2:-fwd_wgmma}
 skip=${3:-0}
 cd "$(dirname "$0")/../.."
-ncu --kernel-name "regex:${kernel}" --launch-skip "$skip" --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+ncu --clock-control none --kernel-name "regex:${kernel}" --launch-skip "$skip" --launch-count 1 --section SpeedOfLight --section WarpStateStats \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
     python3 scripts/bench/attention_bench.py --which ours --only "$shape"

@@ -7,7 +7,10 @@
 # standalone (ffa_standalone, all kernels), sanitize (memcheck + racecheck --quick of it), ffa-check
 # (test/gpu/ffa_check.py), bench (attention_bench.py --which sdpa), gpu-tests (flexcp_gpu_tests [gpu]),
 # smoke (scripts/gpu-smoke.sh), train (train-vs-hf.sh; TRAIN_ARGS are passed on), train-variants (flexcp
-# alone under each environment of VARIANTS, ';'-separated, e.g. "FLEXCP_FFA_FWD_KERNEL=0;FLEXCP_FFA_BWD_KERNEL=0").
+# alone under each environment of VARIANTS, ';'-separated, e.g. "FLEXCP_FFA_FWD_KERNEL=0;FLEXCP_FFA_BWD_KERNEL=0"),
+# bench-variant (libffa built again with the nvcc flags VARIANT_NVCC_FLAGS, e.g. -DFFA_FWD_STAGES_D128=3, into build-ffa-var/;
+# our kernels alone timed with it, then with the default build, then with it again), profile (ncu of
+# flexcp's default forward and backward kernels on shape (a): profile-fwd.log, profile-bwd.log).
 # Logs go to $OUT/<step>.log; one line per step says ok/FAILED and its seconds.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -58,6 +61,16 @@ for s in "${steps[@]}"; do
         step "$name" 200 env $v bash scripts/bench/train-vs-hf.sh --hf-modes "" ${TRAIN_ARGS:-}
         grep -hE '^flexcp |step by phase' "$out/$name.log"  # train-vs-hf.sh's table row and phases
       done ;;
+    bench-variant)
+      FFA_NVCC_FLAGS=${VARIANT_NVCC_FLAGS:-} step build-variant 300 bash scripts/bench/build_ffa_lib.sh "$root/build-ffa-var"
+      for lib in build-ffa-var build-ffa build-ffa-var; do
+        FFA_LIB=$root/$lib/libffa.so step "bench-$lib" 120 python3 scripts/bench/attention_bench.py --which ours
+        echo "   $lib (build-ffa-var: VARIANT_NVCC_FLAGS='${VARIANT_NVCC_FLAGS:-}'):"
+        grep -E "forward|backward alone|default pair" "$out/bench-$lib.log"
+      done ;;
+    profile)
+      FFA_LIB=$root/build-ffa/libffa.so step profile-fwd 200 bash scripts/bench/profile_fwd.sh "a: S=8192" fwd_overlap
+      FFA_LIB=$root/build-ffa/libffa.so step profile-bwd 200 bash scripts/bench/profile_bwd.sh "a: S=8192" 5 ;;
     *) echo "gpu-session.sh: unknown step '$s' (see the header)"; failed=$((failed + 1)) ;;
   esac
 done

@@ -1,12 +1,13 @@
 // Standalone GPU test of cuda/ffa.h with no LibTorch, small enough to run under compute-sanitizer
 // (memcheck, racecheck): a few slices of every mask type over lengths that are not tile multiples,
-// GQA 2, D 64 and 128, bf16; forward (kernels 0-3 and 5), backward (kernels 0-5, atomic and deterministic)
-// and merge, checked against a float64 CPU reference; the same slices with 256 query heads (more work tiles
-// than SMs, so every CTA of the persistent forward kernel 5 runs several) for kernels 3 and 5. Without
-// --quick also: a longer backward case (GQA 4, runs of odd and even tile counts, many steps per CTA) for
-// the TMA backward kernels 0, 4 and 5, and a longer forward case (up to 11 key tiles per item, so the K/V
-// rings wrap several times) for the default kernel 0, kernel 3 (v8, 192-row q tiles at D=64) and kernel 5
-// (v10, v8 persistent), with 4 and with 64 query heads.
+// GQA 2, D 64 and 128, bf16; forward (kernels 0-3 and 5) and backward (kernels 0-3 and 5, atomic and
+// deterministic; the removed kernels 4 of both must be rejected) and merge, checked against a float64 CPU
+// reference; the same slices with 256 query heads (more work tiles than SMs, so every CTA of the
+// persistent forward kernel 5 runs several) for forward kernels 3 and 5. Without --quick also: a longer
+// backward case (GQA 4, runs of odd and even tile counts, many steps per CTA) for the TMA backward kernels
+// 0 and 5, and a longer forward case (up to 11 key tiles per item, so the K/V rings wrap several times)
+// for the default kernel 0, kernel 3 (v8, 192-row q tiles at D=64) and kernel 5 (v10, v8 persistent), with
+// 4 and with 128 query heads.
 // Exit code 0 when every check passes.
 //   scripts/bench/build_ffa_lib.sh && nvcc ... (see scripts/bench/build_ffa_lib.sh) && ./ffa_standalone
 //   compute-sanitizer --tool racecheck ./ffa_standalone --quick   (--quick: the small cases only)
@@ -172,7 +173,7 @@ Case small_case(int D) {
            {0, 150, 60, 133, ffa::Mask::InvCausal},
            {70, 150, 0, 40, ffa::Mask::Full},
            {70, 150, 40, 60, ffa::Mask::BiCausal}},
-          {2, 1, 0}, {0, 1, 2, 3, 4, 5}, D == 64};
+          {2, 1, 0}, {0, 1, 2, 3, 5}, D == 64};
 }
 
 // Longer backward: causal keys [0, 300) seen from row 290 on, a full block (rows [0, 250)) and an
@@ -185,7 +186,7 @@ Case long_backward_case() {
           {{0, 590, 0, 300, ffa::Mask::Causal},
            {0, 250, 300, 557, ffa::Mask::Full},
            {290, 590, 300, 557, ffa::Mask::InvCausal}},
-          {0}, {0, 4, 5}, false};
+          {0}, {0, 5}, false};
 }
 
 int run(int D, const Case& c) {
@@ -272,9 +273,22 @@ int run(int D, const Case& c) {
     CK(cudaDeviceSynchronize());
     check(kern == 3 ? "out (v8)" : "out (v10)", o3.p, ro, true, 2e-2);
     check(kern == 3 ? "lse (v8)" : "lse (v10)", l3.p, rl, false, 1e-3);
+    if (kern == 5) {  // the removed forward kernel 4 (v9) is rejected with a message saying so
+      ffa::ForwardArgs removed = f3;
+      removed.kernel = 4;
+      std::string said = "nothing";
+      try {
+        ffa::forward(removed, p3.dev, 0);
+      } catch (const std::exception& e) {
+        said = e.what();
+      }
+      const bool ok = said.find("kernel 4") != std::string::npos && said.find("removed") != std::string::npos;
+      std::printf("  D=%d forward kernel 4 rejected: %s\n", D, ok ? "ok" : ("FAIL (" + said + ")").c_str());
+      failures += ok ? 0 : 1;
+    }
   }
-  // Every backward kernel (0 TMA, 1 wgmma, 2 mma.sync, 3 TMA with 64-query steps, 4 ping-pong (v8),
-  // 5 the same without the ping-pong order), each with atomic and deterministic dQ.
+  // Every backward kernel (0 TMA, 1 wgmma, 2 mma.sync, 3 TMA with 64-query steps, 5 TMA with dQ writer
+  // warps (v8-bwd)), each with atomic and deterministic dQ.
   for (int kern : c.bwd_kernels) {
     for (int det = 0; det < 2; ++det) {
       ffa::BackwardArgs ba;
@@ -291,9 +305,22 @@ int run(int D, const Case& c) {
       Dev ws(ffa::backward_workspace_bytes(ba.dims, det));
       CK(cudaMemset(ws.p, 0xff, ffa::backward_workspace_bytes(ba.dims, det)));  // nothing may rely on zeros
       ba.workspace = ws.p;
+      if (kern == 5 && !det) {  // the removed kernel 4 (ping-pong) is rejected with a message saying so
+        ffa::BackwardArgs removed = ba;
+        removed.kernel = 4;
+        std::string said = "nothing";
+        try {
+          ffa::backward(removed, dp, 0);
+        } catch (const std::exception& e) {
+          said = e.what();
+        }
+        const bool ok = said.find("kernel 4") != std::string::npos && said.find("removed") != std::string::npos;
+        std::printf("  D=%d backward kernel 4 rejected: %s\n", D, ok ? "ok" : ("FAIL (" + said + ")").c_str());
+        failures += ok ? 0 : 1;
+      }
       ffa::backward(ba, dp, 0);
       CK(cudaDeviceSynchronize());
-      const char* kname[] = {"tma", "wgmma", "mma", "q64", "pingpong", "v8 free"};
+      const char* kname[] = {"tma", "wgmma", "mma", "q64", "(removed)", "v8-bwd"};
       char nm[3][40];
       for (int x = 0; x < 3; ++x)
         std::snprintf(nm[x], sizeof nm[x], "%s (%s%s)", x == 0 ? "dq" : x == 1 ? "dk" : "dv", kname[kern],

@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
-"""Randomized model of the synchronization protocol of backward kernels 4/5 (cuda/ffa_bwd_pingpong.cu),
-written without a GPU to check the design before its first run. Kernel 4: ping-pong issue order, dQ jobs
-through a job slot ended by a marker; kernel 5: neither (its writers walk the consumers' steps and count
-them). Each role (loader, two consumer warpgroups, two dQ writer warps) is the kernel's sequence of
-barrier operations and buffer accesses;
-roles advance one operation at a time in random order. Named barriers follow the hardware rule (bar.sync
-and bar.arrive both count threads; the barrier completes at its count and releases the syncing threads),
-mbarriers complete a phase at their arrival count. Checks: no deadlock, no barrier over-arrival, none
-left with arrivals at exit, and no buffer (Q/dO stage, dS^T halves, dQ staging, job slot) overwritten
-while a reader may still read it. It mirrors the kernel by hand: change both together.
-    python3 scripts/dev/bwd_pingpong_protocol.py [seed] [mutation ...]
-Mutations (each must fail): noparity (one dS barrier per warpgroup), nofinalsched (kernel 4), earlyempty
-(release the stage before the GEMMs that read it are waited for), writerorder (writer syncs before it
-frees), writersteps (kernel 5: the writer walks one step fewer than its consumer)."""
+"""Randomized model of the synchronization protocol of backward kernel 5 (cuda/ffa_bwd_dqwriter.cu),
+written without a GPU to check the design before a run. Each role (loader, two consumer warpgroups, two
+dQ writer warps that walk their consumer's steps and count them) is the kernel's sequence of barrier
+operations and buffer accesses; roles advance one operation at a time in random order. Named barriers
+follow the hardware rule (bar.sync and bar.arrive both count threads; the barrier completes at its count
+and releases the syncing threads), mbarriers complete a phase at their arrival count. Checks: no
+deadlock, no barrier over-arrival, none left with arrivals at exit, and no buffer (Q/dO stage, dS^T
+halves, dQ staging) overwritten while a reader may still read it, nor a staged step reduced as another.
+It mirrors the kernel by hand: change both together.
+    python3 scripts/dev/bwd_dqwriter_protocol.py [seed] [mutation ...]
+    python3 scripts/dev/bwd_dqwriter_protocol.py --mutations   (each mutation must fail; CTest runs this)
+Mutations: noparity (one dS barrier per warpgroup), earlyempty (release the stage before the GEMMs that
+read it are waited for), writerorder (writer syncs before it frees), writersteps (the writer walks one
+step fewer than its consumer)."""
 import random
 import sys
 
@@ -48,12 +48,10 @@ def steps_of(nsteps):
 MUT = set(sys.argv[2:])
 
 
-def simulate(nsteps, kernel, rng):
-    pingpong = job_slot = kernel == 4
+def simulate(nsteps, rng):
     B = {}
     B['epi'] = NamedBarrier(256)
     for w in range(2):
-        B[('sched', w)] = NamedBarrier(256)
         B[('dqf', w)] = NamedBarrier(160)
         B[('dqe', w)] = NamedBarrier(160)
         for par in range(2):
@@ -66,23 +64,15 @@ def simulate(nsteps, kernel, rng):
     ds_written = [[None, None], [None, None]]  # ds[b][w] = step written
     staging_busy = [False, False]    # writer w's reductions may still read staging w
     staging_step = [None, None]
-    slot = [None, None]
-    slot_read = [True, True]
     inflight = [[], []]              # consumer w: list of (kind, step) GEMMs not yet waited
 
     def consumer(w):
-        if pingpong and w == 1:
-            yield ('arrive', ('sched', 0), 128)
         for n in steps_of(nsteps):
             s = n & 1
             yield ('wait_full', s, n)
             assert stage_data[s] == n, f"consumer {w} step {n}: stage {s} holds {stage_data[s]}"
-            if pingpong:
-                yield ('sync', ('sched', w), 128)
             stage_readers[s].add(w)
             inflight[w].append(('sdp', n))
-            if pingpong:
-                yield ('arrive', ('sched', 1 - w), 128)
             yield ('work',)
             # write own half of dS^T into buffer s
             for rw in ds_readers[s]:
@@ -107,20 +97,8 @@ def simulate(nsteps, kernel, rng):
             yield ('sync', ('dqe', w), 128)
             assert not staging_busy[w], f"consumer {w} step {n}: staging still read by the writer"
             staging_step[w] = n
-            if job_slot:
-                assert slot_read[w], f"consumer {w} step {n}: slot not yet read"
-                slot[w] = ('job', n)
-                slot_read[w] = False
             yield ('sync', ('dqf', w), 128)
-        if job_slot:  # the end marker
-            yield ('sync', ('dqe', w), 128)
-            assert slot_read[w]
-            slot[w] = ('end',)
-            slot_read[w] = False
-            yield ('sync', ('dqf', w), 128)
-        if pingpong and w == 0 and 'nofinalsched' not in MUT:
-            yield ('sync', ('sched', 0), 128)
-        yield ('sync', 'epi', 128)
+        yield ('sync', 'epi', 128)  # no end marker: the writer counts the steps
 
     def writer_handoff(w):  # staging free (the previous rows were read), then the next rows staged
         if 'writerorder' in MUT:
@@ -130,26 +108,14 @@ def simulate(nsteps, kernel, rng):
             yield ('sync', ('dqe', w), 32)
             yield ('sync', ('dqf', w), 32)
 
-    def writer(w):
-        if not job_slot:  # kernel 5: the writer walks its consumer's steps and knows their count
-            for n in range(nsteps - 1 if 'writersteps' in MUT else nsteps):
-                staging_busy[w] = False
-                yield from writer_handoff(w)
-                assert staging_step[w] == n, f"writer {w} step {n}: staging holds step {staging_step[w]}"
-                staging_busy[w] = True
-                yield ('work',)
-            staging_busy[w] = False  # bulk_wait before the writer exits
-            return
-        while True:
+    def writer(w):  # walks its consumer's steps and knows their count
+        for n in range(nsteps - 1 if 'writersteps' in MUT else nsteps):
             staging_busy[w] = False
             yield from writer_handoff(w)
-            job = slot[w]
-            slot_read[w] = True
-            if job[0] == 'end':
-                return
-            assert staging_step[w] == job[1]
+            assert staging_step[w] == n, f"writer {w} step {n}: staging holds step {staging_step[w]}"
             staging_busy[w] = True  # bulk reductions read the staging buffer until wait_group.read
             yield ('work',)
+        staging_busy[w] = False  # bulk_wait before the writer exits
 
     def loader():
         for n in steps_of(nsteps):
@@ -220,14 +186,36 @@ def simulate(nsteps, kernel, rng):
     return steps
 
 
-def main():
-    rng = random.Random(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+MUTATIONS = ['noparity', 'earlyempty', 'writerorder', 'writersteps']
+
+
+def run_all(seed):
+    rng = random.Random(seed)
     trials = 0
     for nsteps in [0, 1, 2, 3, 4, 5, 8, 13]:
-        for kernel in (4, 5):
-            for _ in range(400):
-                simulate(nsteps, kernel, rng)
-                trials += 1
+        for _ in range(800):
+            simulate(nsteps, rng)
+            trials += 1
+    return trials
+
+
+def main():
+    if sys.argv[1:] == ['--mutations']:
+        # The unmutated protocol passes, and every mutation is caught (a hazard or a deadlock).
+        print(f"{run_all(1)} random schedules: no deadlock, no hazard")
+        caught = True
+        for m in MUTATIONS:
+            MUT.clear()
+            MUT.add(m)
+            try:
+                run_all(1)
+                print(f"mutation {m}: NOT caught")
+                caught = False
+            except AssertionError as e:
+                print(f"mutation {m}: caught ({str(e).splitlines()[0][:100]})")
+        print("protocol: OK" if caught else "protocol: a mutation was not caught")
+        sys.exit(0 if caught else 1)
+    trials = run_all(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     print(f"{trials} random schedules: no deadlock, no hazard" + (f" (mutations {sorted(MUT)})" if MUT else ""))
 
 

@@ -1,12 +1,8 @@
-// dK/dV (and dQ) pass of the backward, kernels 4 and 5 of the API (docs/kernel-log.md "v8-bwd"): the TMA
-// backward of ffa_bwd_tma.cu (same CTA: one 128-key k-side plan item of one kv head; same tiles: 128-query
-// steps at D=64, 64-query steps at D=128; same GEMMs) with the two consumer warpgroups no longer in
-// lockstep, so that one warpgroup's element-wise work runs while the other's GEMMs keep the tensor cores
-// busy:
-//   - ping-pong (kernel 4 only): a consumer issues its S^T/dP^T GEMMs only after the other has issued
-//     its own (named barriers kBarSched), so the two pairs run one after the other instead of
-//     interleaved: the first warpgroup's exponentials start while the second's GEMMs still run (the
-//     forward's scheme);
+// dK/dV (and dQ) pass of the backward: backward kernel 5 of cuda/ffa.h (v8-bwd; how it got here, and the
+// removed kernel 4: docs/kernel-log.md "v8-bwd"). The CTA, tiles and GEMMs of the TMA backward of
+// ffa_bwd_tma.cu (one 128-key k-side plan item of one kv head; 128-query steps at D=64, 64-query steps at
+// D=128), with the two consumer warpgroups out of lockstep, so that one warpgroup's element-wise work runs
+// while the other's GEMMs keep the tensor cores busy:
 //   - the dS^T exchange is split into arrive (own half written) and sync (other half written), and each
 //     warpgroup issues its dV and dK GEMMs (which need only its own P^T, dS^T) before it waits: the
 //     earlier warpgroup's dV/dK GEMMs run during the later one's element-wise work. Only the dQ GEMM
@@ -14,9 +10,9 @@
 //     an arrive can never be counted for the wrong step;
 //   - dQ writer warps: warps 1 and 2 of the producer warpgroup issue the bulk reductions of consumer
 //     0's and 1's staged dQ rows (and wait for them to be read); a consumer only stages its dQ rows in
-//     shared memory and syncs (FlashAttention-3's dQ writer). No bulk async-group work on the
-//     consumers' critical path. Kernel 4 tells the writer which rows through a 16-byte job slot (and
-//     ends it with a marker); kernel 5's writer walks the same steps as its consumer and derives them;
+//     shared memory and syncs (FlashAttention-3's dQ writer). Each writer walks the same (head, run,
+//     step) loops as its consumer and derives each step's rows itself, so nothing but the staged rows
+//     passes between them. No bulk async-group work on the consumers' critical path;
 //   - lse and delta come from the preprocessing kernel in a per-head layout (BwdParams::stats: per
 //     head, lse * log2(e) (+inf for rows with no key and past the end) then delta, padded rows), so
 //     the loader fetches them with one TMA box per 64-query plan tile (the v7 lanes' strided loads
@@ -26,17 +22,13 @@
 // Roles:
 //   warpgroup 0: warp 0 (lane 0 issues) loads K and V once, then per step Q, dO and the stats into a
 //                2-stage ring (full/empty mbarriers); warps 1, 2: dQ writers; warp 3 idles. setmaxnreg.dec.
-//                (The loader and kernel 5's writers each walk the (head, run, step) loops themselves.)
+//                (The loader and the writers each walk the (head, run, step) loops themselves.)
 //   warpgroups 1, 2: consumers, 64 keys each, sharing every Q/dO tile, per step:
 //     S^T = K Q^T, dP^T = V dO^T  (SS-wgmma m64nQS)     -> P^T, dS^T = P^T * (dP^T - delta)
 //     dS^T -> shared memory (double buffer), arrive
 //     dV += P^T dO, dK += dS^T Q  (RS-wgmma)            sync on the other half of dS^T
 //     dQ  = dS K over all 128 keys (SS-wgmma, 64 queries x 64 columns: QS = 128 query half w, D = 128
 //           column block w) -> padded fp32 rows in shared memory -> writer warp w -> fp32 accumulator.
-// Kernel 5 (template argument kKernel = 5) is the simpler form: no ping-pong issue order (measured on H100:
-// it gave kernel 4 nothing) and no job slot (compute-sanitizer racecheck reports kernel 4's slot store and
-// load, ordered only by 160-thread named barriers, as a race). Kernel 4's SASS is unchanged by the
-// template argument.
 // A step whose second query half lies outside the run (last step of an odd run at D=64) gets that
 // half's stats from the padding rows past num_q (lse = +inf, so P = dS = 0 there); its writer skips the
 // half's reduction.
@@ -78,33 +70,19 @@ constexpr int kStatsTileFloats = kStatsTile / 4;
 // Named barriers (0 is __syncthreads). Thread counts: 256 = both consumers, 160 = one consumer + its
 // writer warp.
 constexpr int kBarEpilogue = 1;
-constexpr int kBarSched = 2;     // + w: consumer w may issue its S^T/dP^T GEMMs
-constexpr int kBarDs = 4;        // + 2 w + (step & 1): consumer w's half of the step's dS^T is written
+constexpr int kBarDs = 2;       // + 2 w + (step & 1): consumer w's half of the step's dS^T is written
 // The dQ hand-off barriers are synced by both sides, not arrived at by one: the waiting side is already
 // there (the writer has nothing else to do; the consumer reaches kBarDqFull only after both passed
-// kBarDqEmpty), so it costs nothing. (compute-sanitizer racecheck reported kernel 4's job slot store and
-// load as racing with arrive -> sync, and its per-step store still with sync -> sync; kernel 5 has no slot.)
-constexpr int kBarDqFull = 8;    // + w: consumer w's dQ job is staged
-constexpr int kBarDqEmpty = 10;  // + w: writer w's reductions have read the staging buffer
+// kBarDqEmpty), so it costs nothing.
+constexpr int kBarDqFull = 6;   // + w: consumer w's dQ job is staged
+constexpr int kBarDqEmpty = 8;  // + w: writer w's reductions have read the staging buffer
+static_assert(kBarDqEmpty + 1 < 16, "16 named barriers per CTA");
 
 // Queries per step: two 64-query plan tiles at D=64; one at D=128 (S^T + dP^T + dK + dV accumulators
 // would need 256 registers at 128).
 template <int D>
 constexpr int queries_per_step() {
   return D == 64 ? 128 : 64;
-}
-
-__device__ __forceinline__ int4 ld_shared_s32x4(uint32_t addr) {
-  int4 v;
-  asm volatile("ld.shared.v4.s32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void st_shared_s32x4(uint32_t addr, int x, int y, int z, int w) {
-  asm volatile("st.shared.v4.s32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(x), "r"(y), "r"(z), "r"(w) : "memory");
 }
 
 // v, hidden from the compiler's loop-invariant code motion: descriptors derived from it inside a loop are
@@ -120,33 +98,22 @@ __device__ __forceinline__ uint64_t desc_add(uint64_t d, uint32_t off) {
   return (d & ~0xFFFFFFFFull) | static_cast<uint32_t>(static_cast<uint32_t>(d) + (off >> 4));
 }
 
-// Kernel 4: what a consumer tells its dQ writer about the staged rows: rows [row0, row0 + rows) of query
-// head h, columns [col0, col0 + 64); rows = 0: nothing to reduce (the half outside the run), rows < 0: no
-// more steps.
-struct alignas(16) DqJob {
-  int row0, h, col0, rows;
-};
-
 template <int D>
 struct Smem {
   static constexpr int QS = queries_per_step<D>();
   static constexpr uint32_t kKV = kBN * D * 2, kQ = QS * D * 2, kS = kBN * QS * 2, kStats = QS / kTileQ * kStatsTile;
   static constexpr uint32_t sK = 0, sV = sK + kKV, sQ = sV + kKV, sdO = sQ + 2 * kQ, sdS = sdO + 2 * kQ;
-  static constexpr uint32_t sdQ = sdS + 2 * kS, sStats = sdQ + 2 * kDqBytes, sJobs = sStats + 2 * kStats;
-  static constexpr uint32_t bars = sJobs + 2 * sizeof(DqJob);
+  static constexpr uint32_t sdQ = sdS + 2 * kS, sStats = sdQ + 2 * kDqBytes, bars = sStats + 2 * kStats;
   static constexpr uint32_t total = bars + 5 * 8 + 1024;  // full_kv, full[2], empty[2]; + alignment slack
   static_assert(sStats % 128 == 0, "TMA destination alignment");
 };
 
-template <typename T, int D, int kKernel>
+template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
-    bwd_pingpong_kernel(const BwdParams p, const __grid_constant__ CUtensorMap tm_q,
+    bwd_dqwriter_kernel(const BwdParams p, const __grid_constant__ CUtensorMap tm_q,
                         const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
                         const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_stats) {
   using L = Smem<D>;
-  // Kernel 4: ping-pong issue order, dQ jobs through the job slot. Kernel 5: neither (the writers walk
-  // the steps themselves).
-  constexpr bool kPingpong = kKernel == 4, kJobSlot = kKernel == 4;
   constexpr int QS = L::QS;
   constexpr int kCB = D / 64;          // 64-column (128-byte) blocks
   constexpr int kTiles = QS / kTileQ;  // plan tiles per step
@@ -173,10 +140,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {
     setmaxnreg_dec<24>();
     const int lane = tid & 31;
-    if (!kJobSlot && (warp == 1 || warp == 2)) {
-      // dQ writer of consumer w, kernel 5: walks the consumer's steps (the loops below) and derives each
-      // step's rows itself; the same barriers per step as kernel 4, no end marker. One copy per warp
-      // (w a compile-time constant: fewer live registers in the producer's 24).
+    if (warp == 1 || warp == 2) {
+      // dQ writer of consumer w: walks the consumer's steps (the loops below) and derives each step's
+      // rows itself; two syncs per step (kBarDqEmpty, kBarDqFull), no end marker: after its last step it
+      // waits for its reductions and exits. One copy per warp (w a compile-time constant: fewer live
+      // registers in the producer's 24).
       auto writer = [&](auto w_tag) {
         constexpr int w = decltype(w_tag)::value;
         const uint32_t stage = base + L::sdQ + w * kDqBytes;
@@ -210,26 +178,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         writer(std::integral_constant<int, 0>{});
       else
         writer(std::integral_constant<int, 1>{});
-      return;
-    }
-    if (kJobSlot && (warp == 1 || warp == 2)) {  // dQ writer of consumer w: reduces whatever its consumer staged
-      const int w = warp - 1;
-      const uint32_t stage = base + L::sdQ + w * kDqBytes, job_slot = base + L::sJobs + w * sizeof(DqJob);
-      for (;;) {
-        named_bar_sync(kBarDqEmpty + w, 160);  // the previous rows have been read
-        named_bar_sync(kBarDqFull + w, 160);
-        const int4 job = ld_shared_s32x4(job_slot);  // row0, h, col0, rows
-        if (job.w < 0) break;
-        const int64_t row_stride = static_cast<int64_t>(p.heads_q) * D;
-        float* dst = p.dq_accum + job.x * row_stride + job.y * D + job.z;
-#pragma unroll 1  // (unrolled, the loader's and the consumers' code together spilled 8 bytes)
-        for (int r = lane; r < job.w; r += 32)
-          bulk_reduce_add_f32(dst + r * row_stride, stage + r * kDqRowFloats * 4, 64 * 4);
-        bulk_commit();
-        bulk_wait_read<0>();
-        __syncwarp();  // converged for the next barrier
-      }
-      bulk_wait<0>();  // the shared source must outlive the reductions
       return;
     }
     if (warp != 0) return;
@@ -287,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t full_kv = barriers(), full = full_kv + 8, empty = full_kv + 24;
   unsigned char* smem = smem_raw + (base - raw);
   const uint32_t sK = base + L::sK, sV = base + L::sV, sQ = base + L::sQ, sdO = base + L::sdO, sdS = base + L::sdS;
-  const uint32_t sdQ = base + L::sdQ, sJobs = base + L::sJobs;
+  const uint32_t sdQ = base + L::sdQ;
   const int lane = tid & 31;
   const int hk = blockIdx.x % p.heads_kv;
   const Item it = p.k_side.items[blockIdx.x / p.heads_kv];
@@ -306,14 +254,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int n = 0; n < D / 2; ++n) dk[n] = dv[n] = 0.f;
 
-  // Kernel 4 reads its (always true) flag at run time: as a compile-time constant ptxas spills 36 bytes
-  // at D=128.
-  const bool pingpong = kPingpong && p.pingpong;
-  if (pingpong && cw == 1) named_bar_arrive(kBarSched + 0, 256);  // consumer 0 issues first
   mbar_wait(full_kv, 0);
   int n = 0;
-  for (int g = 0; g < p.group; ++g) {
-    const int h = hk * p.group + g;
+  for (int g = 0; g < p.group; ++g) {  // the kv head's query heads (the loader picks the head's tiles)
     for (int ri = it.run_begin; ri < it.run_end; ++ri) {
       const Run run = runs[ri];
       const bool masked = run.masked;
@@ -324,37 +267,29 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int q0 = run.begin + t * kTileQ;
         const uint32_t q_st = sQ + s * L::kQ, do_st = sdO + s * L::kQ, ds_buf = sdS + s * L::kS;
         mbar_wait(full + 8 * s, (n >> 1) & 1);
-        // GEMM operand descriptors. Kernel 4 builds each from its address (the K/V ones are loop-invariant:
-        // the compiler builds them before the loop and holds 16-24 of them in registers, which fits there).
-        // Kernel 5 re-derives the K/V addresses per step (opaque_u32; held, they spilled 28 bytes at D=128)
-        // and builds each descriptor from the step's base descriptor with one add.
-        const uint64_t k_d = smem_desc(kKernel == 5 ? opaque_u32(k_wg) : k_wg, 16, 1024);
-        const uint64_t v_d = smem_desc(kKernel == 5 ? opaque_u32(v_wg) : v_wg, 16, 1024);
-        const uint64_t kdq_d = smem_desc(kKernel == 5 ? opaque_u32(sK) : sK, kBN * 128, 1024);
+        // GEMM operand descriptors: each is its operand's per-step base descriptor plus one add (desc_add).
+        // The K/V base addresses go through opaque_u32, so they are re-derived per step: NVVM would hoist
+        // the loop-invariant K/V descriptors (16 at D=64, 24 at D=128) out of the step loop, and held across
+        // it they spilled 28 bytes at D=128.
+        const uint64_t k_d = smem_desc(opaque_u32(k_wg), 16, 1024);
+        const uint64_t v_d = smem_desc(opaque_u32(v_wg), 16, 1024);
+        const uint64_t kdq_d = smem_desc(opaque_u32(sK), kBN * 128, 1024);
         const uint64_t q_d = smem_desc(q_st, 16, 1024), do_d = smem_desc(do_st, 16, 1024);
-        auto desc_at = [](uint64_t d, uint32_t addr, uint32_t off, uint32_t lbo) {
-          if constexpr (kKernel == 5)
-            return desc_add(d, off);
-          else
-            return smem_desc(addr + off, lbo, 1024);
-        };
 
         float sc[QS / 2], dp[QS / 2];
-        if (pingpong) named_bar_sync(kBarSched + cw, 256);  // the other consumer has issued its pair
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk >> 2) * (kBN * 128) + (kk & 3) * 32, kb = (kk >> 2) * (QS * 128) + (kk & 3) * 32;
-          wgmma_ss<T, QS>(sc, desc_at(k_d, k_wg, ka, 16), desc_at(q_d, q_st, kb, 16), kk > 0 ? 1 : 0);
+          wgmma_ss<T, QS>(sc, desc_add(k_d, ka), desc_add(q_d, kb), kk > 0 ? 1 : 0);
         }
         wg_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t ka = (kk >> 2) * (kBN * 128) + (kk & 3) * 32, kb = (kk >> 2) * (QS * 128) + (kk & 3) * 32;
-          wgmma_ss<T, QS>(dp, desc_at(v_d, v_wg, ka, 16), desc_at(do_d, do_st, kb, 16), kk > 0 ? 1 : 0);
+          wgmma_ss<T, QS>(dp, desc_add(v_d, ka), desc_add(do_d, kb), kk > 0 ? 1 : 0);
         }
         wg_commit();
-        if (pingpong) named_bar_arrive(kBarSched + (1 - cw), 256);  // the other consumer may issue its pair now
         // Step column c: lse * log2(e) at stats[c % 64 + kStatsTileFloats (c / 64)], delta kStatsBoxRows
         // floats later (per plan tile); stats starts q0 & 3 floats into the stage (the boxes' alignment).
         const float* stats = stats_all + s * (L::kStats / 4) + (q0 & 3);
@@ -469,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk)
           wgmma_ss_tt<T, 64>(dq, smem_desc(ds_buf + mb * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024),
-                             desc_at(kdq_d, sK, job * (kBN * 128) + kk * 16 * 128, kBN * 128), kk > 0 ? 1 : 0);
+                             desc_add(kdq_d, job * (kBN * 128) + kk * 16 * 128), kk > 0 ? 1 : 0);
         wg_commit();
         wg_wait<0>();
         reg_fence(dk);
@@ -490,27 +425,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<float2*>(st + ((r0 + 8) * kDqRowFloats + col) * 4) =
               make_float2(dq[4 * j + 2], dq[4 * j + 3]);
         }
-        if (kJobSlot && wq == 0 && lane == 0) {
-          // QS = 128: the second query half lies outside the run on an odd run's last step (dS = 0 there).
-          const int row0 = q0 + mb * 64;
-          const bool in_run = QS == 64 || cw == 0 || t + 1 < run.tiles;
-          st_shared_s32x4(sJobs + cw * sizeof(DqJob), row0, h, job * 64, in_run ? max(0, min(64, p.num_q - row0)) : 0);
-        }
         __syncwarp();
         fence_async_smem();
         named_bar_sync(kBarDqFull + cw, 160);  // (a sync, not an arrive: see kBarDqFull)
       }
     }
   }
-  // No more steps (kernel 4): release the writer, and consume consumer 1's last ping-pong arrive.
-  if constexpr (kJobSlot) {
-    named_bar_sync(kBarDqEmpty + cw, 160);
-    if (wq == 0 && lane == 0) st_shared_s32x4(sJobs + cw * sizeof(DqJob), 0, 0, 0, -1);
-    __syncwarp();
-    named_bar_sync(kBarDqFull + cw, 160);
-  }
-  if (pingpong && cw == 0) named_bar_sync(kBarSched + 0, 256);
-
   // Epilogue: both warpgroups' last dQ GEMMs (which read all of K) are done before K/V are reused as
   // staging for dK (times the softmax scale) and dV.
   named_bar_sync(kBarEpilogue, 256);
@@ -532,11 +452,11 @@ CUtensorMap make_stats_map(const float* stats, int heads, int rows) {
                              estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
                              CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
-    throw std::runtime_error("ffa backward (ping-pong): stats tensor map failed, code " + std::to_string(r));
+    throw std::runtime_error("ffa backward (dQ writer): stats tensor map failed, code " + std::to_string(r));
   return map;
 }
 
-template <typename T, int D, int kKernel>
+template <typename T, int D>
 void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   constexpr int QS = queries_per_step<D>();
   const int64_t grid = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
@@ -547,30 +467,23 @@ void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   const CUtensorMap tv = make_tensor_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
   const CUtensorMap ts = make_stats_map(p.stats, p.heads_q, p.stats_rows);
   constexpr int kSmem = Smem<D>::total;
-  auto kernel = bwd_pingpong_kernel<T, D, kKernel>;
+  auto kernel = bwd_dqwriter_kernel<T, D>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward (ping-pong): ") + cudaGetErrorString(err));
+  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward (dQ writer): ") + cudaGetErrorString(err));
   kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tdo, tk, tv, ts);
   err = cudaGetLastError();
   if (err != cudaSuccess)
-    throw std::runtime_error(std::string("ffa backward (ping-pong) launch: ") + cudaGetErrorString(err));
-}
-
-template <int kKernel>
-void launch_kernel(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64, kKernel>(dtype, p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128, kKernel>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64, kKernel>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128, kKernel>(dtype, p, stream);
-  throw std::runtime_error("ffa backward (ping-pong): unsupported dtype/head_dim");
+    throw std::runtime_error(std::string("ffa backward (dQ writer) launch: ") + cudaGetErrorString(err));
 }
 
 }  // namespace
 
-void launch_dkdv_pingpong(int kernel, int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
-  if (kernel == 4) return launch_kernel<4>(dtype, head_dim, p, stream);
-  if (kernel == 5) return launch_kernel<5>(dtype, head_dim, p, stream);
-  throw std::runtime_error("ffa backward (ping-pong): kernel must be 4 or 5");
+void launch_dkdv_dqwriter(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
+  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(dtype, p, stream);
+  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(dtype, p, stream);
+  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(dtype, p, stream);
+  throw std::runtime_error("ffa backward (dQ writer): unsupported dtype/head_dim");
 }
 
 }  // namespace detail
