@@ -13,6 +13,7 @@ one-token ring); no barrier left with arrivals at exit; a TMA never writes a Q, 
 may still read; a GEMM reads the Q of its own work tile and the K/V tile of its ring position.
 It mirrors the kernel by hand: change both together.
     python3 scripts/dev/fwd_persistent_protocol.py [seed] [mutation ...]
+    python3 scripts/dev/fwd_persistent_protocol.py --mutations   (CTest ffa_fwd_protocol: all of the below)
 Mutations (each must fail): pertile (kernel 5 starts and ends the turn ring every work tile, as kernel 3
 does once), earlyq (kernel 5 frees Q when the tile's last S GEMM is issued, not when it completed), noqwait
 (the producer loads Q without waiting for empty_q), noparity (the K ring's waits use phase 0 always),
@@ -20,7 +21,8 @@ stagedq (kernel 5 staging in the Q tile frees Q before its epilogue instead of a
 import random
 import sys
 
-MUT = set(sys.argv[2:])
+MUTATIONS = ['pertile', 'earlyq', 'noqwait', 'noparity', 'stagedq']
+MUT = set(a for a in sys.argv[2:] if a in MUTATIONS)
 
 
 class NamedBarrier:
@@ -244,8 +246,8 @@ def simulate(kernel, nc, stages, tiles, rng, own_staging=True):
     assert not left, f"named barriers left with arrivals at exit: {left}"
 
 
-def main():
-    rng = random.Random(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+def run_all(seed):
+    rng = random.Random(seed)
     trials = 0
     for nc, stages in ((3, 4), (2, 2)):  # D=64, D=128
         for kernel, own_staging in ((3, False), (5, True), (5, False)):
@@ -256,6 +258,26 @@ def main():
                     tiles = [rng.choice([0, 0, 1, 2, 3, 4, 7]) for _ in range(rng.randint(0, 5))]
                 simulate(kernel, nc, stages, tiles, rng, own_staging)
                 trials += 1
+    return trials
+
+
+def main():
+    if sys.argv[1:] == ['--mutations']:
+        # The unmutated protocol passes, and every mutation is caught (a hazard or a deadlock).
+        print(f"{run_all(1)} random schedules: no deadlock, no hazard")
+        caught = True
+        for m in MUTATIONS:
+            MUT.clear()
+            MUT.add(m)
+            try:
+                run_all(1)
+                print(f"mutation {m}: NOT caught")
+                caught = False
+            except AssertionError as e:
+                print(f"mutation {m}: caught ({str(e).splitlines()[0][:100]})")
+        print("protocol: OK" if caught else "protocol: a mutation was not caught")
+        sys.exit(0 if caught else 1)
+    trials = run_all(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     print(f"{trials} random schedules: no deadlock, no hazard" + (f" (mutations {sorted(MUT)})" if MUT else ""))
 
 
