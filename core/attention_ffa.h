@@ -11,9 +11,10 @@ struct FfaOptions {
   // Fixed reduction order in the backward (parallel.deterministic): dQ by its own pass, no atomics.
   bool deterministic = false;
   // cuda/ffa.h kernel variants (ForwardArgs::kernel, BackwardArgs::kernel); docs/kernel-log.md "v8" and
-  // "v8-bwd": forward 3 (192-row q tiles at D=64, 3 consumer warpgroups) and backward 5 (consumers
-  // out of lockstep, dQ writer warps) were the fastest on the H100 (docs/performance.md).
-  int forward_kernel = 3;
+  // "v8-bwd", "v10": forward 5 (v8's 192-row q tiles at D=64 and 3 consumer warpgroups, on a
+  // persistent grid) and backward 5 (consumers out of lockstep, dQ writer warps) were the fastest on the
+  // H100 (docs/performance.md).
+  int forward_kernel = 5;
   int backward_kernel = 5;
 };
 

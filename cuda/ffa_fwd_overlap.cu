@@ -59,10 +59,6 @@ namespace {
 
 using namespace dev;
 
-#ifndef FFA_FWD_STAGES_D128
-#define FFA_FWD_STAGES_D128 2
-#endif
-
 constexpr int kBN = kPlanTileQCols;  // keys per tile (the q-side plan's column tile)
 
 // Everything that differs between the two head dims.
@@ -70,9 +66,9 @@ template <int D>
 struct Shape {
   static constexpr int kConsumers = D == 64 ? 3 : 2;
   static constexpr int kBM = 64 * kConsumers;  // query rows per CTA (= the plan's fwd_tile_q)
-  // D=128: 2 stages of K+V take 128 KB; 3 (192 KB + the 32 KB Q tile) fit just under the 227 KB limit
-  // and are tried as a variant build (-DFFA_FWD_STAGES_D128=3, scripts/dev/gpu-session.sh bench-variant).
-  static constexpr int kStages = D == 64 ? 4 : FFA_FWD_STAGES_D128;
+  // D=128: 2 stages of K+V take 128 KB. (3 fit beside Q alone, 230,504 bytes, and measured the same on
+  // the H100, run 9 of docs/kernel-log.md; kernel 5's staging tile needs the room.)
+  static constexpr int kStages = D == 64 ? 4 : 2;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   // setmaxnreg budgets: 128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536.
   static constexpr int kProducerRegs = kConsumers == 3 ? 32 : 24;
@@ -80,12 +76,9 @@ struct Shape {
   static constexpr uint32_t kQBytes = kBM * D * 2, kKVBytes = kBN * D * 2;
   static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + 1024 + 8 * (1 + 4 * kStages);
   static_assert(kSmem <= 227 * 1024, "dynamic shared memory per block on sm_90");
-  // Kernel 5 adds the empty_q mbarrier and, where it fits, the epilogue's own staging tile (kBM rows, Q's
-  // layout): 181392 bytes in all at D=64, 197712 at D=128 with 2 stages, of the 232448 (227 KB) a block may
-  // have. With 3 stages at D=128 (230504 bytes already) it does not fit: kernel 5 then stages in the Q tile
-  // as kernel 3 does and frees Q only after the epilogue.
-  static constexpr bool kOwnStaging = kSmem + kQBytes + 8 <= 227 * 1024;
-  static constexpr int kPersistentExtraSmem = (kOwnStaging ? kQBytes : 0) + 8;
+  // Kernel 5 adds the empty_q mbarrier and the epilogue's own staging tile (kBM rows, Q's layout):
+  // 181392 bytes in all at D=64, 197712 at D=128, of the 232448 (227 KB) a block may have.
+  static constexpr int kPersistentExtraSmem = kQBytes + 8;
   static_assert(kSmem + kPersistentExtraSmem <= 227 * 1024, "kernel 5 needs more shared memory than a block has");
 };
 
@@ -166,18 +159,16 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   using S = Shape<D>;
   constexpr int kNC = S::kConsumers, kBM = S::kBM, kStages = S::kStages;
   constexpr int kCB = D / 64;  // 64-column (128-byte) blocks per row
-  // Kernel 5 with the epilogue's own staging tile (whenever it fits: see Shape::kOwnStaging).
-  constexpr bool kOwnStaging = kPersistent && S::kOwnStaging;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t sQ = (raw + 1023u) & ~1023u;  // 128B-swizzled tiles want 1024-byte alignment
   unsigned char* smem = smem_raw + (sQ - raw);
   const uint32_t sK = sQ + S::kQBytes, sV = sK + kStages * S::kKVBytes;
-  // Kernel 5 (kOwnStaging): the epilogue's own staging tile (Q's shape and layout), so that the next work
-  // tile's Q can land while this one's epilogue runs. Otherwise the epilogue stages in the Q tile.
+  // Kernel 5: the epilogue's own staging tile (Q's shape and layout), so that the next work
+  // tile's Q can land while this one's epilogue runs. Kernel 3 stages in the Q tile.
   const uint32_t sO = sV + kStages * S::kKVBytes;
   // mbarriers (8 bytes each): full_q, then per stage full_k, full_v, empty_k, empty_v; kernel 5 then empty_q.
-  const uint32_t full_q = sO + (kOwnStaging ? S::kQBytes : 0);
+  const uint32_t full_q = sO + (kPersistent ? S::kQBytes : 0);
   const uint32_t full_k = full_q + 8, full_v = full_k + 8 * kStages;
   const uint32_t empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
   const uint32_t empty_q = empty_v + 8 * kStages;
@@ -419,7 +410,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
 
       // The last P V, outside the ring (nothing of ours follows it).
       const int n = n_tiles - 1;
-      if constexpr (kOwnStaging) {
+      if constexpr (kPersistent) {
         // Every S GEMM of this tile is complete (waited for above): Q is free for the next tile's load.
         if (lane == 0) mbar_arrive(empty_q);
       }
@@ -431,7 +422,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       reg_fence(o);
       reg_fence_u(pa);
       release(empty_v, n);
-    } else if constexpr (kOwnStaging) {
+    } else if constexpr (kPersistent) {
       if (lane == 0) mbar_arrive(empty_q);  // no key tiles: Q (loaded, waited for above) was never read
     }
     if constexpr (!kPersistent) {
@@ -443,16 +434,9 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     // complete), or kernel 5's own tile. There the warp's previous epilogue read these rows back (other
     // lanes than write them now): __syncwarp orders those reads before the new writes.
     if constexpr (kPersistent) __syncwarp();
-    store_out_lse_warp_rows<T, D, kBM>(kOwnStaging ? smem + (sO - sQ) : smem, (warp - 4) * 16, o, l, m,
+    store_out_lse_warp_rows<T, D, kBM>(kPersistent ? smem + (sO - sQ) : smem, (warp - 4) * 16, o, l, m,
                                        static_cast<T*>(p.out) + h * p.o_sh, p.o_st, p.lse + h * p.lse_sh, p.lse_st,
                                        it.row_begin, it.row_end);
-    if constexpr (kPersistent && !kOwnStaging) {
-      // Staged in the Q tile: free it once every lane of the warp read its rows back. The proxy fence
-      // orders these generic accesses before the next Q's TMA (async proxy) writes.
-      fence_async_smem();
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty_q);
-    }
     n_base += n_tiles;
   });
 

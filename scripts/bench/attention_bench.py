@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ffa_lib  # noqa: E402
 
 # cuda/ffa.h kernel numbers. The defaults are core/attention_ffa.h's.
-DEFAULT_FWD, DEFAULT_BWD = 3, 5
+DEFAULT_FWD, DEFAULT_BWD = 5, 5
 FWD_KERNELS = {0: "v7 tma", 3: "v8 overlap", 5: "v10 persistent"}
 BWD_KERNELS = {5: "v8 dQ writers", 0: "v7 tma", 3: "tma 64-query steps", 1: "wgmma cp.async"}
 
@@ -226,6 +226,13 @@ def main():
     hdr = f"{'shape':<40} {'ours fwd':>9} {'sdpa fwd':>9} {'flex fwd':>9} {'x sdpa':>7} {'x flex':>7} | " \
           f"{'ours f+b':>9} {'sdpa f+b':>9} {'flex f+b':>9} {'x sdpa':>7} {'x flex':>7}"
     print(hdr)
+    for r in results:
+        def g(k):
+            return r.get(k, float("nan"))
+        print(f"{r['shape']:<40} {g('ours_fwd_tflops'):9.1f} {g('sdpa_fwd_tflops'):9.1f} {g('flex_fwd_tflops'):9.1f} "
+              f"{g('ours_fwd_tflops') / g('sdpa_fwd_tflops'):7.2f} {g('ours_fwd_tflops') / g('flex_fwd_tflops'):7.2f} | "
+              f"{g('ours_fwdbwd_tflops'):9.1f} {g('sdpa_fwdbwd_tflops'):9.1f} {g('flex_fwdbwd_tflops'):9.1f} "
+              f"{g('ours_fwdbwd_tflops') / g('sdpa_fwdbwd_tflops'):7.2f} {g('ours_fwdbwd_tflops') / g('flex_fwdbwd_tflops'):7.2f}")
     for r in results:
         sd_f, sd_fb = r.get("sdpa_fwd_tflops", float("nan")), r.get("sdpa_fwdbwd_tflops", float("nan"))
         t_def = max(r[f"ours_fwd{DEFAULT_FWD}_fwd_tflops"], r[f"ours_fwd{DEFAULT_FWD}_repeat_fwd_tflops"])

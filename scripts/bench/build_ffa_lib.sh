@@ -2,7 +2,7 @@
 # Builds cuda/ (our attention kernels + the C ABI in ffa_capi.cu) into build-ffa/libffa.so for the
 # Python tests and benchmarks (test/gpu/ffa_check.py, scripts/bench/attention_bench.py). No LibTorch.
 #   scripts/bench/build_ffa_lib.sh [OUT_DIR]
-# FFA_NVCC_FLAGS: extra nvcc flags (space-separated), e.g. -DFFA_FWD_STAGES_D128=3 for a variant build
+# FFA_NVCC_FLAGS: extra nvcc flags (space-separated), e.g. -DSOME_KNOB=1 for a variant build
 # that scripts/dev/gpu-session.sh's bench-variant step times against the default one.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)

@@ -6,8 +6,8 @@ its four warps' arrivals) and the TMA unit (copies complete later, in any order)
 tile; kernel 5 a list of them (any number of key tiles each, 0 included) with the K/V ring position, the
 mbarrier phases and the turn ring carried over. Named barriers follow the hardware rule (bar.sync and
 bar.arrive both count threads; the barrier completes at its count and releases the syncing threads);
-mbarrier waits are parity waits on a phase bit, as in hardware. Kernel 5 runs with its own epilogue
-staging tile (Q freed after the key loop) and without (Q freed after the epilogue, which stages in Q). Checks: no deadlock; every named-barrier
+mbarrier waits are parity waits on a phase bit, as in hardware. Kernel 5 has its own epilogue staging tile
+(Q freed after the key loop); kernel 3 stages in Q. Checks: no deadlock; every named-barrier
 completion releases a waiting consumer (an arrive never meets another arrive of the same round: the
 one-token ring); no barrier left with arrivals at exit; a TMA never writes a Q, K or V buffer that a GEMM
 may still read; a GEMM reads the Q of its own work tile and the K/V tile of its ring position.
@@ -16,12 +16,11 @@ It mirrors the kernel by hand: change both together.
     python3 scripts/dev/fwd_persistent_protocol.py --mutations   (CTest ffa_fwd_protocol: all of the below)
 Mutations (each must fail): pertile (kernel 5 starts and ends the turn ring every work tile, as kernel 3
 does once), earlyq (kernel 5 frees Q when the tile's last S GEMM is issued, not when it completed), noqwait
-(the producer loads Q without waiting for empty_q), noparity (the K ring's waits use phase 0 always),
-stagedq (kernel 5 staging in the Q tile frees Q before its epilogue instead of after)."""
+(the producer loads Q without waiting for empty_q), noparity (the K ring's waits use phase 0 always)."""
 import random
 import sys
 
-MUTATIONS = ['pertile', 'earlyq', 'noqwait', 'noparity', 'stagedq']
+MUTATIONS = ['pertile', 'earlyq', 'noqwait', 'noparity']
 MUT = set(a for a in sys.argv[2:] if a in MUTATIONS)
 
 
@@ -51,12 +50,11 @@ class MBar:
             self.arrived, self.phase = 0, self.phase ^ 1
 
 
-def simulate(kernel, nc, stages, tiles, rng, own_staging=True):
-    """tiles: key tiles per work tile of this CTA (kernel 3: exactly one work tile). own_staging (kernel 5):
-    the epilogue has its own staging tile and Q is freed after the key loop; otherwise the epilogue stages
-    in the Q tile (as kernel 3) and Q is freed after it (3 K/V stages at D=128)."""
+def simulate(kernel, nc, stages, tiles, rng):
+    """tiles: key tiles per work tile of this CTA (kernel 3: exactly one work tile). Kernel 5's epilogue has
+    its own staging tile and Q is freed after the key loop; kernel 3's epilogue stages in the Q tile."""
     persistent = kernel == 5
-    early_free = persistent and own_staging
+    early_free = persistent
     bars = {i: NamedBarrier(256) for i in range(1, nc + 1)}
     full_q, empty_q = MBar(1), MBar(nc)
     full_k, full_v = [MBar(1) for _ in range(stages)], [MBar(1) for _ in range(stages)]
@@ -177,14 +175,10 @@ def simulate(kernel, nc, stages, tiles, rng, own_staging=True):
                 yield ('sync', 1)
             if early_free:
                 yield ('work',)  # epilogue through the own staging tile
-            else:  # epilogue through the Q tile: its rows written and read back
-                if persistent and 'stagedq' in MUT:
-                    yield ('mbar', 'empty_q', 0)
+            else:  # kernel 3: epilogue through the Q tile, its rows written and read back
                 readers[('q', 0)].add(c)
                 yield ('work',)
                 readers[('q', 0)].discard(c)
-                if persistent and 'stagedq' not in MUT:
-                    yield ('mbar', 'empty_q', 0)
             n_base += nt
         if not ring_per_tile and c == 0:
             yield ('sync', 1)
@@ -250,13 +244,13 @@ def run_all(seed):
     rng = random.Random(seed)
     trials = 0
     for nc, stages in ((3, 4), (2, 2)):  # D=64, D=128
-        for kernel, own_staging in ((3, False), (5, True), (5, False)):
+        for kernel in (3, 5):
             for _ in range(1000):
                 if kernel == 3:
                     tiles = [rng.choice([0, 1, 2, 3, 5, 9])]
                 else:
                     tiles = [rng.choice([0, 0, 1, 2, 3, 4, 7]) for _ in range(rng.randint(0, 5))]
-                simulate(kernel, nc, stages, tiles, rng, own_staging)
+                simulate(kernel, nc, stages, tiles, rng)
                 trials += 1
     return trials
 

@@ -5,10 +5,10 @@
 #   OUT=/some/dir bash scripts/dev/gpu-session.sh [STEP ...]
 # Steps (default: build standalone bench gpu-tests smoke): build (build-gpu/ and build-ffa/ in parallel),
 # standalone (ffa_standalone, all kernels), sanitize (memcheck + racecheck --quick of it), ffa-check
-# (test/gpu/ffa_check.py), bench (attention_bench.py --which sdpa), gpu-tests (flexcp_gpu_tests [gpu]),
+# (test/gpu/ffa_check.py), bench (attention_bench.py --which sdpa; BENCH_ARGS are passed on), gpu-tests (flexcp_gpu_tests [gpu]),
 # smoke (scripts/gpu-smoke.sh), train (train-vs-hf.sh; TRAIN_ARGS are passed on), train-variants (flexcp
 # alone under each environment of VARIANTS, ';'-separated, e.g. "FLEXCP_FFA_FWD_KERNEL=0;FLEXCP_FFA_BWD_KERNEL=0"),
-# bench-variant (libffa built again with the nvcc flags VARIANT_NVCC_FLAGS, e.g. -DFFA_FWD_STAGES_D128=3, into build-ffa-var/;
+# bench-variant (libffa built again with the nvcc flags VARIANT_NVCC_FLAGS, e.g. -DSOME_KNOB=1, into build-ffa-var/;
 # our kernels alone timed with it, then with the default build, then with it again), profile (ncu of
 # flexcp's default forward and backward kernels on shape (a): profile-fwd.log, profile-bwd.log).
 # Logs go to $OUT/<step>.log; one line per step says ok/FAILED and its seconds.
@@ -50,7 +50,7 @@ for s in "${steps[@]}"; do
       step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 3 ./build-ffa/ffa_standalone --quick ;;
     ffa-check) FFA_LIB=$root/build-ffa/libffa.so step ffa-check 240 python3 test/gpu/ffa_check.py ;;
     bench) FFA_LIB=$root/build-ffa/libffa.so PYTHONUNBUFFERED=1 step bench 240 \
-             python3 scripts/bench/attention_bench.py --which sdpa ;;
+             python3 scripts/bench/attention_bench.py --which sdpa ${BENCH_ARGS:-} ;;
     gpu-tests) step gpu-tests 240 ./build-gpu/test/flexcp_gpu_tests "[gpu]" ;;
     smoke) step smoke 240 bash scripts/gpu-smoke.sh /tmp/gpu-session-smoke ;;  # (its files would crowd $OUT)
     train) step train 420 bash scripts/bench/train-vs-hf.sh ${TRAIN_ARGS:-} ;;
