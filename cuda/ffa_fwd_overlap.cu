@@ -9,8 +9,10 @@
 //   kernel 3   one CTA per work tile (grid = items x heads): each CTA sets up, fills its pipeline, runs
 //              and writes out once; the prologue and the epilogue overlap no tensor-core work of its own.
 //   kernel 5   min(SMs, tiles) CTAs; CTA b runs tiles persistent_tile(j, b, grid, tiles), j = 0, 1, ...
-//              (cuda/ffa_schedule.h: round-robin, serpentine). The barriers are set up once; the K/V
-//              ring and its phases run on across tiles, so the producer loads the next tile's first K/V
+//              (cuda/ffa_schedule.h: round-robin, serpentine; the variant build
+//              -DFFA_FWD_DYNAMIC_SCHEDULE=1 hands tiles out at run time from an atomic counter instead).
+//              The barriers are set up once; the K/V ring and its phases run on across tiles, so the
+//              producer loads the next tile's first K/V
 //              while the consumers finish the previous tile; the epilogue stages through its own tile
 //              (where shared memory allows: both default shapes), so the consumers free Q after their
 //              last S GEMM and the next Q loads during the epilogue.
