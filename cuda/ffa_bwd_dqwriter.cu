@@ -57,6 +57,7 @@
 #include "cuda/ffa_tma.h"
 #if FFA_BWD_PERSISTENT
 #include <algorithm>
+#include <cstdlib>
 
 #include "cuda/ffa_device_info.h"
 #include "cuda/ffa_schedule.h"
@@ -648,7 +649,15 @@ void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   const int64_t tiles = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
   if (tiles == 0) return;
   if (tiles > INT32_MAX) throw std::runtime_error("ffa backward (dQ writer, persistent): more than 2^31 - 1 work tiles");
-  const int64_t grid = std::min<int64_t>(tiles, device_sm_count());
+  int64_t grid = std::min<int64_t>(tiles, device_sm_count());
+  // Test knob: FFA_BWD_MAX_CTAS=N caps the grid at N CTAs (read once per process), so that the small test
+  // cases run several work tiles per CTA: the cross-tile hand-offs (K/V reload, ring phases, dS^T parity,
+  // the writers' step count, tiles with no runs) are exercised by ffa_standalone and racecheck too.
+  static const int max_ctas = [] {
+    const char* e = std::getenv("FFA_BWD_MAX_CTAS");
+    return e ? std::atoi(e) : 0;
+  }();
+  if (max_ctas > 0) grid = std::min<int64_t>(grid, max_ctas);
 #else
   const int64_t grid = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
   if (grid == 0) return;
