@@ -383,8 +383,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t base_cta = base;
   const int tid_cta = tid;
 #pragma unroll 1
-  for (int j = 0;; ++j) {
-  const int tile = cta_tile(p, j);
+  for (int round = 0;; ++round) {  // (round, not j: the step code's loops use j)
+  const int tile = cta_tile(p, round);
   if (tile < 0) break;
   const uint32_t base = opaque_u32(base_cta);
   const int tid = static_cast<int>(opaque_u32(static_cast<uint32_t>(tid_cta))), warp = tid >> 5, wg = warp >> 2;
@@ -417,7 +417,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
 
 #if FFA_BWD_PERSISTENT
-  mbar_wait(full_kv, j & 1);  // round j's K/V: full_kv's phase j; also with no steps: the epilogue stages in the K/V buffers
+  // The tile's K/V: full_kv's phase `round`; waited for also with no steps (the epilogue stages in the K/V
+  // buffers).
+  mbar_wait(full_kv, round & 1);
 #else
   mbar_wait(full_kv, 0);
   int n = 0;
