@@ -10,7 +10,8 @@
 # alone under each environment of VARIANTS, ';'-separated, e.g. "FLEXCP_FFA_FWD_KERNEL=0;FLEXCP_FFA_BWD_KERNEL=0"),
 # bench-variant (libffa built again with the nvcc flags VARIANT_NVCC_FLAGS, e.g. -DSOME_KNOB=1, into build-ffa-var/;
 # its standalone, ffa_check.py and racecheck --quick run, then our kernels alone are timed with it, then with
-# the default build, then with it again), profile (ncu of
+# the default build, then with it again; VARIANT_TEST_ENV, e.g. FFA_BWD_MAX_CTAS=2, is set for a second run of
+# its standalone and for its ffa_check.py and racecheck, never for the timings), profile (ncu of
 # flexcp's default forward and backward kernels on shape (a): profile-fwd.log, profile-bwd.log).
 # Logs go to $OUT/<step>.log; one line per step says ok/FAILED and its seconds.
 set -uo pipefail
@@ -65,8 +66,9 @@ for s in "${steps[@]}"; do
     bench-variant)
       FFA_NVCC_FLAGS=${VARIANT_NVCC_FLAGS:-} step build-variant 300 bash scripts/bench/build_ffa_lib.sh "$root/build-ffa-var"
       step standalone-variant 150 ./build-ffa-var/ffa_standalone
-      FFA_LIB=$root/build-ffa-var/libffa.so step ffa-check-variant 240 python3 test/gpu/ffa_check.py
-      step racecheck-variant 300 compute-sanitizer --tool racecheck --error-exitcode 3 ./build-ffa-var/ffa_standalone --quick
+      [ -n "${VARIANT_TEST_ENV:-}" ] && step standalone-variant-env 150 env ${VARIANT_TEST_ENV} ./build-ffa-var/ffa_standalone
+      FFA_LIB=$root/build-ffa-var/libffa.so step ffa-check-variant 240 env ${VARIANT_TEST_ENV:-} python3 test/gpu/ffa_check.py
+      step racecheck-variant 300 env ${VARIANT_TEST_ENV:-} compute-sanitizer --tool racecheck --error-exitcode 3 ./build-ffa-var/ffa_standalone --quick
       for lib in build-ffa-var build-ffa build-ffa-var; do
         FFA_LIB=$root/$lib/libffa.so step "bench-$lib" 120 python3 scripts/bench/attention_bench.py --which ours
         echo "   $lib (build-ffa-var: VARIANT_NVCC_FLAGS='${VARIANT_NVCC_FLAGS:-}'):"

@@ -3,7 +3,9 @@
 // GQA 2, D 64 and 128, bf16; forward (kernels 0-3 and 5) and backward (kernels 0-3 and 5, atomic and
 // deterministic; the removed kernels 4 of both must be rejected) and merge, checked against a float64 CPU
 // reference; the same slices with 256 query heads (more work tiles than SMs, so every CTA of the
-// persistent forward kernel 5 runs several) for forward kernels 3 and 5. Without --quick also: a longer
+// persistent forward kernel 5 runs several) for forward kernels 3 and 5; keys no query sees (a k-side item
+// with no runs: dK = dV = 0) for backward kernel 5 (FFA_BWD_MAX_CTAS=N caps its persistent build's grid, so
+// that its CTAs run several work tiles here: docs/kernel-log.md "v8-bwd persistent"). Without --quick also: a longer
 // backward case (GQA 4, runs of odd and even tile counts, many steps per CTA) for the TMA backward kernels
 // 0 and 5, and a longer forward case (up to 11 key tiles per item, so the K/V rings wrap several times)
 // for the default kernel 0, kernel 3 (v8, 192-row q tiles at D=64) and kernel 5 (v10, v8 persistent), with
@@ -187,6 +189,14 @@ Case long_backward_case() {
            {0, 250, 300, 557, ffa::Mask::Full},
            {290, 590, 300, 557, ffa::Mask::InvCausal}},
           {0}, {0, 5}, false};
+}
+
+// Keys [200, 400) seen by no query: the k-side item of keys [256, 384) has no runs (dK = dV = 0 there,
+// written over the 0xff fill), those of [128, 256) and [384, 512) have one of two slices. Backward kernel 5
+// only: with FFA_BWD_MAX_CTAS=1 (its persistent build, FFA_BWD_PERSISTENT=1) one CTA runs all ten work
+// tiles, the empty one among them.
+Case unseen_keys_backward_case() {
+  return {300, 600, 4, 2, {{0, 300, 0, 200, ffa::Mask::Causal}, {0, 300, 400, 600, ffa::Mask::Full}}, {0}, {5}, false};
 }
 
 int run(int D, const Case& c) {
@@ -463,6 +473,7 @@ int main(int argc, char** argv) {
   try {
     for (int D : {64, 128}) {
       failures += run(D, small_case(D));
+      failures += run(D, unseen_keys_backward_case());
       failures += run_forward(D, many_heads_case());
     }
     if (!quick)
