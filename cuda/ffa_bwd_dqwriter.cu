@@ -32,16 +32,6 @@
 // A step whose second query half lies outside the run (last step of an odd run at D=64) gets that
 // half's stats from the padding rows past num_q (lse = +inf, so P = dS = 0 there); its writer skips the
 // half's reduction.
-// FFA_BWD_PERSISTENT = 1 (a build-time variant, default 0: docs/kernel-log.md "v8-bwd persistent"): the
-// same kernel on a persistent grid, min(SMs, items x heads_kv) CTAs, CTA b running the work tiles
-// persistent_tile(j, b, grid, items x heads_kv), j = 0, 1, ... (cuda/ffa_schedule.h). The barriers are set
-// up once; the ring position (stages, phases, dS^T parity) and the writers' step count run on across tiles.
-// K/V of each tile go to their own buffers (full_kv phase j), after every consumer warp ended tile j - 1's
-// epilogue (empty_kv, which also covers the epilogue's staging in those buffers); the next tile's first
-// two Q/dO/stats loads go out before that wait, so they land during the epilogue.
-#ifndef FFA_BWD_PERSISTENT
-#define FFA_BWD_PERSISTENT 0
-#endif
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -55,13 +45,6 @@
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
 #include "cuda/ffa_tma.h"
-#if FFA_BWD_PERSISTENT
-#include <algorithm>
-#include <cstdlib>
-
-#include "cuda/ffa_device_info.h"
-#include "cuda/ffa_schedule.h"
-#endif
 #include "cuda/ffa_wgmma.cuh"
 
 namespace ffa {
@@ -115,27 +98,13 @@ __device__ __forceinline__ uint64_t desc_add(uint64_t d, uint32_t off) {
   return (d & ~0xFFFFFFFFull) | static_cast<uint32_t>(static_cast<uint32_t>(d) + (off >> 4));
 }
 
-#if FFA_BWD_PERSISTENT
-// The CTA's work tile of round j (cuda/ffa_schedule.h), -1 past its last. Every role loops over j and
-// derives the tile from it (a multiply-add; the loader and the writers where they use it, through
-// opaque_u32 so that it is not held: with 24 registers, holding the tile, or deriving the round from
-// it by a division, spilled).
-__device__ __forceinline__ int cta_tile(const BwdParams& p, int j) {
-  return persistent_tile(j, blockIdx.x, gridDim.x, p.k_side.num_items * p.heads_kv);
-}
-#endif
-
 template <int D>
 struct Smem {
   static constexpr int QS = queries_per_step<D>();
   static constexpr uint32_t kKV = kBN * D * 2, kQ = QS * D * 2, kS = kBN * QS * 2, kStats = QS / kTileQ * kStatsTile;
   static constexpr uint32_t sK = 0, sV = sK + kKV, sQ = sV + kKV, sdO = sQ + 2 * kQ, sdS = sdO + 2 * kQ;
   static constexpr uint32_t sdQ = sdS + 2 * kS, sStats = sdQ + 2 * kDqBytes, bars = sStats + 2 * kStats;
-#if FFA_BWD_PERSISTENT
-  static constexpr uint32_t total = bars + 6 * 8 + 1024;  // full_kv, full[2], empty[2], empty_kv; + alignment slack
-#else
   static constexpr uint32_t total = bars + 5 * 8 + 1024;  // full_kv, full[2], empty[2]; + alignment slack
-#endif
   static_assert(sStats % 128 == 0, "TMA destination alignment");
 };
 
@@ -164,9 +133,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(full + 8 * s, 1);     // the loader's arrive + the Q, dO, stats bytes (tx)
       mbar_init(empty + 8 * s, 256);  // every consumer thread
     }
-#if FFA_BWD_PERSISTENT
-    mbar_init(full_kv + 40, 8);  // empty_kv: every consumer warp, once its epilogue no longer uses K/V
-#endif
     mbar_init_fence();
   }
   __syncthreads();
@@ -181,41 +147,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       // registers in the producer's 24).
       auto writer = [&](auto w_tag) {
         constexpr int w = decltype(w_tag)::value;
-#if FFA_BWD_PERSISTENT
-        // Over the CTA's work tiles. Live state: j, g, ri, t (and base, lane); the tile, item, head and
-        // the staging address are re-derived where used, through opaque_u32 so that the compiler does not
-        // hoist and hold them (the writers have 24 registers).
-#pragma unroll 1
-        for (int j = 0; cta_tile(p, j) >= 0; ++j) {
-          auto tile = [&] { return cta_tile(p, static_cast<int>(opaque_u32(j))); };
-          auto item = [&] { return p.k_side.items + tile() / p.heads_kv; };
-#pragma unroll 1
-          for (int g = 0; g < p.group; ++g) {
-#pragma unroll 1
-            for (int ri = item()->run_begin; ri < item()->run_end; ++ri) {
-#pragma unroll 1
-              for (int t = 0; t < p.k_side.runs[ri].tiles; t += kTiles) {
-                named_bar_sync(kBarDqEmpty + w, 160);  // the previous rows have been read
-                named_bar_sync(kBarDqFull + w, 160);
-                const Run run = p.k_side.runs[ri];
-                const int h = tile() % p.heads_kv * p.group + g;
-                const uint32_t stage = opaque_u32(base) + L::sdQ + w * kDqBytes;
-                const int row0 = run.begin + t * kTileQ + (QS == 128 ? w * 64 : 0);
-                const bool in_run = QS == 64 || w == 0 || t + 1 < run.tiles;
-                const int rows = in_run ? min(64, p.num_q - row0) : 0;
-#pragma unroll 1
-                for (int r = lane; r < rows; r += 32)
-                  bulk_reduce_add_f32(
-                      p.dq_accum + (static_cast<int64_t>(row0 + r) * p.heads_q + h) * D + (D == 128 ? w * 64 : 0),
-                      stage + r * kDqRowFloats * 4, 64 * 4);
-                bulk_commit();
-                bulk_wait_read<0>();
-                __syncwarp();
-              }
-            }
-          }
-        }
-#else
         const uint32_t stage = base + L::sdQ + w * kDqBytes;
         // Minimal live state (h, ri, t): the run and item fields are re-read after each barrier (L1 hits).
         const Item* item = p.k_side.items + blockIdx.x / p.heads_kv;
@@ -241,7 +172,6 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
         }
-#endif
         bulk_wait<0>();  // the shared source must outlive the reductions
       };
       if (warp == 1)
@@ -251,74 +181,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       return;
     }
     if (warp != 0) return;
-#if FFA_BWD_PERSISTENT
-    // The loader (lane 0 issues the copies, the warp walks the steps with it) over the CTA's work tiles.
-    // n, the ring position (each stage's phase), runs on across tiles. K/V of the CTA's tile j (its
-    // round) fill full_kv's phase j, once empty_kv completed phase j - 1: every consumer warp is past
-    // tile j - 1's epilogue, the last use of K/V and of their buffers (the epilogue's staging). They go
-    // out before the tile's ring load kv_n (a ring position): at j = 0 first (nothing to wait for); later
-    // after the tile's first two Q/dO/stats loads, which wait only for the previous tile's last two steps
-    // to be consumed, so they land during its dK/dV epilogue while the K/V loads wait for its end. (The
-    // third would wait for this tile's first step, which needs K/V: they must go out before it.) A tile
-    // with two ring loads or fewer loads K/V after them.
-    // Registers (24): only base, j, n, kv_n and the loop indices (g, ri, t) are held; the tile, item, run,
-    // head and every address are derived per step, through opaque_u32 so that the compiler cannot hoist
-    // and hold them (holding them spilled up to 40 bytes).
-    int n = 0;
-#pragma unroll 1
-    for (int j = 0; cta_tile(p, j) >= 0; ++j) {
-      auto tile = [&] { return cta_tile(p, static_cast<int>(opaque_u32(j))); };
-      const int kv_n = n + (j == 0 ? 0 : 2);
-      auto load_kv = [&] {
-        const int hk = tile() % p.heads_kv, c0 = p.k_side.items[tile() / p.heads_kv].row_begin;
-        const uint32_t full_kv = barriers(), b = opaque_u32(base);
-        if (j > 0) mbar_wait(full_kv + 40, (j - 1) & 1);  // empty_kv
-        if (lane == 0) {
-          mbar_expect_tx(full_kv, 2 * L::kKV);
-#pragma unroll
-          for (int cb = 0; cb < kCB; ++cb) {
-            tma_load_3d(b + L::sK + cb * (kBN * 128), &tm_k, cb * 64, hk, c0, full_kv);
-            tma_load_3d(b + L::sV + cb * (kBN * 128), &tm_v, cb * 64, hk, c0, full_kv);
-          }
-        }
-        __syncwarp();
-      };
-      auto item = [&] { return p.k_side.items + tile() / p.heads_kv; };
-#pragma unroll 1
-      for (int g = 0; g < p.group; ++g) {
-#pragma unroll 1
-        for (int ri = item()->run_begin; ri < item()->run_end; ++ri) {
-#pragma unroll 1
-          for (int t = 0; t < p.k_side.runs[ri].tiles; t += kTiles, ++n) {
-            if (n == kv_n) load_kv();
-            const uint32_t b = opaque_u32(base);
-            const uint32_t full = b + L::bars + 8, empty = full + 16;
-            const int s = n & 1;
-            if (n >= 2) mbar_wait(empty + 8 * s, ((n >> 1) - 1) & 1);
-            const Run run = p.k_side.runs[ri];  // (re-read after the wait: not held across it)
-            const int h = tile() % p.heads_kv * p.group + g;
-            const int q0 = run.begin + t * kTileQ;
-            if (lane == 0) {
-              mbar_expect_tx(full + 8 * s, 2 * L::kQ + kTiles * kStatsBoxBytes);
-#pragma unroll
-              for (int cb = 0; cb < kCB; ++cb) {
-                tma_load_3d(b + L::sQ + s * L::kQ + cb * (QS * 128), &tm_q, cb * 64, h, q0, full + 8 * s);
-                tma_load_3d(b + L::sdO + s * L::kQ + cb * (QS * 128), &tm_do, cb * 64, h, q0, full + 8 * s);
-              }
-              // Stats: as in the default loader below.
-#pragma unroll
-              for (int k = 0; k < kTiles; ++k) {
-                const int row = t + k < run.tiles ? (q0 + k * kTileQ) & ~3 : p.stats_rows - kStatsBoxRows - 4;
-                tma_load_3d(b + L::sStats + s * L::kStats + k * kStatsTile, &tm_stats, row, 0, h, full + 8 * s);
-              }
-            }
-            __syncwarp();
-          }
-        }
-      }
-      if (n <= kv_n) load_kv();
-    }
-#else
     // The loader: lane 0 issues the copies, the warp walks the steps with it.
     const uint32_t full_kv = barriers(), full = full_kv + 8, empty = full_kv + 24;
     const uint32_t sK = base + L::sK, sV = base + L::sV, sQ = base + L::sQ, sdO = base + L::sdO;
@@ -366,41 +228,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-#endif
     return;
   }
 
   setmaxnreg_inc<240>();
-#if FFA_BWD_PERSISTENT
-  // The CTA's work tiles t = persistent_tile(j, ...) (cuda/ffa_schedule.h), item t / heads_kv, kv head
-  // t % heads_kv, as one CTA per tile has them in blockIdx.x; every role walks the same list. n, the step
-  // counter that picks the ring stage, its phase and the dS^T barriers' parity, runs on across tiles as
-  // the loader's does (the writers' hand-off barriers are sync pairs per step: they need no parity).
-  // Per tile, every address and index is derived afresh from base and tid, laundered (opaque_u32) so that
-  // the compiler cannot hoist them out of the tile loop: held across the dK/dV epilogue (dK and dV take
-  // D registers there) they spilled 68 bytes at D=128.
-  int n = 0;
-  const uint32_t base_cta = base;
-  const int tid_cta = tid;
-#pragma unroll 1
-  for (int round = 0;; ++round) {  // (round, not j: the step code's loops use j)
-  const int tile = cta_tile(p, round);
-  if (tile < 0) break;
-  const uint32_t base = opaque_u32(base_cta);
-  const int tid = static_cast<int>(opaque_u32(static_cast<uint32_t>(tid_cta))), warp = tid >> 5, wg = warp >> 2;
-  auto barriers = [base] { return base + L::bars; };
-#endif
   const uint32_t full_kv = barriers(), full = full_kv + 8, empty = full_kv + 24;
   unsigned char* smem = smem_raw + (base - raw);
   const uint32_t sK = base + L::sK, sV = base + L::sV, sQ = base + L::sQ, sdO = base + L::sdO, sdS = base + L::sdS;
   const uint32_t sdQ = base + L::sdQ;
   const int lane = tid & 31;
-#if FFA_BWD_PERSISTENT
-  const Item it = p.k_side.items[tile / p.heads_kv];
-#else
   const int hk = blockIdx.x % p.heads_kv;
   const Item it = p.k_side.items[blockIdx.x / p.heads_kv];
-#endif
   const Run* runs = p.k_side.runs;
   const int c0 = it.row_begin;
   const float* stats_all = reinterpret_cast<const float*>(smem + L::sStats);  // [2 stages][kStats / 4]
@@ -414,16 +252,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   float dk[D / 2], dv[D / 2];
 #pragma unroll
-  for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+  for (int n = 0; n < D / 2; ++n) dk[n] = dv[n] = 0.f;
 
-#if FFA_BWD_PERSISTENT
-  // The tile's K/V: full_kv's phase `round`; waited for also with no steps (the epilogue stages in the K/V
-  // buffers).
-  mbar_wait(full_kv, round & 1);
-#else
   mbar_wait(full_kv, 0);
   int n = 0;
-#endif
   for (int g = 0; g < p.group; ++g) {  // the kv head's query heads (the loader picks the head's tiles)
     for (int ri = it.run_begin; ri < it.run_end; ++ri) {
       const Run run = runs[ri];
@@ -602,28 +434,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Epilogue: both warpgroups' last dQ GEMMs (which read all of K) are done before K/V are reused as
   // staging for dK (times the softmax scale) and dV.
   named_bar_sync(kBarEpilogue, 256);
-#if FFA_BWD_PERSISTENT
-  {
-    // The tile's kv head and rows, re-derived rather than held across the steps (at 240 registers).
-    const int kh = tile % p.heads_kv;
-    const Item* ie = p.k_side.items + tile / p.heads_kv;
-    store_dkdv_warp_rows<T, D, kBN>(smem + L::sK, smem + L::sV, cw * 64 + wq * 16, dk, dv, p.scale,
-                                    static_cast<T*>(p.dk) + kh * p.dk_sh, p.dk_st,
-                                    static_cast<T*>(p.dv) + kh * p.dv_sh, p.dv_st, ie->row_begin, ie->row_end);
-  }
-#else
   store_dkdv_warp_rows<T, D, kBN>(smem + L::sK, smem + L::sV, cw * 64 + wq * 16, dk, dv, p.scale,
                                   static_cast<T*>(p.dk) + hk * p.dk_sh, p.dk_st, static_cast<T*>(p.dv) + hk * p.dv_sh,
                                   p.dv_st, c0, it.row_end);
-#endif
-#if FFA_BWD_PERSISTENT
-  // The warp's rows of the K/V buffers were written and read back (the lanes' reads ordered by
-  // __syncwarp before the arrive): the next tile's K/V may land (TMA, the async proxy: after the fence).
-  fence_async_smem();
-  __syncwarp();
-  if (lane == 0) mbar_arrive(full_kv + 40);  // empty_kv
-  }
-#endif
 }
 
 // The preprocessing kernel's per-head stats (BwdParams::stats) as a 3-D fp32 tensor (row, lse2 or delta,
@@ -646,24 +459,8 @@ CUtensorMap make_stats_map(const float* stats, int heads, int rows) {
 template <typename T, int D>
 void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   constexpr int QS = queries_per_step<D>();
-#if FFA_BWD_PERSISTENT
-  // One CTA per SM at most (shared memory allows no second one), never more than work tiles.
-  const int64_t tiles = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
-  if (tiles == 0) return;
-  if (tiles > INT32_MAX) throw std::runtime_error("ffa backward (dQ writer, persistent): more than 2^31 - 1 work tiles");
-  int64_t grid = std::min<int64_t>(tiles, device_sm_count());
-  // Test knob: FFA_BWD_MAX_CTAS=N caps the grid at N CTAs (read once per process), so that the small test
-  // cases run several work tiles per CTA: the cross-tile hand-offs (K/V reload, ring phases, dS^T parity,
-  // the writers' step count, tiles with no runs) are exercised by ffa_standalone and racecheck too.
-  static const int max_ctas = [] {
-    const char* e = std::getenv("FFA_BWD_MAX_CTAS");
-    return e ? std::atoi(e) : 0;
-  }();
-  if (max_ctas > 0) grid = std::min<int64_t>(grid, max_ctas);
-#else
   const int64_t grid = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
   if (grid == 0) return;
-#endif
   const CUtensorMap tq = make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, QS);
   const CUtensorMap tdo = make_tensor_map(p.dout, dtype, p.num_q, p.heads_q, p.do_st, p.do_sh, D, QS);
   const CUtensorMap tk = make_tensor_map(p.k, dtype, p.num_k, p.heads_kv, p.k_st, p.k_sh, D, kBN);

@@ -9,10 +9,8 @@
 //   kernel 3   one CTA per work tile (grid = items x heads): each CTA sets up, fills its pipeline, runs
 //              and writes out once; the prologue and the epilogue overlap no tensor-core work of its own.
 //   kernel 5   min(SMs, tiles) CTAs; CTA b runs tiles persistent_tile(j, b, grid, tiles), j = 0, 1, ...
-//              (cuda/ffa_schedule.h: round-robin, serpentine; the variant build
-//              -DFFA_FWD_DYNAMIC_SCHEDULE=1 hands tiles out at run time from an atomic counter instead).
-//              The barriers are set up once; the K/V ring and its phases run on across tiles, so the
-//              producer loads the next tile's first K/V
+//              (cuda/ffa_schedule.h: round-robin, serpentine). The barriers are set up once; the K/V
+//              ring and its phases run on across tiles, so the producer loads the next tile's first K/V
 //              while the consumers finish the previous tile; the epilogue stages through its own tile
 //              (where shared memory allows: both default shapes), so the consumers free Q after their
 //              last S GEMM and the next Q loads during the epilogue.
@@ -46,7 +44,6 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "cuda/ffa_device.cuh"
 #include "cuda/ffa_epilogue.cuh"
@@ -56,22 +53,6 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
-#if FFA_FWD_DYNAMIC_SCHEDULE
-#include <mutex>
-#endif
-
-// Kernel 5's tile schedule. 0 (the default): the static serpentine schedule of cuda/ffa_schedule.h.
-// 1 (a variant build, -DFFA_FWD_DYNAMIC_SCHEDULE=1): a dynamic one, as FlashAttention-3's
-// DynamicPersistentTileScheduler: a CTA's first work tile is blockIdx.x, every later one the next number
-// of a global counter (G + atomicAdd(counter, 1), G = gridDim.x), so whichever CTA frees up first takes
-// the longest tile left, whatever CTAs started late or ran long tiles. The kernel's "Dynamic schedule"
-// comments (the tile index's hand-off to the consumers, the done sentinel) and dynamic_tile_counter()
-// (the counter's life across launches) have the reasoning. Only kernel 5 uses it; with 0 the code below
-// compiles to what it was before the option existed (docs/kernel-log.md "v10 dynamic schedule").
-#ifndef FFA_FWD_DYNAMIC_SCHEDULE
-#define FFA_FWD_DYNAMIC_SCHEDULE 0
-#endif
-
 namespace ffa {
 namespace detail {
 namespace {
@@ -79,10 +60,6 @@ namespace {
 using namespace dev;
 
 constexpr int kBN = kPlanTileQCols;  // keys per tile (the q-side plan's column tile)
-
-// for_each_tile's role argument (the dynamic schedule's producer and consumers walk the tile list differently).
-constexpr std::true_type kProducerRole{};
-constexpr std::false_type kConsumerRole{};
 
 // Everything that differs between the two head dims.
 template <int D>
@@ -101,12 +78,7 @@ struct Shape {
   static_assert(kSmem <= 227 * 1024, "dynamic shared memory per block on sm_90");
   // Kernel 5 adds the empty_q mbarrier and the epilogue's own staging tile (kBM rows, Q's layout):
   // 181392 bytes in all at D=64, 197712 at D=128, of the 232448 (227 KB) a block may have.
-#if FFA_FWD_DYNAMIC_SCHEDULE
-  // ... and with the dynamic schedule the two tile-index slots (8 bytes) after empty_q.
-  static constexpr int kPersistentExtraSmem = kQBytes + 8 + 8;
-#else
   static constexpr int kPersistentExtraSmem = kQBytes + 8;
-#endif
   static_assert(kSmem + kPersistentExtraSmem <= 227 * 1024, "kernel 5 needs more shared memory than a block has");
 };
 
@@ -183,12 +155,7 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
 template <typename T, int D, bool kPersistent>
 __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     fwd_overlap_kernel(const FwdParams p, const __grid_constant__ CUtensorMap tm_q,
-                       const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v
-#if FFA_FWD_DYNAMIC_SCHEDULE
-                       ,
-                       int* const tile_counter  // kernel 5: dynamic_tile_counter()'s slot for this launch
-#endif
-) {
+                       const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
   using S = Shape<D>;
   constexpr int kNC = S::kConsumers, kBM = S::kBM, kStages = S::kStages;
   constexpr int kCB = D / 64;  // 64-column (128-byte) blocks per row
@@ -228,79 +195,10 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   }
   __syncthreads();
 
-#if FFA_FWD_DYNAMIC_SCHEDULE
-  constexpr bool kDynamic = kPersistent;
-  // Dynamic schedule: slot j & 1 holds the index of work tile j (two slots after empty_q).
-  int* const tile_slot = reinterpret_cast<int*>(smem + (empty_q + 8 - sQ));
-#else
-  constexpr bool kDynamic = false;
-#endif
-
   // fn(item, head, kv head, j) for this CTA's work tiles in order, j = 0, 1, ...; the producer and every
-  // consumer walk the same list (role: kProducerRole for the producer thread, kConsumerRole for the
-  // consumers; only the dynamic schedule tells them apart). The mbarriers are initialized once (above):
-  // their phases, and the K/V ring position, run on from one work tile to the next.
-  auto for_each_tile = [&](auto role, auto&& fn) {
-#if FFA_FWD_DYNAMIC_SCHEDULE
-    if constexpr (kDynamic) {
-      // Dynamic schedule: the producer thread decides the CTA's tile list as it goes and hands each index
-      // to the consumers through shared memory, ordered by full_q, the barrier they wait on anyway.
-      //   Producer, work tile j: writes the index into slot j & 1, then (in fn's load_q) arrives on full_q
-      //   with expect_tx (mbarrier.arrive has release semantics: the slot's store is visible to every
-      //   thread whose try_wait (acquire) then sees full_q's phase j complete, which needs that arrive).
-      //   Consumers: wait for full_q's phase j, read slot j & 1, and only then read the item.
-      //   Two slots: the producer writes slot j & 1 at the start of tile j, before fn's wait on empty_q.
-      //   Its previous user, tile j - 2, was read by every consumer before they arrived on empty_q's phase
-      //   j - 2 (they read the index first thing, arrive after their key loop), and the producer waited
-      //   for that phase in tile j - 1's load_q, which precedes this write. (One slot would need the write
-      //   after the empty_q wait, inside load_q; the model's `oneslot` mutation shows the race otherwise.)
-      //   Done: a fetched index >= num_tiles. The producer writes it into slot j & 1 as well, waits for
-      //   empty_q's phase j - 1 (every consumer saw full_q's phase j - 1 complete, so that phase's
-      //   arrive and Q bytes are all in: a second arrive into a phase whose arrival is already counted
-      //   would be undefined; model mutation `nodonewait`), then completes full_q's phase j with a plain
-      //   arrive (count 1, no bytes) and stops. The consumers wait for phase j as for a tile, read the
-      //   sentinel and leave the loop; nothing waits on empty_q after that, so they do not arrive on it.
-      //   A CTA's first tile is blockIdx.x < num_tiles (grid <= tiles), so j = 0 is never the sentinel.
-      const int num_tiles = p.side.num_items * p.heads_q;
-      if constexpr (decltype(role)::value) {
-        int tile = blockIdx.x;
-#pragma unroll 1
-        for (int j = 0;; ++j) {
-          tile_slot[j & 1] = tile;
-          if (tile >= num_tiles) {
-            if (j > 0) mbar_wait(empty_q, (j - 1) & 1);
-            mbar_arrive(full_q);
-            break;
-          }
-          const int h = tile % p.heads_q;
-          const Item it = p.side.items[tile / p.heads_q];
-          fn(it, h, h / p.group, j);
-          // The next tile, fetched once this one's loads are all issued: the producer runs kStages key
-          // tiles ahead of the consumers, so the claim is made about that long before the CTA needs it
-          // (FA3 claims it at the start of the current tile), and the atomic's latency overlaps the wait
-          // for a free K stage that the next K_0 would have anyway. Self-reset: a launch of G CTAs
-          // over T >= G tiles makes exactly T fetches (T - G return a tile, then each CTA gets one
-          // sentinel and fetches no more), which return 0 .. T - 1 in the counter's order; the one that
-          // returns T - 1 is the launch's last access to the counter, so its CTA puts it back to 0 for
-          // the next launch that uses this counter (dynamic_tile_counter() below).
-          const int v = atomicAdd(tile_counter, 1);
-          if (v == num_tiles - 1) atomicExch(tile_counter, 0);
-          tile = static_cast<int>(gridDim.x) + v;
-        }
-      } else {
-#pragma unroll 1
-        for (int j = 0;; ++j) {
-          mbar_wait(full_q, static_cast<uint32_t>(j & 1));
-          const int tile = tile_slot[j & 1];  // after the wait (asm with a memory clobber): not hoisted
-          if (tile >= num_tiles) break;
-          const int h = tile % p.heads_q;
-          const Item it = p.side.items[tile / p.heads_q];
-          fn(it, h, h / p.group, j);
-        }
-      }
-      return;
-    }
-#endif
+  // consumer walk the same list. The mbarriers are initialized once (above): their phases, and the K/V
+  // ring position, run on from one work tile to the next.
+  auto for_each_tile = [&](auto&& fn) {
     if constexpr (kPersistent) {
       const int num_tiles = p.side.num_items * p.heads_q;
 #pragma unroll 1
@@ -329,7 +227,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     setmaxnreg_dec<S::kProducerRegs>();
     if (tid == 0) {
       int n = 0;
-      for_each_tile(kProducerRole, [&](const Item& it, int h, int hk, int j) {
+      for_each_tile([&](const Item& it, int h, int hk, int j) {
         // Q of work tile j. Kernel 5 first waits until every consumer warp released work tile j - 1's Q
         // (empty_q completes phase j - 1 once all 4 * kNC warps arrived; they arrive after their last S
         // GEMM of the tile completed, or without the own staging tile after the epilogue read its rows
@@ -400,7 +298,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   }
   int n_base = 0;  // ring position of the work tile's first key tile (the producer's n there)
 
-  for_each_tile(kConsumerRole, [&](const Item& it, int h, int /*hk*/, int j) {
+  for_each_tile([&](const Item& it, int h, int /*hk*/, int j) {
     const int row_lo = it.row_begin + (warp - 4) * 16 + (lane >> 2);  // the thread's rows: row_lo, row_lo + 8
 
     int n_tiles = 0;
@@ -458,8 +356,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       if (cw == kNC - 1) named_bar_arrive(1, 256);  // the ring starts with consumer 0
     }
     // Q of work tile j: full_q's phase j (the producer loads Q once per work tile, even with no key tiles).
-    // The dynamic schedule's for_each_tile waited for it already (before reading the tile index).
-    if constexpr (!kDynamic) mbar_wait(full_q, static_cast<uint32_t>(j & 1));
+    mbar_wait(full_q, static_cast<uint32_t>(j & 1));
     if (n_tiles > 0) {
       // Tile 0: S_0 alone (there is no P V yet), waited for at once.
       int ri = it.run_begin, t = 0;
@@ -567,54 +464,6 @@ int sm_count() {
   return sms;
 }
 
-#if FFA_FWD_DYNAMIC_SCHEDULE
-// The tile counter of one launch of kernel 5 with the dynamic schedule. What the kernel needs: the
-// counter is 0 when the launch starts, and no launch that may run at the same time uses it.
-// - Back to back on one stream: the kernel leaves its counter at 0 (the self-reset in for_each_tile:
-//   the CTA whose fetch returns T - 1, the launch's last one, stores 0), and the next launch starts after
-//   this one's writes are visible (stream order). So no cudaMemsetAsync per launch: nothing is added to
-//   the stream between two forwards, and the launch starts as soon as the previous kernel ends.
-// - Concurrent launches (kernel 5 on two streams of one device at once): each launch takes the next of
-//   kTileCounterSlots counters of its device in turn (a host-side atomic launch count), so overlapping
-//   launches use different counters. A counter is used again only kTileCounterSlots launches later; that
-//   is safe unless a launch is still pending on one stream while 256 further launches of kernel 5 were
-//   issued to the device (on other streams). flexcp runs attention on one stream.
-// - First use: the counters are allocated once per device (lazily, under a mutex), zeroed on the
-//   launching stream and synchronized there before any launch can see them. That synchronization is
-//   not allowed while a stream is captured into a CUDA graph (flexcp captures none); the first launch on
-//   each device should then come before any capture.
-// - A kernel that dies mid-way may leave its counter non-zero, but it leaves the context with a sticky
-//   error too: nothing launches on it again.
-constexpr int kTileCounterSlots = 256;
-
-int* dynamic_tile_counter(cudaStream_t stream) {
-  const char* name = "ffa forward (v10, dynamic schedule)";
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) throw std::runtime_error(std::string(name) + ": " + cudaGetErrorString(err));
-  constexpr int kMaxDevices = 64;
-  if (dev >= kMaxDevices) throw std::runtime_error(std::string(name) + ": device index >= 64");
-  static std::atomic<int*> counters[kMaxDevices];
-  static std::atomic<unsigned> launches[kMaxDevices];
-  static std::mutex init_mutex;
-  int* base = counters[dev].load(std::memory_order_acquire);
-  if (base == nullptr) {
-    std::lock_guard<std::mutex> lock(init_mutex);
-    base = counters[dev].load(std::memory_order_acquire);
-    if (base == nullptr) {
-      const size_t bytes = sizeof(int) * kTileCounterSlots;
-      err = cudaMalloc(&base, bytes);
-      if (err == cudaSuccess) err = cudaMemsetAsync(base, 0, bytes, stream);
-      if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-      if (err != cudaSuccess)
-        throw std::runtime_error(std::string(name) + ": tile counters: " + cudaGetErrorString(err));
-      counters[dev].store(base, std::memory_order_release);
-    }
-  }
-  return base + launches[dev].fetch_add(1, std::memory_order_relaxed) % kTileCounterSlots;
-}
-#endif
-
 template <typename T, int D, bool kPersistent>
 void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
   using S = Shape<D>;
@@ -635,14 +484,7 @@ void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
   auto kernel = fwd_overlap_kernel<T, D, kPersistent>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) throw std::runtime_error(std::string(name) + ": " + cudaGetErrorString(err));
-#if FFA_FWD_DYNAMIC_SCHEDULE
-  // Fetched tile numbers reach grid + tiles - 1.
-  if (kPersistent && tiles + grid > INT32_MAX) throw std::runtime_error(std::string(name) + ": too many work tiles");
-  int* const tile_counter = kPersistent ? dynamic_tile_counter(stream) : nullptr;
-  kernel<<<static_cast<unsigned>(grid), S::kThreads, smem, stream>>>(p, tq, tk, tv, tile_counter);
-#else
   kernel<<<static_cast<unsigned>(grid), S::kThreads, smem, stream>>>(p, tq, tk, tv);
-#endif
   err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string(name) + " launch: " + cudaGetErrorString(err));
 }

@@ -2,26 +2,17 @@
 """Randomized model of the synchronization protocol of backward kernel 5 (cuda/ffa_bwd_dqwriter.cu),
 written without a GPU to check the design before a run. Each role (loader, two consumer warpgroups, two
 dQ writer warps that walk their consumer's steps and count them) is the kernel's sequence of barrier
-operations and buffer accesses; roles advance one operation at a time in random order. The default
-kernel runs one work tile (one k-side item of one kv head) per CTA; the persistent variant
-(FFA_BWD_PERSISTENT=1) a list of them (any number of steps each, 0 included) with the ring position, its
-phases, the dS^T parity and the writers' step count carried over, K/V reloaded per tile once every
-consumer warp's epilogue released them (empty_kv; full_kv's phase j holds tile j's K/V). Named barriers
+operations and buffer accesses; roles advance one operation at a time in random order. Named barriers
 follow the hardware rule (bar.sync and bar.arrive both count threads; the barrier completes at its count
 and releases the syncing threads), mbarriers complete a phase at their arrival count. Checks: no
 deadlock, no barrier over-arrival, none left with arrivals at exit, and no buffer (Q/dO stage, dS^T
-halves, dQ staging, K/V and the dK/dV staging in their buffers) overwritten while a reader may still read
-it, nor a staged step reduced as another, nor a GEMM reading another tile's K/V.
+halves, dQ staging) overwritten while a reader may still read it, nor a staged step reduced as another.
 It mirrors the kernel by hand: change both together.
     python3 scripts/dev/bwd_dqwriter_protocol.py [seed] [mutation ...]
     python3 scripts/dev/bwd_dqwriter_protocol.py --mutations   (each mutation must fail; CTest runs this)
 Mutations: noparity (one dS barrier per warpgroup), earlyempty (release the stage before the GEMMs that
 read it are waited for), writerorder (writer syncs before it frees), writersteps (the writer walks one
-step fewer than its consumer), noepi (no epilogue barrier: a consumer stages dK/dV in the K/V buffers while
-the other's last dQ GEMM may read K), kvnowait (persistent: the loader loads the next tile's K/V without
-waiting for empty_kv, i.e. before the consumers released the current ones), kvearly (persistent: a consumer
-releases K/V before its epilogue staged and read back dK/dV in their buffers), kvlate (persistent: K/V go out
-after the tile's third ring load, which waits for the tile's first step: a deadlock)."""
+step fewer than its consumer)."""
 import random
 import sys
 
@@ -50,12 +41,14 @@ class MBar:
             self.arrived, self.phase = 0, self.phase ^ 1
 
 
+def steps_of(nsteps):
+    return list(range(nsteps))
+
+
 MUT = set(sys.argv[2:])
 
 
-def simulate(tiles, rng):
-    """tiles: steps per work tile of this CTA (the default kernel: exactly one work tile)."""
-    nsteps = sum(tiles)
+def simulate(nsteps, rng):
     B = {}
     B['epi'] = NamedBarrier(256)
     for w in range(2):
@@ -64,8 +57,6 @@ def simulate(tiles, rng):
         for par in range(2):
             B[('ds', w, par)] = NamedBarrier(256)
     empty = [MBar(2), MBar(2)]  # 256 consumer threads in the kernel; here one arrival per warpgroup
-    full_kv = MBar(1)           # the loader's arrive (+ tx); a parity wait per work tile
-    empty_kv = MBar(2)          # persistent: 8 consumer warps in the kernel; here one arrival per warpgroup
     # buffer state
     stage_data = [None, None]        # which step's Q/dO/stats occupy stage s
     stage_readers = [set(), set()]   # consumers with GEMM reads in flight on stage s
@@ -74,68 +65,40 @@ def simulate(tiles, rng):
     staging_busy = [False, False]    # writer w's reductions may still read staging w
     staging_step = [None, None]
     inflight = [[], []]              # consumer w: list of (kind, step) GEMMs not yet waited
-    kv = {'tile': None}              # which work tile's K/V the K/V buffers hold
-    kv_users = [False, False]        # consumer w may still read K/V or use their buffers (staging)
-    kv_gemm = [False, False]         # consumer w has GEMMs reading K/V in flight (its dQ GEMM reads all of K)
-    kv_staging = [False, False]      # consumer w's dK/dV rows are staged in the K/V buffers
 
     def consumer(w):
-        n = 0  # runs on across work tiles (ring stage, phase, dS^T parity)
-        for j, ns in enumerate(tiles):
-            yield ('wait_full_kv', j & 1)  # also with no steps: the epilogue stages in the K/V buffers
-            assert kv['tile'] == j, f"consumer {w} tile {j}: the K/V buffers hold tile {kv['tile']}"
-            kv_users[w] = True
-            for _ in range(ns):
-                s = n & 1
-                yield ('wait_full', s, n)
-                assert stage_data[s] == n, f"consumer {w} step {n}: stage {s} holds {stage_data[s]}"
-                assert kv['tile'] == j, f"consumer {w} step {n}: K/V of tile {kv['tile']} in tile {j}"
-                assert not kv_staging[1 - w], f"consumer {w} step {n}: K/V still hold consumer {1 - w}'s dK/dV"
-                stage_readers[s].add(w)
-                inflight[w].append(('sdp', n))
-                kv_gemm[w] = True
-                yield ('work',)
-                # write own half of dS^T into buffer s
-                for rw in ds_readers[s]:
-                    raise AssertionError(f"consumer {w} step {n}: writes ds[{s}] while consumer {rw}'s dQ may read it")
-                ds_written[s][w] = n
-                yield ('arrive', ('ds', w, 0 if 'noparity' in MUT else s), 128)
-                inflight[w].append(('dvdk', n))
-                yield ('sync', ('ds', 1 - w, 0 if 'noparity' in MUT else s), 128)
-                assert ds_written[s][1 - w] == n, f"consumer {w} step {n}: other half of ds[{s}] is step {ds_written[s][1 - w]}"
-                ds_readers[s].add(w)
-                inflight[w].append(('dq', n))
-                yield ('work',)
-                if 'earlyempty' in MUT:
-                    yield ('arrive_empty', s)
-                    yield ('work',)
-                # wait<0>: all GEMMs complete
-                inflight[w].clear()
-                kv_gemm[w] = False
-                ds_readers[s].discard(w)
-                stage_readers[s].discard(w)
-                if 'earlyempty' not in MUT:
-                    yield ('arrive_empty', s)
-                yield ('sync', ('dqe', w), 128)
-                assert not staging_busy[w], f"consumer {w} step {n}: staging still read by the writer"
-                staging_step[w] = n
-                yield ('sync', ('dqf', w), 128)
-                n += 1
-            # Epilogue: both consumers' last dQ GEMMs (all of K) are done before K/V become dK/dV staging.
-            if 'noepi' not in MUT:
-                yield ('sync', 'epi', 128)
-            assert not kv_gemm[1 - w], f"consumer {w} tile {j}: stages dK/dV in K while consumer {1 - w}'s dQ GEMM may read it"
-            if 'kvearly' in MUT:
-                kv_users[w] = False
-                yield ('arrive_empty_kv',)
-            kv_staging[w] = True  # the warps' rows of dK, dV written, read back, stored
+        for n in steps_of(nsteps):
+            s = n & 1
+            yield ('wait_full', s, n)
+            assert stage_data[s] == n, f"consumer {w} step {n}: stage {s} holds {stage_data[s]}"
+            stage_readers[s].add(w)
+            inflight[w].append(('sdp', n))
             yield ('work',)
-            assert kv['tile'] == j, f"consumer {w} tile {j}: dK/dV staging overwritten by tile {kv['tile']}'s K/V"
-            kv_staging[w] = False
-            if 'kvearly' not in MUT:
-                kv_users[w] = False
-                yield ('arrive_empty_kv',)  # (the default kernel's single tile: nobody waits for it)
-        # no end marker: the writer counts the steps
+            # write own half of dS^T into buffer s
+            for rw in ds_readers[s]:
+                raise AssertionError(f"consumer {w} step {n}: writes ds[{s}] while consumer {rw}'s dQ may read it")
+            ds_written[s][w] = n
+            yield ('arrive', ('ds', w, 0 if 'noparity' in MUT else s), 128)
+            inflight[w].append(('dvdk', n))
+            yield ('sync', ('ds', 1 - w, 0 if 'noparity' in MUT else s), 128)
+            assert ds_written[s][1 - w] == n, f"consumer {w} step {n}: other half of ds[{s}] is step {ds_written[s][1 - w]}"
+            ds_readers[s].add(w)
+            inflight[w].append(('dq', n))
+            yield ('work',)
+            if 'earlyempty' in MUT:
+                yield ('arrive_empty', s)
+                yield ('work',)
+            # wait<0>: all GEMMs complete
+            inflight[w].clear()
+            ds_readers[s].discard(w)
+            stage_readers[s].discard(w)
+            if 'earlyempty' not in MUT:
+                yield ('arrive_empty', s)
+            yield ('sync', ('dqe', w), 128)
+            assert not staging_busy[w], f"consumer {w} step {n}: staging still read by the writer"
+            staging_step[w] = n
+            yield ('sync', ('dqf', w), 128)
+        yield ('sync', 'epi', 128)  # no end marker: the writer counts the steps
 
     def writer_handoff(w):  # staging free (the previous rows were read), then the next rows staged
         if 'writerorder' in MUT:
@@ -145,7 +108,7 @@ def simulate(tiles, rng):
             yield ('sync', ('dqe', w), 32)
             yield ('sync', ('dqf', w), 32)
 
-    def writer(w):  # walks its consumer's steps (over the CTA's work tiles) and knows their count
+    def writer(w):  # walks its consumer's steps and knows their count
         for n in range(nsteps - 1 if 'writersteps' in MUT else nsteps):
             staging_busy[w] = False
             yield from writer_handoff(w)
@@ -155,35 +118,17 @@ def simulate(tiles, rng):
         staging_busy[w] = False  # bulk_wait before the writer exits
 
     def loader():
-        n = 0  # the ring position, over the CTA's work tiles
-        for j, ns in enumerate(tiles):
-            # K/V go out before the tile's ring load kv_n: first at j = 0, after the first two later
-            # (or after the tile's last ring load when it has fewer).
-            kv_n = n + (0 if j == 0 else 3 if 'kvlate' in MUT else 2)
-
-            def load_kv():
-                if j > 0 and 'kvnowait' not in MUT:
-                    yield ('wait_empty_kv', (j - 1) & 1)
-                users = [w for w in range(2) if kv_users[w] or kv_staging[w]]
-                assert not users, f"loader tile {j}: loads K/V while consumers {users} still use them"
-                kv['tile'] = j
-                yield ('fill_kv',)
-
-            for _ in range(ns):
-                if n == kv_n:
-                    yield from load_kv()
-                s = n & 1
-                if n >= 2:
-                    yield ('wait_empty', s, ((n >> 1) - 1) & 1)
-                assert not stage_readers[s], f"loader step {n}: stage {s} still read by {stage_readers[s]}"
-                stage_data[s] = n
-                yield ('fill', s)
-                n += 1
-            if n <= kv_n:
-                yield from load_kv()
+        for n in steps_of(nsteps):
+            s = n & 1
+            if n >= 2:
+                yield ('wait_empty', s, ((n >> 1) - 1) & 1)
+            assert not stage_readers[s], f"loader step {n}: stage {s} still read by {stage_readers[s]}"
+            stage_data[s] = n
+            yield ('fill', s)
 
     roles = {'c0': consumer(0), 'c1': consumer(1), 'w0': writer(0), 'w1': writer(1), 'ld': loader()}
     pending = {name: None for name in roles}   # the op a role is blocked on
+    blocked_on_named = {}                      # name -> barrier key
     full_count = [0, 0]                        # completed phases of full[s] (the loader's fills)
     done = set()
 
@@ -200,10 +145,6 @@ def simulate(tiles, rng):
         if kind == 'wait_empty':
             s, parity = op[1], op[2]
             return empty[s].phase != parity
-        if kind == 'wait_full_kv':  # parity waits, as in hardware
-            return full_kv.phase != op[1]
-        if kind == 'wait_empty_kv':
-            return empty_kv.phase != op[1]
         return True
 
     steps = 0
@@ -231,45 +172,37 @@ def simulate(tiles, rng):
                 pending[name] = op
             for waiter in released:
                 pending[waiter] = None
-        elif kind.startswith('wait_'):
+        elif kind == 'wait_full' or kind == 'wait_empty':
             pending[name] = op
             if ready(name):
                 pending[name] = None
         elif kind == 'arrive_empty':
             empty[op[1]].arrive()
-        elif kind == 'arrive_empty_kv':
-            empty_kv.arrive()
         elif kind == 'fill':
             full_count[op[1]] += 1
-        elif kind == 'fill_kv':
-            full_kv.arrive()
         steps += 1
     left = {k: b.arrived for k, b in B.items() if b.arrived}
     assert not left, f"barriers left with arrivals at exit: {left}"
     return steps
 
 
-MUTATIONS = ['noparity', 'earlyempty', 'writerorder', 'writersteps', 'noepi', 'kvnowait', 'kvearly', 'kvlate']
+MUTATIONS = ['noparity', 'earlyempty', 'writerorder', 'writersteps']
 
 
 def run_all(seed):
     rng = random.Random(seed)
     trials = 0
-    for nsteps in [0, 1, 2, 3, 4, 5, 8, 13]:  # the default kernel: one work tile
+    for nsteps in [0, 1, 2, 3, 4, 5, 8, 13]:
         for _ in range(800):
-            simulate([nsteps], rng)
+            simulate(nsteps, rng)
             trials += 1
-    for _ in range(4000):  # the persistent variant: a CTA's list of work tiles
-        tiles = [rng.choice([0, 0, 1, 2, 3, 5]) for _ in range(rng.randint(0, 5))]
-        simulate(tiles, rng)
-        trials += 1
     return trials
 
 
 def main():
     if sys.argv[1:] == ['--mutations']:
         # The unmutated protocol passes, and every mutation is caught (a hazard or a deadlock).
-        print(f"{run_all(1)} random schedules (one work tile and lists of them): no deadlock, no hazard")
+        print(f"{run_all(1)} random schedules: no deadlock, no hazard")
         caught = True
         for m in MUTATIONS:
             MUT.clear()

@@ -11,26 +11,16 @@ mbarrier waits are parity waits on a phase bit, as in hardware. Kernel 5 has its
 completion releases a waiting consumer (an arrive never meets another arrive of the same round: the
 one-token ring); no barrier left with arrivals at exit; a TMA never writes a Q, K or V buffer that a GEMM
 may still read; a GEMM reads the Q of its own work tile and the K/V tile of its ring position.
-Kernel 5 is also modelled with its dynamic schedule (the variant build -DFFA_FWD_DYNAMIC_SCHEDULE=1): the
-producer decides the tile list as it goes (here: random lengths and a random count, drawn when it
-"fetches" the next tile) and hands each tile to the consumers through two shared-memory slots, slot j & 1
-written at the start of tile j and published by full_q's phase j; after the last tile it writes a done
-sentinel, waits for empty_q's phase j - 1 and completes full_q's phase j with a plain arrive. The consumers
-learn each tile (its key-tile count) only from the slot, after their wait for full_q; a read of a slot
-that does not hold tile j's index (stale, or overwritten) is an error.
 It mirrors the kernel by hand: change both together.
     python3 scripts/dev/fwd_persistent_protocol.py [seed] [mutation ...]
     python3 scripts/dev/fwd_persistent_protocol.py --mutations   (CTest ffa_fwd_protocol: all of the below)
 Mutations (each must fail): pertile (kernel 5 starts and ends the turn ring every work tile, as kernel 3
 does once), earlyq (kernel 5 frees Q when the tile's last S GEMM is issued, not when it completed), noqwait
-(the producer loads Q without waiting for empty_q), noparity (the K ring's waits use phase 0 always);
-dynamic schedule: handoff (the consumers read the tile index before waiting for full_q), oneslot (one
-slot, written at the start of each tile as the two are), nodonewait (the done sentinel's arrive on full_q
-without the wait for empty_q)."""
+(the producer loads Q without waiting for empty_q), noparity (the K ring's waits use phase 0 always)."""
 import random
 import sys
 
-MUTATIONS = ['pertile', 'earlyq', 'noqwait', 'noparity', 'handoff', 'oneslot', 'nodonewait']
+MUTATIONS = ['pertile', 'earlyq', 'noqwait', 'noparity']
 MUT = set(a for a in sys.argv[2:] if a in MUTATIONS)
 
 
@@ -60,13 +50,10 @@ class MBar:
             self.arrived, self.phase = 0, self.phase ^ 1
 
 
-def simulate(kernel, nc, stages, tiles, rng, dynamic=False):
+def simulate(kernel, nc, stages, tiles, rng):
     """tiles: key tiles per work tile of this CTA (kernel 3: exactly one work tile). Kernel 5's epilogue has
-    its own staging tile and Q is freed after the key loop; kernel 3's epilogue stages in the Q tile.
-    dynamic (kernel 5 only): tiles is ignored; the producer draws the tiles as it goes (fetch below) and
-    the consumers read them from the slots."""
+    its own staging tile and Q is freed after the key loop; kernel 3's epilogue stages in the Q tile."""
     persistent = kernel == 5
-    assert persistent or not dynamic
     early_free = persistent
     bars = {i: NamedBarrier(256) for i in range(1, nc + 1)}
     full_q, empty_q = MBar(1), MBar(nc)
@@ -81,33 +68,7 @@ def simulate(kernel, nc, stages, tiles, rng, dynamic=False):
         for x in 'kv':
             data[(x, s)], readers[(x, s)] = None, set()
     tma = []  # copies in flight: (buffer, value, barrier list, index)
-    # Dynamic schedule: the two tile-index slots, each (j, key tiles) or (j, 'done') once written.
-    slots = [None, None]
 
-    def slot_of(j):
-        return 0 if 'oneslot' in MUT else j & 1
-
-    def fetch():
-        # The producer's atomicAdd on the tile counter: the next tile's key-tile count, or None (done).
-        # Drawn at run time, so the consumers can know the tile only from the slot.
-        return rng.choice([0, 0, 1, 2, 3, 4, 7]) if rng.random() < 0.8 else None
-
-    def producer_tiles():
-        # (j, key tiles) of the producer's tiles; with the dynamic schedule, slot j & 1 is written at the
-        # start of each tile and the done sentinel is handed over after the last one.
-        if not dynamic:
-            yield from enumerate(tiles)
-            return
-        j, nt = 0, rng.choice([0, 1, 2, 3, 4, 7])  # the first tile: blockIdx.x, never the sentinel
-        while nt is not None:
-            slots[slot_of(j)] = (j, nt)
-            yield j, nt
-            nt = fetch()
-            j += 1
-        slots[slot_of(j)] = (j, 'done')
-        if j > 0 and 'nodonewait' not in MUT:
-            yield ('sentinel_wait', j)
-        yield ('sentinel_arrive', j)
     def tma_load(buf, value, bar, idx):
         assert not readers[buf], f"TMA into {buf} (for {value}) while GEMMs of consumers {readers[buf]} may read it"
         data[buf] = 'w'
@@ -118,16 +79,7 @@ def simulate(kernel, nc, stages, tiles, rng, dynamic=False):
 
     def producer():
         n = 0
-        for step in producer_tiles():
-            if step[0] == 'sentinel_wait':
-                yield parity_wait('empty_q', 0, (step[1] - 1) & 1)
-                continue
-            if step[0] == 'sentinel_arrive':
-                yield ('mbar', 'full_q', 0)  # plain arrive: completes phase j with no Q
-                continue
-            j, nt = step
-            if dynamic:
-                yield ('work',)  # a step after the slot's write: others may run in between
+        for j, nt in enumerate(tiles):
             def load_q():
                 if persistent and j > 0 and 'noqwait' not in MUT:
                     yield parity_wait('empty_q', 0, (j - 1) & 1)
@@ -162,26 +114,10 @@ def simulate(kernel, nc, stages, tiles, rng, dynamic=False):
         if not ring_per_tile and c == last:
             yield ('arrive', 1)
         n_base = 0
-        for j in range(len(tiles) if not dynamic else 1 << 30):
-            if dynamic:
-                # The tile index: from slot j & 1 once full_q's phase j is complete (the kernel's
-                # for_each_tile); the mutation reads it before the wait.
-                if 'handoff' in MUT:
-                    got = slots[slot_of(j)]
-                    yield parity_wait('full_q', 0, j & 1)
-                else:
-                    yield parity_wait('full_q', 0, j & 1)
-                    got = slots[slot_of(j)]
-                assert got is not None and got[0] == j, f"consumer {c} tile {j}: the tile slot holds {got}"
-                if got[1] == 'done':
-                    break
-                nt = got[1]
-            else:
-                nt = tiles[j]
+        for j, nt in enumerate(tiles):
             if ring_per_tile and c == last:
                 yield ('arrive', 1)
-            if not dynamic:
-                yield parity_wait('full_q', 0, j & 1)
+            yield parity_wait('full_q', 0, j & 1)
             assert data[('q', 0)] == j, f"consumer {c} tile {j}: Q holds {data[('q', 0)]}"
 
             def wait_full(x, n):
@@ -308,13 +244,13 @@ def run_all(seed):
     rng = random.Random(seed)
     trials = 0
     for nc, stages in ((3, 4), (2, 2)):  # D=64, D=128
-        for kernel, dynamic in ((3, False), (5, False), (5, True)):
+        for kernel in (3, 5):
             for _ in range(1000):
                 if kernel == 3:
                     tiles = [rng.choice([0, 1, 2, 3, 5, 9])]
                 else:
                     tiles = [rng.choice([0, 0, 1, 2, 3, 4, 7]) for _ in range(rng.randint(0, 5))]
-                simulate(kernel, nc, stages, tiles, rng, dynamic)
+                simulate(kernel, nc, stages, tiles, rng)
                 trials += 1
     return trials
 

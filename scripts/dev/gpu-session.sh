@@ -10,7 +10,7 @@
 # alone under each environment of VARIANTS, ';'-separated, e.g. "FLEXCP_FFA_FWD_KERNEL=0;FLEXCP_FFA_BWD_KERNEL=0"),
 # bench-variant (libffa built again with the nvcc flags VARIANT_NVCC_FLAGS, e.g. -DSOME_KNOB=1, into build-ffa-var/;
 # its standalone, ffa_check.py and racecheck --quick run, then our kernels alone are timed with it, then with
-# the default build, then with it again; VARIANT_TEST_ENV, e.g. FFA_BWD_MAX_CTAS=2, is set for a second run of
+# the default build, then with it again; VARIANT_TEST_ENV (e.g. a test knob NAME=1) is set for a second run of
 # its standalone and for its ffa_check.py and racecheck, never for the timings), profile (ncu of
 # flexcp's default forward and backward kernels on shape (a): profile-fwd.log, profile-bwd.log).
 # Logs go to $OUT/<step>.log; one line per step says ok/FAILED and its seconds.

@@ -4,8 +4,7 @@
 // deterministic; the removed kernels 4 of both must be rejected) and merge, checked against a float64 CPU
 // reference; the same slices with 256 query heads (more work tiles than SMs, so every CTA of the
 // persistent forward kernel 5 runs several) for forward kernels 3 and 5; keys no query sees (a k-side item
-// with no runs: dK = dV = 0) for backward kernel 5 (FFA_BWD_MAX_CTAS=N caps its persistent build's grid, so
-// that its CTAs run several work tiles here: docs/kernel-log.md "v8-bwd persistent"). Without --quick also: a longer
+// with no runs: dK = dV = 0) for backward kernel 5. Without --quick also: a longer
 // backward case (GQA 4, runs of odd and even tile counts, many steps per CTA) for the TMA backward kernels
 // 0 and 5, and a longer forward case (up to 11 key tiles per item, so the K/V rings wrap several times)
 // for the default kernel 0, kernel 3 (v8, 192-row q tiles at D=64) and kernel 5 (v10, v8 persistent), with
@@ -193,8 +192,7 @@ Case long_backward_case() {
 
 // Keys [200, 400) seen by no query: the k-side item of keys [256, 384) has no runs (dK = dV = 0 there,
 // written over the 0xff fill), those of [128, 256) and [384, 512) have one of two slices. Backward kernel 5
-// only: with FFA_BWD_MAX_CTAS=1 (its persistent build, FFA_BWD_PERSISTENT=1) one CTA runs all ten work
-// tiles, the empty one among them.
+// only.
 Case unseen_keys_backward_case() {
   return {300, 600, 4, 2, {{0, 300, 0, 200, ffa::Mask::Causal}, {0, 300, 400, 600, ffa::Mask::Full}}, {0}, {5}, false};
 }
@@ -370,11 +368,6 @@ struct ForwardCase {
   std::vector<ffa::Slice> slices;
   std::vector<int> kernels;
   int ref_head_step;
-  // Launches of kernel 5 (the last one, into out and lse reset to 0xff, is checked). More than 256: with
-  // the dynamic schedule (variant build -DFFA_FWD_DYNAMIC_SCHEDULE=1) the checked launch then reuses a
-  // tile counter of the ring that an earlier launch left behind, so a counter the kernel failed to put
-  // back to 0 shows as skipped tiles (rows left 0xff). The static build: the same bits every time.
-  int launches5 = 1;
 };
 
 // The small case's slices with 256 query heads (GQA 128): 512 work tiles for the forward kernels 3 and 5,
@@ -388,15 +381,14 @@ ForwardCase many_heads_case() {
 // [300, 500) see a full block, an inverse-causal block and a diagonal band (three runs of different cuts
 // per item, masked and unmasked), rows [500, 530) see nothing (out 0, lse -inf). GQA 2, 4 heads: kernels
 // 0, 3 and 5 (5 with one tile per CTA); with 128 heads (GQA 16; 640 work tiles at D=64, 768 at D=128,
-// 5-6 per CTA of kernel 5, among them the empty items) kernels 3 and 5, the reference on 8 heads; kernel
-// 5 launched 300 times there, the last launch checked (ForwardCase::launches5).
+// 5-6 per CTA of kernel 5, among them the empty items) kernels 3 and 5, the reference on 8 heads.
 ForwardCase long_case(int heads_q) {
   const std::vector<ffa::Slice> slices = {{0, 300, 0, 1300, ffa::Mask::Causal},
                                           {300, 500, 0, 700, ffa::Mask::Full},
                                           {300, 500, 700, 1100, ffa::Mask::InvCausal},
                                           {300, 500, 1100, 1300, ffa::Mask::BiCausal}};
   if (heads_q == 4) return {"long", 530, 1300, 4, 2, slices, {0, 3, 5}, 1};
-  return {"long h128", 530, 1300, 128, 8, slices, {3, 5}, 16, 300};
+  return {"long h128", 530, 1300, 128, 8, slices, {3, 5}, 16};
 }
 
 // Runs the case's forward kernels against the float64 reference (on the heads it names); when it runs
@@ -443,7 +435,6 @@ int run_forward(int D, const ForwardCase& c) {
     fa.lse = {static_cast<float*>(dlse.p), hq, 1};
     fa.softmax_scale = scale;
     fa.kernel = kern;
-    for (int l = 1; kern == 5 && l < c.launches5; ++l) ffa::forward(fa, plan.dev, 0);
     CK(cudaMemset(dout.p, 0xff, q.size() * 2));
     CK(cudaMemset(dlse.p, 0xff, rl.size() * 4));
     ffa::forward(fa, plan.dev, 0);
