@@ -16,29 +16,7 @@ step fewer than its consumer)."""
 import random
 import sys
 
-
-class NamedBarrier:
-    def __init__(self, count):
-        self.count, self.arrived, self.waiting, self.gen = count, 0, [], 0
-
-    def arrive(self, threads):
-        self.arrived += threads
-        assert self.arrived <= self.count, "over-arrival (an arrive counted for the wrong phase)"
-        if self.arrived == self.count:
-            self.arrived, self.gen = 0, self.gen + 1
-            released, self.waiting = self.waiting, []
-            return released
-        return []
-
-
-class MBar:
-    def __init__(self, count):
-        self.count, self.arrived, self.phase = count, 0, 0
-
-    def arrive(self):
-        self.arrived += 1
-        if self.arrived == self.count:
-            self.arrived, self.phase = 0, self.phase ^ 1
+from protocol_model import MBar, NamedBarrier, protocol_main
 
 
 def steps_of(nsteps):
@@ -200,23 +178,7 @@ def run_all(seed):
 
 
 def main():
-    if sys.argv[1:] == ['--mutations']:
-        # The unmutated protocol passes, and every mutation is caught (a hazard or a deadlock).
-        print(f"{run_all(1)} random schedules: no deadlock, no hazard")
-        caught = True
-        for m in MUTATIONS:
-            MUT.clear()
-            MUT.add(m)
-            try:
-                run_all(1)
-                print(f"mutation {m}: NOT caught")
-                caught = False
-            except AssertionError as e:
-                print(f"mutation {m}: caught ({str(e).splitlines()[0][:100]})")
-        print("protocol: OK" if caught else "protocol: a mutation was not caught")
-        sys.exit(0 if caught else 1)
-    trials = run_all(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
-    print(f"{trials} random schedules: no deadlock, no hazard" + (f" (mutations {sorted(MUT)})" if MUT else ""))
+    protocol_main(run_all, MUTATIONS, MUT)
 
 
 if __name__ == "__main__":

@@ -20,34 +20,10 @@ does once), earlyq (kernel 5 frees Q when the tile's last S GEMM is issued, not 
 import random
 import sys
 
+from protocol_model import MBar, NamedBarrier, protocol_main
+
 MUTATIONS = ['pertile', 'earlyq', 'noqwait', 'noparity']
 MUT = set(a for a in sys.argv[2:] if a in MUTATIONS)
-
-
-class NamedBarrier:
-    def __init__(self, count):
-        self.count, self.arrived, self.waiting = count, 0, []
-
-    def arrive(self, threads):
-        self.arrived += threads
-        assert self.arrived <= self.count, "over-arrival"
-        if self.arrived == self.count:
-            self.arrived = 0
-            released, self.waiting = self.waiting, []
-            assert released, "a named barrier completed with arrives only (two arrives of one round: the ring broke)"
-            return released
-        return []
-
-
-class MBar:
-    def __init__(self, count):
-        self.count, self.arrived, self.phase = count, 0, 0
-
-    def arrive(self):
-        self.arrived += 1
-        assert self.arrived <= self.count
-        if self.arrived == self.count:
-            self.arrived, self.phase = 0, self.phase ^ 1
 
 
 def simulate(kernel, nc, stages, tiles, rng):
@@ -55,7 +31,7 @@ def simulate(kernel, nc, stages, tiles, rng):
     its own staging tile and Q is freed after the key loop; kernel 3's epilogue stages in the Q tile."""
     persistent = kernel == 5
     early_free = persistent
-    bars = {i: NamedBarrier(256) for i in range(1, nc + 1)}
+    bars = {i: NamedBarrier(256, require_waiter=True) for i in range(1, nc + 1)}
     full_q, empty_q = MBar(1), MBar(nc)
     full_k, full_v = [MBar(1) for _ in range(stages)], [MBar(1) for _ in range(stages)]
     empty_k, empty_v = [MBar(nc) for _ in range(stages)], [MBar(nc) for _ in range(stages)]
@@ -256,23 +232,7 @@ def run_all(seed):
 
 
 def main():
-    if sys.argv[1:] == ['--mutations']:
-        # The unmutated protocol passes, and every mutation is caught (a hazard or a deadlock).
-        print(f"{run_all(1)} random schedules: no deadlock, no hazard")
-        caught = True
-        for m in MUTATIONS:
-            MUT.clear()
-            MUT.add(m)
-            try:
-                run_all(1)
-                print(f"mutation {m}: NOT caught")
-                caught = False
-            except AssertionError as e:
-                print(f"mutation {m}: caught ({str(e).splitlines()[0][:100]})")
-        print("protocol: OK" if caught else "protocol: a mutation was not caught")
-        sys.exit(0 if caught else 1)
-    trials = run_all(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
-    print(f"{trials} random schedules: no deadlock, no hazard" + (f" (mutations {sorted(MUT)})" if MUT else ""))
+    protocol_main(run_all, MUTATIONS, MUT)
 
 
 if __name__ == "__main__":
