@@ -131,7 +131,7 @@ def run_shape(sh, dtype, which):
         res["ours_mmasync_fwd_ms"] = bench_ms(lambda: ffa_lib.forward(plan, q, k, v, kernel=2))
         res["ours_mmasync_fwdbwd_ms"] = bench_ms(ours_pair(0, 2))
     if "det" in which:
-        # The deterministic mode runs backward kernel 1 plus the dQ pass whichever kernel is named.
+        # flexcp's deterministic mode: kernel 5 runs as 1 (wgmma dK/dV, no atomics) plus a separate dQ pass.
         res["ours_fwdbwd_det_ms"] = bench_ms(ours_pair(0, DEFAULT_BWD, deterministic=True))
 
     # ---- torch layouts (B=1, H, S, D) as strided views of the same data
