@@ -78,14 +78,13 @@ struct BackwardArgs {
   // fp32 atomics from the key-side pass (about 1.4x the backward FLOPs, bitwise reproducible).
   bool deterministic = false;
   void* workspace = nullptr;  // backward_workspace_bytes(dims, deterministic), 256-byte aligned
-  // dK/dV kernel: 0 = TMA producer + two wgmma consumer warpgroups (sm_90a, the default; the
-  // deterministic mode runs 1 instead; 128-query steps at D=64), 1 = wgmma with cp.async loads,
-  // 2 = mma.sync (FlashAttention-2 style fallback), 3 = as 0 with 64-query steps at D=64 too (the
-  // previous default, kept for comparison; the same as 0 at D=128), 5 = as 0 with the two consumer
-  // warpgroups out of lockstep, dQ writer warps and per-head lse/delta (docs/kernel-log.md v8-bwd;
-  // flexcp's ffa backend default; deterministic calls run 1). (4, the same with a ping-pong issue order
-  // and a dQ job slot, was removed: as fast as 5, and racecheck reported its job slot.)
-  int kernel = 0;
+  // dK/dV kernel: 5 = TMA producer + two wgmma consumer warpgroups out of lockstep, dQ writer warps and
+  // per-head lse/delta (sm_90a, the default and flexcp's ffa backend default; docs/kernel-log.md v8-bwd;
+  // deterministic calls run 1 instead), 1 = wgmma with cp.async loads, 2 = mma.sync (FlashAttention-2
+  // style fallback). 0 and 3 (the v7 TMA kernel, without 5's changes, with 128- / 64-query steps at D=64)
+  // were removed as 0.89-0.97x of 5, and 4 (5 with a ping-pong issue order and a dQ job slot) as no
+  // faster with a racecheck report on its job slot; all three are refused.
+  int kernel = 5;
 };
 
 size_t backward_workspace_bytes(const Dims& dims, bool deterministic);

@@ -170,12 +170,17 @@ void backward(const BackwardArgs& a, const DevicePlan& plan, cudaStream_t stream
   p.scale_log2 = p.scale * kLog2e;
   p.q_side = q_view(plan);
   p.k_side = k_view(plan);
+  if (a.kernel == 0 || a.kernel == 3)
+    fail(where,
+         "backward kernel " + std::to_string(a.kernel) + " (v7 TMA" + (a.kernel == 3 ? " with 64-query steps" : "") +
+             ") was removed",
+         "use 5 (the default) (BackwardArgs::kernel; FLEXCP_FFA_BWD_KERNEL in flexcp)");
   if (a.kernel == 4)
     fail(where, "backward kernel 4 (ping-pong) was removed",
          "use 5, the same kernel without the ping-pong order (BackwardArgs::kernel; FLEXCP_FFA_BWD_KERNEL in flexcp)");
-  if (a.kernel < 0 || a.kernel > 5)
+  if (a.kernel != 1 && a.kernel != 2 && a.kernel != 5)
     fail(where, "unknown backward kernel " + std::to_string(a.kernel),
-         "use 0 (tma), 1 (wgmma), 2 (mma.sync), 3 (tma with 64-query steps) or 5 (tma, dQ writer warps)");
+         "use 5 (tma, dQ writer warps; the default), 1 (wgmma) or 2 (mma.sync)");
   detail::launch_backward(static_cast<int>(a.dtype), d.head_dim, a.deterministic, a.kernel, p, stream);
 }
 

@@ -6,6 +6,8 @@
 //     In the default mode each q tile's dQ contribution dS K goes to an fp32 accumulator with atomics.
 //  3. deterministic mode: dq_kernel recomputes P and dS per (q-side item, head) and accumulates dQ in
 //     registers, no atomics; otherwise a small kernel converts the accumulator (times the scale).
+// launch_backward runs the dK/dV pass of BackwardArgs::kernel: 5 (cuda/ffa_bwd_dqwriter.cu; kernel 1 when
+// it cannot run: deterministic mode, no queries or keys), 1 (cuda/ffa_bwd_wgmma.cu) or 2 (dkdv_kernel here).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -445,8 +447,10 @@ template <typename T, int D>
 void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& params, cudaStream_t stream) {
   BwdParams p = params;
   const int64_t grid_kv = 2 * static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;  // two CTAs per item
-  const bool tma = grid_kv > 0 && !deterministic && dkdv_tma_supported(p);
-  const bool dqwriter_kernel = tma && dkdv == 5;
+  // Kernel 5 needs queries, keys and the fp32 dQ accumulator (atomic mode); without them kernel 1 runs
+  // (its dK = dV = 0 when there are no queries).
+  const bool dqwriter_kernel = dkdv == 5 && grid_kv > 0 && !deterministic && p.num_q > 0 && p.num_k > 0 &&
+                               p.dq_accum != nullptr;
   if (dqwriter_kernel) {  // per-head stats in the memory of delta (ffa_api.cu sizes it)
     p.stats = p.delta;
     p.stats_rows = static_cast<int>(stats_rows_for(p.num_q));
@@ -461,8 +465,6 @@ void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& para
   constexpr int kSmemKV = 6 * 64 * D * 2 + 64 * 64 * 2 + 4 * 64 * 4;
   if (dqwriter_kernel) {
     launch_dkdv_dqwriter(dtype, D, p, stream);
-  } else if (tma && (dkdv == 0 || dkdv == 3)) {
-    launch_dkdv_tma(dtype, D, dkdv == 3, p, stream);
   } else if (grid_kv > 0 && dkdv != 2) {
     launch_dkdv_wgmma(dtype, D, !deterministic, p, stream);
   } else if (grid_kv > 0) {

@@ -1,8 +1,8 @@
 // dK/dV (and dQ) pass of the backward: backward kernel 5 of cuda/ffa.h (v8-bwd; how it got here, and the
-// removed kernel 4: docs/kernel-log.md "v8-bwd"). The CTA, tiles and GEMMs of the TMA backward of
-// ffa_bwd_tma.cu (one 128-key k-side plan item of one kv head; 128-query steps at D=64, 64-query steps at
-// D=128), with the two consumer warpgroups out of lockstep, so that one warpgroup's element-wise work runs
-// while the other's GEMMs keep the tensor cores busy:
+// removed kernel 4: docs/kernel-log.md "v8-bwd"). The CTA, tiles and GEMMs of the v7 TMA backward (kernel
+// 0, since removed: docs/kernel-log.md "v7"): one 128-key k-side plan item of one kv head, 128-query steps
+// at D=64, 64-query steps at D=128; with the two consumer warpgroups out of lockstep, so that one
+// warpgroup's element-wise work runs while the other's GEMMs keep the tensor cores busy:
 //   - the dS^T exchange is split into arrive (own half written) and sync (other half written), and each
 //     warpgroup issues its dV and dK GEMMs (which need only its own P^T, dS^T) before it waits: the
 //     earlier warpgroup's dV/dK GEMMs run during the later one's element-wise work. Only the dQ GEMM

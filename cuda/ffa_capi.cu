@@ -104,6 +104,7 @@ size_t ffa_c_workspace_bytes(int64_t num_q, int hq, int d, int deterministic) {
   return ffa::backward_workspace_bytes(dims, deterministic != 0);
 }
 
+// kernel: BackwardArgs::kernel (5, the default there, or 1 or 2); every caller passes it.
 int ffa_c_backward(void* h, int dtype, int hq, int hkv, int d, void* q, void* k, void* v, void* out, void* dout,
                    void* lse, void* dq, void* dk, void* dv, float scale, int deterministic, int kernel,
                    void* workspace, void* stream, char* err, int errlen) {

@@ -1,7 +1,7 @@
 // The epilogues of the wgmma kernels: each warp holds the accumulators of 16 rows (m64 wgmma fragments)
 // and writes them out through a tile in shared memory that is free by then (the caller's barrier), so
 // that global stores are whole 16-byte row chunks. Forward (ffa_fwd_wgmma.cu, ffa_fwd_tma.cu,
-// ffa_fwd_overlap.cu): out and lse through the Q tile; backward (ffa_bwd_wgmma.cu, ffa_bwd_tma.cu,
+// ffa_fwd_overlap.cu): out and lse through the Q tile; backward (ffa_bwd_wgmma.cu,
 // ffa_bwd_dqwriter.cu): dK and dV through the K and V tiles.
 #pragma once
 #include <cmath>

@@ -49,10 +49,6 @@ __device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
-// Raises the transaction count of the current phase without arriving (the arrivals come separately).
-__device__ __forceinline__ void mbar_expect_tx_only(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
 // Four 8x8 b16 matrices from registers to shared memory: lane i gives the address of row i % 8 of
 // matrix i / 8; register m holds, in lane t, elements (t / 4, 2 (t % 4) .. +1) of matrix m (the mma
 // accumulator fragment layout).

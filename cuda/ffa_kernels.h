@@ -14,7 +14,7 @@ namespace detail {
 constexpr int kFwdTileQ = 128, kFwdTileK = 64, kFwdThreads = 256;
 // Key tile of the q-side plan; the mma.sync kernels walk it as kPlanTileQCols / kFwdTileK sub-tiles.
 constexpr int kPlanTileQCols = 128;
-// Key rows of a k-side plan item (the TMA backward's CTA: two warpgroups x 64 keys); the older dK/dV
+// Key rows of a k-side plan item (backward kernel 5's CTA: two warpgroups x 64 keys); the older dK/dV
 // kernels own kBwdTileK = 64 keys per CTA and run two CTAs per item (halves of its rows).
 constexpr int kPlanTileK = 128;
 constexpr int kBwdTileK = 64, kBwdTileQ = 64, kBwdThreads = 128;
@@ -77,17 +77,15 @@ void launch_forward_tma(int dtype, int head_dim, const FwdParams& p, cudaStream_
 // tile (the plan's fwd_tile_q) is forward_overlap_tile_q(head_dim): 192 at D=64, 128 at D=128.
 void launch_forward_overlap(int kernel, int dtype, int head_dim, const FwdParams& p, cudaStream_t stream);
 int forward_overlap_tile_q(int head_dim);
-// dkdv_kernel: 0 = TMA warp-specialized (sm_90a; atomic dQ only: deterministic calls use 1), 1 = wgmma
-// with cp.async loads (sm_90a), 2 = mma.sync, 3 = as 0 with 64-query steps at D=64 too (the v6 default),
-// 5 = as 0 with the consumers out of lockstep, dQ writer warps and per-head stats (v8-bwd; deterministic
-// calls use 1). (4, the same with a ping-pong issue order and a dQ job slot, was removed: docs/kernel-log.md.)
+// dkdv_kernel: 1 = wgmma with cp.async loads (sm_90a; the deterministic mode always runs it), 2 = mma.sync,
+// 5 = TMA warp-specialized with the consumers out of lockstep, dQ writer warps and per-head stats (v8-bwd;
+// sm_90a; atomic dQ only). (0 and 3, the v7 TMA kernel with 128- / 64-query steps at D=64, and 4, 5 with
+// a ping-pong issue order and a dQ job slot, were removed: docs/kernel-log.md.)
 void launch_backward(int dtype, int head_dim, bool deterministic, int dkdv_kernel, const BwdParams& p,
                      cudaStream_t stream);
 void launch_dkdv_wgmma(int dtype, int head_dim, bool atomic_dq, const BwdParams& p, cudaStream_t stream);
-bool dkdv_tma_supported(const BwdParams& p);  // needs queries, keys and the fp32 dQ accumulator
-// q64_steps: 64 queries per step at D=64 as well (otherwise 128 there; D=128 always steps by 64).
-void launch_dkdv_tma(int dtype, int head_dim, bool q64_steps, const BwdParams& p, cudaStream_t stream);
-// Kernel 5 (cuda/ffa_bwd_dqwriter.cu); reads p.stats instead of p.lse / p.delta.
+// Kernel 5 (cuda/ffa_bwd_dqwriter.cu); reads p.stats instead of p.lse / p.delta, and needs queries, keys
+// and the fp32 dQ accumulator (launch_backward runs kernel 1 otherwise).
 void launch_dkdv_dqwriter(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream);
 void launch_merge(int dtype, const MergeParams& p, cudaStream_t stream);
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One forward and one backward per given backward kernel id on one attention_bench.py shape (causal or
 full; the document shape runs causal), for profilers: scripts/bench/profile_bwd.sh wraps it in ncu.
-    python3 scripts/bench/bwd_once.py "a: S=8192" 0,3
+    python3 scripts/bench/bwd_once.py "a: S=8192" 5,1
 """
 import os
 import sys
@@ -13,7 +13,7 @@ import attention_bench  # noqa: E402
 import ffa_lib  # noqa: E402
 
 shape = sys.argv[1] if len(sys.argv) > 1 else "a: S=8192"
-kernels = [int(k) for k in (sys.argv[2] if len(sys.argv) > 2 else "0").split(",")]
+kernels = [int(k) for k in (sys.argv[2] if len(sys.argv) > 2 else "5").split(",")]
 sh = next(s for s in attention_bench.shapes() if shape in s["name"])
 S, hq, hkv, d = sh["S"], sh["hq"], sh["hkv"], sh["d"]
 torch.manual_seed(0)

@@ -109,10 +109,10 @@ def forward(plan, q, k, v, scale=0.0, out=None, lse=None, kernel=0):
     return out, lse
 
 
-def backward(plan, dout, q, k, v, out, lse, scale=0.0, deterministic=False, grads=None, kernel=0):
-    """kernel: 0 TMA warp-specialized dK/dV (default; deterministic runs 1), 1 wgmma + cp.async, 2 mma.sync,
-    3 TMA with 64-query steps at D=64 (the previous default), 5 TMA with dQ writer warps (v8-bwd, flexcp's
-    default). 4 (ping-pong) was removed: the library rejects it."""
+def backward(plan, dout, q, k, v, out, lse, scale=0.0, deterministic=False, grads=None, kernel=5):
+    """kernel: 5 TMA warp-specialized dK/dV with dQ writer warps (v8-bwd; the default here and in flexcp;
+    deterministic runs 1), 1 wgmma + cp.async, 2 mma.sync. 0 and 3 (v7 TMA, 128- / 64-query steps) and 4
+    (ping-pong) were removed: the library rejects them."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     if grads is None:

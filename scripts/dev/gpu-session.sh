@@ -7,7 +7,7 @@
 # standalone (ffa_standalone, all kernels), sanitize (memcheck + racecheck --quick of it), ffa-check
 # (test/gpu/ffa_check.py), bench (attention_bench.py --which sdpa; BENCH_ARGS are passed on), gpu-tests (flexcp_gpu_tests [gpu]),
 # smoke (scripts/gpu-smoke.sh), train (train-vs-hf.sh; TRAIN_ARGS are passed on), train-variants (flexcp
-# alone under each environment of VARIANTS, ';'-separated, e.g. "FLEXCP_FFA_FWD_KERNEL=0;FLEXCP_FFA_BWD_KERNEL=0"),
+# alone under each environment of VARIANTS, ';'-separated, e.g. "FLEXCP_FFA_FWD_KERNEL=0;FLEXCP_FFA_BWD_KERNEL=1"),
 # bench-variant (libffa built again with the nvcc flags VARIANT_NVCC_FLAGS, e.g. -DSOME_KNOB=1, into build-ffa-var/;
 # its standalone, ffa_check.py and racecheck --quick run, then our kernels alone are timed with it, then with
 # the default build, then with it again; VARIANT_TEST_ENV (e.g. a test knob NAME=1) is set for a second run of

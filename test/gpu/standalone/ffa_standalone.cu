@@ -1,14 +1,14 @@
 // Standalone GPU test of cuda/ffa.h with no LibTorch, small enough to run under compute-sanitizer
 // (memcheck, racecheck): a few slices of every mask type over lengths that are not tile multiples,
-// GQA 2, D 64 and 128, bf16; forward (kernels 0-3 and 5) and backward (kernels 0-3 and 5, atomic and
-// deterministic; the removed kernels 4 of both must be rejected) and merge, checked against a float64 CPU
-// reference; the same slices with 256 query heads (more work tiles than SMs, so every CTA of the
-// persistent forward kernel 5 runs several) for forward kernels 3 and 5; keys no query sees (a k-side item
-// with no runs: dK = dV = 0) for backward kernel 5. Without --quick also: a longer
-// backward case (GQA 4, runs of odd and even tile counts, many steps per CTA) for the TMA backward kernels
-// 0 and 5, and a longer forward case (up to 11 key tiles per item, so the K/V rings wrap several times)
-// for the default kernel 0, kernel 3 (v8, 192-row q tiles at D=64) and kernel 5 (v10, v8 persistent), with
-// 4 and with 128 query heads.
+// GQA 2, D 64 and 128, bf16; forward (kernels 0-3 and 5) and backward (kernels 1, 2 and 5, atomic and
+// deterministic; the removed forward kernel 4 and backward kernels 0, 3 and 4 must be rejected) and
+// merge, checked against a float64 CPU reference; the same slices with 256 query heads (more work tiles
+// than SMs, so every CTA of the persistent forward kernel 5 runs several) for forward kernels 3 and 5;
+// keys no query sees (a k-side item with no runs: dK = dV = 0) for backward kernel 5. Without --quick
+// also: a longer backward case (GQA 4, runs of odd and even tile counts, many steps per CTA) for the TMA
+// backward kernel 5, and a longer forward case (up to 11 key tiles per item, so the K/V rings wrap
+// several times) for forward kernel 0, kernel 3 (v8, 192-row q tiles at D=64) and kernel 5 (v10, v8
+// persistent), with 4 and with 128 query heads.
 // Exit code 0 when every check passes.
 //   scripts/bench/build_ffa_lib.sh && nvcc ... (see scripts/bench/build_ffa_lib.sh) && ./ffa_standalone
 //   compute-sanitizer --tool racecheck ./ffa_standalone --quick   (--quick: the small cases only)
@@ -174,20 +174,20 @@ Case small_case(int D) {
            {0, 150, 60, 133, ffa::Mask::InvCausal},
            {70, 150, 0, 40, ffa::Mask::Full},
            {70, 150, 40, 60, ffa::Mask::BiCausal}},
-          {2, 1, 0}, {0, 1, 2, 3, 5}, D == 64};
+          {2, 1, 0}, {1, 2, 5}, D == 64};
 }
 
 // Longer backward: causal keys [0, 300) seen from row 290 on, a full block (rows [0, 250)) and an
 // inverse-causal block (rows [290, 590)) on keys [300, 557), so rows 250-289 see no key. The k-side runs
 // have 1, 2, 3 and 5 tiles (odd ones end the 128-query steps with a half step), start at rows 0, 192, 290,
 // 418 and 546 (not 64-aligned), reach past the last row, and mix masked and full; GQA 4 gives each CTA 4
-// query heads of them (steps of both parities, many of them). The TMA backward kernels only.
+// query heads of them (steps of both parities, many of them). The TMA backward kernel (5) only.
 Case long_backward_case() {
   return {590, 557, 8, 2,
           {{0, 590, 0, 300, ffa::Mask::Causal},
            {0, 250, 300, 557, ffa::Mask::Full},
            {290, 590, 300, 557, ffa::Mask::InvCausal}},
-          {0}, {0, 5}, false};
+          {0}, {5}, false};
 }
 
 // Keys [200, 400) seen by no query: the k-side item of keys [256, 384) has no runs (dK = dV = 0 there,
@@ -295,8 +295,8 @@ int run(int D, const Case& c) {
       failures += ok ? 0 : 1;
     }
   }
-  // Every backward kernel (0 TMA, 1 wgmma, 2 mma.sync, 3 TMA with 64-query steps, 5 TMA with dQ writer
-  // warps (v8-bwd)), each with atomic and deterministic dQ.
+  // Every backward kernel of the case (1 wgmma, 2 mma.sync, 5 TMA with dQ writer warps (v8-bwd), the
+  // default), each with atomic and deterministic dQ.
   for (int kern : c.bwd_kernels) {
     for (int det = 0; det < 2; ++det) {
       ffa::BackwardArgs ba;
@@ -313,22 +313,30 @@ int run(int D, const Case& c) {
       Dev ws(ffa::backward_workspace_bytes(ba.dims, det));
       CK(cudaMemset(ws.p, 0xff, ffa::backward_workspace_bytes(ba.dims, det)));  // nothing may rely on zeros
       ba.workspace = ws.p;
-      if (kern == 5 && !det) {  // the removed kernel 4 (ping-pong) is rejected with a message saying so
-        ffa::BackwardArgs removed = ba;
-        removed.kernel = 4;
-        std::string said = "nothing";
-        try {
-          ffa::backward(removed, dp, 0);
-        } catch (const std::exception& e) {
-          said = e.what();
+      if (kern == 5 && !det) {
+        // The default is 5; the removed kernels 0, 3 (v7 TMA) and 4 (ping-pong) are rejected with a
+        // message saying so.
+        const bool default_ok = ffa::BackwardArgs{}.kernel == 5;
+        std::printf("  D=%d backward default kernel is 5: %s\n", D, default_ok ? "ok" : "FAIL");
+        failures += default_ok ? 0 : 1;
+        for (int gone : {0, 3, 4}) {
+          ffa::BackwardArgs removed = ba;
+          removed.kernel = gone;
+          std::string said = "nothing";
+          try {
+            ffa::backward(removed, dp, 0);
+          } catch (const std::exception& e) {
+            said = e.what();
+          }
+          const bool ok = said.find("kernel " + std::to_string(gone)) != std::string::npos &&
+                          said.find("removed") != std::string::npos;
+          std::printf("  D=%d backward kernel %d rejected: %s\n", D, gone, ok ? "ok" : ("FAIL (" + said + ")").c_str());
+          failures += ok ? 0 : 1;
         }
-        const bool ok = said.find("kernel 4") != std::string::npos && said.find("removed") != std::string::npos;
-        std::printf("  D=%d backward kernel 4 rejected: %s\n", D, ok ? "ok" : ("FAIL (" + said + ")").c_str());
-        failures += ok ? 0 : 1;
       }
       ffa::backward(ba, dp, 0);
       CK(cudaDeviceSynchronize());
-      const char* kname[] = {"tma", "wgmma", "mma", "q64", "(removed)", "v8-bwd"};
+      const char* kname[] = {"(removed)", "wgmma", "mma", "(removed)", "(removed)", "v8-bwd"};
       char nm[3][40];
       for (int x = 0; x < 3; ++x)
         std::snprintf(nm[x], sizeof nm[x], "%s (%s%s)", x == 0 ? "dq" : x == 1 ? "dk" : "dv", kname[kern],
