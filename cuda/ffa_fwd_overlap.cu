@@ -1,5 +1,5 @@
-// Forward pass v8 (ForwardArgs::kernel = 3, the default of flexcp's ffa backend) and v10 (kernel 5, the same
-// kernel on a persistent grid). v8 is the v4 TMA kernel (ffa_fwd_tma.cu) plus FlashAttention-3's
+// Forward pass v8 (ForwardArgs::kernel = 3) and v10 (kernel 5, the same kernel on a persistent grid: the
+// default of flexcp's ffa backend). v8 is the v4 TMA kernel (ffa_fwd_tma.cu) plus FlashAttention-3's
 // intra-warpgroup overlap, a consumer ring of 3 warpgroups at D=64, a deeper K/V ring with separate K and
 // V barriers, and a softmax that seldom rescales O. docs/kernel-log.md "v8" and "v10" have the reasoning
 // and the figures.
@@ -11,9 +11,8 @@
 //   kernel 5   min(SMs, tiles) CTAs; CTA b runs tiles persistent_tile(j, b, grid, tiles), j = 0, 1, ...
 //              (cuda/ffa_schedule.h: round-robin, serpentine). The barriers are set up once; the K/V
 //              ring and its phases run on across tiles, so the producer loads the next tile's first K/V
-//              while the consumers finish the previous tile; the epilogue stages through its own tile
-//              (where shared memory allows: both default shapes), so the consumers free Q after their
-//              last S GEMM and the next Q loads during the epilogue.
+//              while the consumers finish the previous tile; the epilogue stages through its own tile,
+//              so the consumers free Q after their last S GEMM and the next Q loads during the epilogue.
 // Per work tile:
 //   warpgroup 0        producer. One thread issues TMA copies: Q, then K_0 (kernel 5: K_0, then Q once the
 //                      consumers freed it), then per key tile n >= 1 K_n followed by V_{n-1} (the order
