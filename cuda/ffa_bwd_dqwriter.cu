@@ -47,6 +47,16 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
+// The dQ hand-off. 0 (the default): a consumer stages its 64 x 64 fp32 dQ block as padded rows and its
+// writer warp issues one non-tensor bulk reduction (256 B) per row. 1 (a variant build,
+// -DFFA_BWD_DQ_TENSOR_REDUCE=1): the block is staged unpadded in the 128B-swizzled layout of two 64-row x
+// 32-column boxes and the writer reduces it with two tensor-map bulk reductions (tm_dq over dq_accum), so
+// the buffer is read, and freed, with 2 TMA operations instead of 64 (docs/kernel-log.md "dQ tensor
+// reduce"). With 0 the code below compiles to what it was before the option existed.
+#ifndef FFA_BWD_DQ_TENSOR_REDUCE
+#define FFA_BWD_DQ_TENSOR_REDUCE 0
+#endif
+
 namespace ffa {
 namespace detail {
 namespace {
@@ -57,8 +67,15 @@ constexpr int kBN = kPlanTileK, kTileQ = kBwdTileQ, kThreads = 384;
 static_assert(kBN == 128 && kTileQ == 64, "two consumer warpgroups x 64 keys, 64-query plan tiles");
 static_assert(kStatsPad >= 128 && kStatsPad % 8 == 0,
               "a step's boxes, and the padding box of a half step (4-aligned), stay inside the stats rows");
+#if FFA_BWD_DQ_TENSOR_REDUCE
+// One consumer's dQ job: 64 rows x 64 columns as two 8 KB boxes (columns [0, 32), [32, 64)) of 64 rows of
+// 128 bytes, 128B-swizzled (16-byte chunk c of row r at chunk c ^ (r & 7)); 1024-byte aligned.
+constexpr int kDqBoxBytes = 64 * 32 * 4;
+constexpr int kDqBytes = 2 * kDqBoxBytes;
+#else
 constexpr int kDqRowFloats = 72;                 // 64 columns + 8 floats of padding (conflict-free float2 stores)
 constexpr int kDqBytes = 64 * kDqRowFloats * 4;  // one consumer's dQ job: 64 rows x 64 columns
+#endif
 // A stage's stats: per 64-query plan tile, one TMA box of kStatsBoxRows values of lse * log2(e), then as
 // many of delta, from the 4-aligned row at or below the tile's first (a box's start in its innermost
 // dimension must be 16-byte aligned); tiles 128-byte aligned (TMA destinations).
@@ -106,13 +123,33 @@ struct Smem {
   static constexpr uint32_t sdQ = sdS + 2 * kS, sStats = sdQ + 2 * kDqBytes, bars = sStats + 2 * kStats;
   static constexpr uint32_t total = bars + 5 * 8 + 1024;  // full_kv, full[2], empty[2]; + alignment slack
   static_assert(sStats % 128 == 0, "TMA destination alignment");
+#if FFA_BWD_DQ_TENSOR_REDUCE
+  static_assert(sdQ % 1024 == 0 && kDqBytes % 1024 == 0, "128B-swizzled TMA source: 1024-byte aligned boxes");
+#endif
 };
+
+#if FFA_BWD_DQ_TENSOR_REDUCE
+// Bulk tensor reduction global += shared (fp32, the tensor map's type) of the box of tmap at (x, y, z), read
+// from src (the map's swizzled box layout). Tracked by this thread's bulk async-groups, as bulk_reduce_add_f32.
+// Boxes reaching past the tensor's bounds are clipped: elements outside it are not written.
+__device__ __forceinline__ void tma_reduce_add_3d(const void* tmap, uint32_t src, int x, int y, int z) {
+  asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(tmap)),
+               "r"(src), "r"(x), "r"(y), "r"(z)
+               : "memory");
+}
+#endif
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     bwd_dqwriter_kernel(const BwdParams p, const __grid_constant__ CUtensorMap tm_q,
                         const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
-                        const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_stats) {
+                        const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_stats
+#if FFA_BWD_DQ_TENSOR_REDUCE
+                        ,
+                        const __grid_constant__ CUtensorMap tm_dq
+#endif
+    ) {
   using L = Smem<D>;
   constexpr int QS = L::QS;
   constexpr int kCB = D / 64;          // 64-column (128-byte) blocks
@@ -160,6 +197,21 @@ __global__ void __launch_bounds__(kThreads, 1)
               // QS = 128: the second query half lies outside the run on an odd run's last step (dS = 0).
               const int row0 = run.begin + t * kTileQ + (QS == 128 ? w * 64 : 0);
               const bool in_run = QS == 64 || w == 0 || t + 1 < run.tiles;
+#if FFA_BWD_DQ_TENSOR_REDUCE
+              // Two 64-row x 32-column boxes; rows past num_q (the last tile of the sequence) are clipped
+              // by the tensor map's bounds. The consumers' proxy fence preceded kBarDqFull; this one, after
+              // it, orders their staged rows before the async proxy's read on the issuing thread's side too.
+              if (lane == 0) {
+                if (in_run) {
+                  fence_async_smem();
+#pragma unroll
+                  for (int b = 0; b < 2; ++b)
+                    tma_reduce_add_3d(&tm_dq, stage + b * kDqBoxBytes, (D == 128 ? w * 64 : 0) + b * 32, h, row0);
+                }
+                bulk_commit();
+                bulk_wait_read<0>();
+              }
+#else
               const int rows = in_run ? min(64, p.num_q - row0) : 0;
 #pragma unroll 1
               for (int r = lane; r < rows; r += 32)
@@ -168,6 +220,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     stage + r * kDqRowFloats * 4, 64 * 4);
               bulk_commit();
               bulk_wait_read<0>();
+#endif
               __syncwarp();
             }
           }
@@ -414,6 +467,32 @@ __global__ void __launch_bounds__(kThreads, 1)
         reg_fence_u(pa);
         reg_fence(dq);
 
+#if FFA_BWD_DQ_TENSOR_REDUCE
+        // dQ -> the two swizzled boxes of this warpgroup's staging buffer, then to writer warp cw. Fragment
+        // j (columns 8 j + 2 (lane & 3) + {0, 1}; rows r0, r0 + 8) lies in box j >> 2 at 16-byte chunk
+        // 2 (j & 3) + ((lane >> 1) & 1), swizzled by r0 & 7 = lane >> 2. Stored as is, a half-warp's 4 rows
+        // would cover 2 chunk pairs (rows r, r ^ 1 share one): 2-way bank conflicts. Lanes of odd rows
+        // store fragment j ^ 2 in instruction j instead (a select per value), which puts the 4 rows on 4
+        // chunk pairs: conflict-free. In instruction j the lane's chunk is then
+        // 2 (j & 3) ^ (4 (r0 & 1) ^ ((lane >> 1) & 1) ^ (r0 & 7)), so its offset is one per-lane base ^ 32 (j & 3).
+        named_bar_sync(kBarDqEmpty + cw, 160);
+        unsigned char* st = smem + (dq_stage - base);
+        {
+          const int r0 = wq * 16 + (lane >> 2);
+          const bool odd = (r0 & 1) != 0;
+          const uint32_t lane_off =
+              r0 * 128 + ((4 * (r0 & 1) ^ ((lane >> 1) & 1) ^ (r0 & 7)) << 4) + (lane & 1) * 8;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int js = j ^ 2;
+            const uint32_t off = (lane_off ^ ((j & 3) << 5)) + (j >> 2) * kDqBoxBytes;
+            *reinterpret_cast<float2*>(st + off) =
+                make_float2(odd ? dq[4 * js] : dq[4 * j], odd ? dq[4 * js + 1] : dq[4 * j + 1]);
+            *reinterpret_cast<float2*>(st + off + 8 * 128) =
+                make_float2(odd ? dq[4 * js + 2] : dq[4 * j + 2], odd ? dq[4 * js + 3] : dq[4 * j + 3]);
+          }
+        }
+#else
         // dQ -> padded fp32 rows of this warpgroup's staging buffer, then to writer warp cw.
         named_bar_sync(kBarDqEmpty + cw, 160);
         unsigned char* st = smem + (dq_stage - base);
@@ -425,6 +504,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<float2*>(st + ((r0 + 8) * kDqRowFloats + col) * 4) =
               make_float2(dq[4 * j + 2], dq[4 * j + 3]);
         }
+#endif
         __syncwarp();
         fence_async_smem();
         named_bar_sync(kBarDqFull + cw, 160);  // (a sync, not an arrive: see kBarDqFull)
@@ -456,6 +536,28 @@ CUtensorMap make_stats_map(const float* stats, int heads, int rows) {
   return map;
 }
 
+#if FFA_BWD_DQ_TENSOR_REDUCE
+// The fp32 dQ accumulator (Tq, Hq, D) as a 3-D tensor (column, head, row); box: 32 columns (128 bytes) x
+// 1 head x 64 rows, 128B swizzle (a consumer's staging box). Only reduced into: rows of a box past num_q
+// are clipped by the bounds.
+CUtensorMap make_dq_accum_map(float* dq_accum, int heads, int rows, int head_dim) {
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(rows > 0 ? rows : 1)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_dim) * 4,
+                                 static_cast<cuuint64_t>(heads) * static_cast<cuuint64_t>(head_dim) * 4};
+  const cuuint32_t box[3] = {32, 1, 64};
+  const cuuint32_t estr[3] = {1, 1, 1};
+  const CUresult r =
+      cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, dq_accum, dims, strides, box, estr,
+                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw std::runtime_error("ffa backward (dQ writer): dQ accumulator tensor map failed, code " + std::to_string(r));
+  return map;
+}
+#endif
+
 template <typename T, int D>
 void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   constexpr int QS = queries_per_step<D>();
@@ -466,11 +568,18 @@ void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   const CUtensorMap tk = make_tensor_map(p.k, dtype, p.num_k, p.heads_kv, p.k_st, p.k_sh, D, kBN);
   const CUtensorMap tv = make_tensor_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
   const CUtensorMap ts = make_stats_map(p.stats, p.heads_q, p.stats_rows);
+#if FFA_BWD_DQ_TENSOR_REDUCE
+  const CUtensorMap tdq = make_dq_accum_map(p.dq_accum, p.heads_q, p.num_q, D);
+#endif
   constexpr int kSmem = Smem<D>::total;
   auto kernel = bwd_dqwriter_kernel<T, D>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward (dQ writer): ") + cudaGetErrorString(err));
+#if FFA_BWD_DQ_TENSOR_REDUCE
+  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tdo, tk, tv, ts, tdq);
+#else
   kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tdo, tk, tv, ts);
+#endif
   err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("ffa backward (dQ writer) launch: ") + cudaGetErrorString(err));

@@ -310,8 +310,12 @@ int run(int D, const Case& c) {
       CK(cudaMemset(gq.p, 0xff, q.size() * 2));
       CK(cudaMemset(gk.p, 0xff, k.size() * 2));
       CK(cudaMemset(gv.p, 0xff, v.size() * 2));
-      Dev ws(ffa::backward_workspace_bytes(ba.dims, det));
-      CK(cudaMemset(ws.p, 0xff, ffa::backward_workspace_bytes(ba.dims, det)));  // nothing may rely on zeros
+      // A guard region past the workspace's end (the dQ accumulator is its last region): the dQ writers'
+      // reductions of a last tile that reaches past num_q (bulk rows, or tensor boxes clipped by the tensor
+      // map's bounds) must leave it untouched.
+      const size_t ws_bytes = ffa::backward_workspace_bytes(ba.dims, det), guard_bytes = 64 * 1024;
+      Dev ws(ws_bytes + guard_bytes);
+      CK(cudaMemset(ws.p, 0xff, ws_bytes + guard_bytes));  // nothing may rely on zeros
       ba.workspace = ws.p;
       if (kern == 5 && !det) {
         // The default is 5; the removed kernels 0, 3 (v7 TMA) and 4 (ping-pong) are rejected with a
@@ -341,6 +345,15 @@ int run(int D, const Case& c) {
       for (int x = 0; x < 3; ++x)
         std::snprintf(nm[x], sizeof nm[x], "%s (%s%s)", x == 0 ? "dq" : x == 1 ? "dk" : "dv", kname[kern],
                       det ? ", det" : "");
+      {
+        std::vector<unsigned char> guard(guard_bytes);
+        CK(cudaMemcpy(guard.data(), static_cast<unsigned char*>(ws.p) + ws_bytes, guard_bytes, cudaMemcpyDeviceToHost));
+        size_t touched = 0;
+        for (unsigned char b : guard) touched += b != 0xff;
+        std::printf("  D=%d workspace guard (%s%s): %s\n", D, kname[kern], det ? ", det" : "",
+                    touched ? ("FAIL (" + std::to_string(touched) + " bytes written)").c_str() : "ok");
+        failures += touched ? 1 : 0;
+      }
       check(nm[0], gq.p, rdq, true, 2e-2);
       check(nm[1], gk.p, rdk, true, 2e-2);
       check(nm[2], gv.p, rdv, true, 2e-2);
