@@ -28,7 +28,8 @@
 //     dS^T -> shared memory (double buffer), arrive
 //     dV += P^T dO, dK += dS^T Q  (RS-wgmma)            sync on the other half of dS^T
 //     dQ  = dS K over all 128 keys (SS-wgmma, 64 queries x 64 columns: QS = 128 query half w, D = 128
-//           column block w) -> padded fp32 rows in shared memory -> writer warp w -> fp32 accumulator.
+//           column block w) -> padded fp32 rows in shared memory -> writer warp w -> fp32 accumulator
+//           (with -DFFA_BWD_DQ_TENSOR_REDUCE=1: a 128B-swizzled unpadded tile, two tensor-map reduces).
 // A step whose second query half lies outside the run (last step of an odd run at D=64) gets that
 // half's stats from the padding rows past num_q (lse = +inf, so P = dS = 0 there); its writer skips the
 // half's reduction.
