@@ -28,8 +28,8 @@
 //     dS^T -> shared memory (double buffer), arrive
 //     dV += P^T dO, dK += dS^T Q  (RS-wgmma)            sync on the other half of dS^T
 //     dQ  = dS K over all 128 keys (SS-wgmma, 64 queries x 64 columns: QS = 128 query half w, D = 128
-//           column block w) -> padded fp32 rows in shared memory -> writer warp w -> fp32 accumulator
-//           (with -DFFA_BWD_DQ_TENSOR_REDUCE=1: a 128B-swizzled unpadded tile, two tensor-map reduces).
+//           column block w) -> a 128B-swizzled fp32 tile in shared memory -> writer warp w -> two
+//           tensor-map bulk reductions into the fp32 accumulator.
 // A step whose second query half lies outside the run (last step of an odd run at D=64) gets that
 // half's stats from the padding rows past num_q (lse = +inf, so P = dS = 0 there); its writer skips the
 // half's reduction.
@@ -48,15 +48,11 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
-// The dQ hand-off. 0 (the default): a consumer stages its 64 x 64 fp32 dQ block as padded rows and its
-// writer warp issues one non-tensor bulk reduction (256 B) per row. 1 (a variant build,
-// -DFFA_BWD_DQ_TENSOR_REDUCE=1): the block is staged unpadded in the 128B-swizzled layout of two 64-row x
-// 32-column boxes and the writer reduces it with two tensor-map bulk reductions (tm_dq over dq_accum), so
-// the buffer is read, and freed, with 2 TMA operations instead of 64 (docs/kernel-log.md "dQ tensor
-// reduce"). With 0 the code below compiles to what it was before the option existed.
-#ifndef FFA_BWD_DQ_TENSOR_REDUCE
-#define FFA_BWD_DQ_TENSOR_REDUCE 0
-#endif
+// The dQ hand-off: a consumer stages its 64 x 64 fp32 dQ block unpadded in the 128B-swizzled layout of two
+// 64-row x 32-column boxes and its writer warp reduces it with two tensor-map bulk reductions (tm_dq over
+// dq_accum), so the buffer is read, and freed, with 2 TMA operations instead of the 64 row reductions
+// (256 B each) of padded rows before: +7-14% for the whole backward on the H100 (docs/kernel-log.md "dQ
+// tensor reduce" and "Run 12").
 
 namespace ffa {
 namespace detail {
@@ -68,15 +64,10 @@ constexpr int kBN = kPlanTileK, kTileQ = kBwdTileQ, kThreads = 384;
 static_assert(kBN == 128 && kTileQ == 64, "two consumer warpgroups x 64 keys, 64-query plan tiles");
 static_assert(kStatsPad >= 128 && kStatsPad % 8 == 0,
               "a step's boxes, and the padding box of a half step (4-aligned), stay inside the stats rows");
-#if FFA_BWD_DQ_TENSOR_REDUCE
 // One consumer's dQ job: 64 rows x 64 columns as two 8 KB boxes (columns [0, 32), [32, 64)) of 64 rows of
 // 128 bytes, 128B-swizzled (16-byte chunk c of row r at chunk c ^ (r & 7)); 1024-byte aligned.
 constexpr int kDqBoxBytes = 64 * 32 * 4;
 constexpr int kDqBytes = 2 * kDqBoxBytes;
-#else
-constexpr int kDqRowFloats = 72;                 // 64 columns + 8 floats of padding (conflict-free float2 stores)
-constexpr int kDqBytes = 64 * kDqRowFloats * 4;  // one consumer's dQ job: 64 rows x 64 columns
-#endif
 // A stage's stats: per 64-query plan tile, one TMA box of kStatsBoxRows values of lse * log2(e), then as
 // many of delta, from the 4-aligned row at or below the tile's first (a box's start in its innermost
 // dimension must be 16-byte aligned); tiles 128-byte aligned (TMA destinations).
@@ -124,12 +115,9 @@ struct Smem {
   static constexpr uint32_t sdQ = sdS + 2 * kS, sStats = sdQ + 2 * kDqBytes, bars = sStats + 2 * kStats;
   static constexpr uint32_t total = bars + 5 * 8 + 1024;  // full_kv, full[2], empty[2]; + alignment slack
   static_assert(sStats % 128 == 0, "TMA destination alignment");
-#if FFA_BWD_DQ_TENSOR_REDUCE
   static_assert(sdQ % 1024 == 0 && kDqBytes % 1024 == 0, "128B-swizzled TMA source: 1024-byte aligned boxes");
-#endif
 };
 
-#if FFA_BWD_DQ_TENSOR_REDUCE
 // Bulk tensor reduction global += shared (fp32, the tensor map's type) of the box of tmap at (x, y, z), read
 // from src (the map's swizzled box layout). Tracked by this thread's bulk async-groups, as bulk_reduce_add_f32.
 // Boxes reaching past the tensor's bounds are clipped: elements outside it are not written.
@@ -139,17 +127,14 @@ __device__ __forceinline__ void tma_reduce_add_3d(const void* tmap, uint32_t src
                "r"(src), "r"(x), "r"(y), "r"(z)
                : "memory");
 }
-#endif
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     bwd_dqwriter_kernel(const BwdParams p, const __grid_constant__ CUtensorMap tm_q,
                         const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
                         const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_stats
-#if FFA_BWD_DQ_TENSOR_REDUCE
                         ,
                         const __grid_constant__ CUtensorMap tm_dq
-#endif
     ) {
   using L = Smem<D>;
   constexpr int QS = L::QS;
@@ -198,7 +183,6 @@ __global__ void __launch_bounds__(kThreads, 1)
               // QS = 128: the second query half lies outside the run on an odd run's last step (dS = 0).
               const int row0 = run.begin + t * kTileQ + (QS == 128 ? w * 64 : 0);
               const bool in_run = QS == 64 || w == 0 || t + 1 < run.tiles;
-#if FFA_BWD_DQ_TENSOR_REDUCE
               // Two 64-row x 32-column boxes; rows past num_q (the last tile of the sequence) are clipped
               // by the tensor map's bounds. The consumers' proxy fence preceded kBarDqFull; this one, after
               // it, orders their staged rows before the async proxy's read on the issuing thread's side too.
@@ -212,16 +196,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                 bulk_commit();
                 bulk_wait_read<0>();
               }
-#else
-              const int rows = in_run ? min(64, p.num_q - row0) : 0;
-#pragma unroll 1
-              for (int r = lane; r < rows; r += 32)
-                bulk_reduce_add_f32(
-                    p.dq_accum + (static_cast<int64_t>(row0 + r) * p.heads_q + h) * D + (D == 128 ? w * 64 : 0),
-                    stage + r * kDqRowFloats * 4, 64 * 4);
-              bulk_commit();
-              bulk_wait_read<0>();
-#endif
               __syncwarp();
             }
           }
@@ -468,7 +442,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         reg_fence_u(pa);
         reg_fence(dq);
 
-#if FFA_BWD_DQ_TENSOR_REDUCE
         // dQ -> the two swizzled boxes of this warpgroup's staging buffer, then to writer warp cw. Fragment
         // j (columns 8 j + 2 (lane & 3) + {0, 1}; rows r0, r0 + 8) lies in box j >> 2 at 16-byte chunk
         // 2 (j & 3) + ((lane >> 1) & 1), swizzled by r0 & 7 = lane >> 2. Stored as is, a half-warp's 4 rows
@@ -493,19 +466,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                 make_float2(odd ? dq[4 * js + 2] : dq[4 * j + 2], odd ? dq[4 * js + 3] : dq[4 * j + 3]);
           }
         }
-#else
-        // dQ -> padded fp32 rows of this warpgroup's staging buffer, then to writer warp cw.
-        named_bar_sync(kBarDqEmpty + cw, 160);
-        unsigned char* st = smem + (dq_stage - base);
-        const int r0 = wq * 16 + (lane >> 2);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int col = j * 8 + (lane & 3) * 2;
-          *reinterpret_cast<float2*>(st + (r0 * kDqRowFloats + col) * 4) = make_float2(dq[4 * j], dq[4 * j + 1]);
-          *reinterpret_cast<float2*>(st + ((r0 + 8) * kDqRowFloats + col) * 4) =
-              make_float2(dq[4 * j + 2], dq[4 * j + 3]);
-        }
-#endif
         __syncwarp();
         fence_async_smem();
         named_bar_sync(kBarDqFull + cw, 160);  // (a sync, not an arrive: see kBarDqFull)
@@ -537,7 +497,6 @@ CUtensorMap make_stats_map(const float* stats, int heads, int rows) {
   return map;
 }
 
-#if FFA_BWD_DQ_TENSOR_REDUCE
 // The fp32 dQ accumulator (Tq, Hq, D) as a 3-D tensor (column, head, row); box: 32 columns (128 bytes) x
 // 1 head x 64 rows, 128B swizzle (a consumer's staging box). Only reduced into: rows of a box past num_q
 // are clipped by the bounds.
@@ -557,7 +516,6 @@ CUtensorMap make_dq_accum_map(float* dq_accum, int heads, int rows, int head_dim
     throw std::runtime_error("ffa backward (dQ writer): dQ accumulator tensor map failed, code " + std::to_string(r));
   return map;
 }
-#endif
 
 template <typename T, int D>
 void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
@@ -569,18 +527,12 @@ void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   const CUtensorMap tk = make_tensor_map(p.k, dtype, p.num_k, p.heads_kv, p.k_st, p.k_sh, D, kBN);
   const CUtensorMap tv = make_tensor_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
   const CUtensorMap ts = make_stats_map(p.stats, p.heads_q, p.stats_rows);
-#if FFA_BWD_DQ_TENSOR_REDUCE
   const CUtensorMap tdq = make_dq_accum_map(p.dq_accum, p.heads_q, p.num_q, D);
-#endif
   constexpr int kSmem = Smem<D>::total;
   auto kernel = bwd_dqwriter_kernel<T, D>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward (dQ writer): ") + cudaGetErrorString(err));
-#if FFA_BWD_DQ_TENSOR_REDUCE
   kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tdo, tk, tv, ts, tdq);
-#else
-  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tdo, tk, tv, ts);
-#endif
   err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("ffa backward (dQ writer) launch: ") + cudaGetErrorString(err));
