@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ -n "${SASS_CSV:-}" ]; then
   exec ncu --clock-control none --kernel-name "regex:bwd_dqwriter_kernel" --launch-count 1 --section SourceCounters \
-    --page source --csv --print-source sass,cuda python3 scripts/bench/bwd_once.py "${1:-a: S=8192}" "${2:-5}" >"$SASS_CSV"
+    --page source --csv --print-source sass,cuda python3 scripts/bench/attn_once.py "${1:-a: S=8192}" "${2:-5}" 0 >"$SASS_CSV"
 fi
 ncu --clock-control none --kernel-name "regex:bwd_dqwriter_kernel" --section SpeedOfLight --section WarpStateStats \
     --section SchedulerStats --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats \
-    --section Occupancy python3 scripts/bench/bwd_once.py "${1:-a: S=8192}" "${2:-5}"
+    --section Occupancy python3 scripts/bench/attn_once.py "${1:-a: S=8192}" "${2:-5}" 0

@@ -12,7 +12,8 @@
 # its standalone, ffa_check.py and racecheck --quick run, then our kernels alone are timed with it, then with
 # the default build, then with it again; VARIANT_TEST_ENV (e.g. a test knob NAME=1) is set for a second run of
 # its standalone and for its ffa_check.py and racecheck, never for the timings), profile (ncu of
-# flexcp's default forward and backward kernels on shape (a): profile-fwd.log, profile-bwd.log).
+# flexcp's default forward and backward kernels on shape (a): profile-fwd.log, profile-bwd.log), sass (per-instruction
+# stall samples of the forward on (a) and (b) causal and the backward on (a): sass-*.txt summaries, sass-*.csv.gz).
 # Logs go to $OUT/<step>.log; one line per step says ok/FAILED and its seconds.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -77,6 +78,14 @@ for s in "${steps[@]}"; do
     profile)
       FFA_LIB=$root/build-ffa/libffa.so step profile-fwd 200 bash scripts/bench/profile_fwd.sh "a: S=8192" fwd_overlap
       FFA_LIB=$root/build-ffa/libffa.so step profile-bwd 200 bash scripts/bench/profile_bwd.sh "a: S=8192" 5 ;;
+    sass)  # per-instruction stall samples: flexcp's forward on (a) and (b) causal, its backward on (a)
+      for job in "fwd-a|profile_fwd.sh|a: S=8192|fwd_overlap" "fwd-b|profile_fwd.sh|b: S=8192 Hq=Hkv=16 D=128 causal|fwd_overlap" \
+                 "bwd-a|profile_bwd.sh|a: S=8192|5"; do
+        IFS='|' read -r name script shape arg <<<"$job"
+        FFA_LIB=$root/build-ffa/libffa.so SASS_CSV=/tmp/sass-$name.csv step "sass-$name" 200 bash scripts/bench/$script "$shape" "$arg"
+        python3 scripts/dev/sass_stalls.py /tmp/sass-$name.csv 40 >"$out/sass-$name.txt" 2>&1
+        gzip -c /tmp/sass-$name.csv >"$out/sass-$name.csv.gz"
+      done ;;
     *) echo "gpu-session.sh: unknown step '$s' (see the header)"; failed=$((failed + 1)) ;;
   esac
 done
