@@ -52,6 +52,14 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
+// Variant knobs for A/B builds (gpu-session.sh bench-variant); both 0 by default.
+#ifndef FFA_FWD_TREE_MAX
+#define FFA_FWD_TREE_MAX 0
+#endif
+#ifndef FFA_FWD_DESC_ADD
+#define FFA_FWD_DESC_ADD 0
+#endif
+
 namespace ffa {
 namespace detail {
 namespace {
@@ -118,9 +126,23 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
         for (int e = 0; e < 2; ++e)
           if (8 * j + e < lo || 8 * j + e >= hi) sc[4 * j + 2 * r + e] = -INFINITY;
     }
+#if FFA_FWD_TREE_MAX
+    // The row max as a tree (depth 5 over the thread's 32 columns, not a chain of 16 dependent FMNMX):
+    // the exponentials of the row cannot start before it.
+    float t[kBN / 8];
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) t[j] = fmaxf(sc[4 * j + 2 * r], sc[4 * j + 2 * r + 1]);
+    static_assert(kBN / 8 == 16, "the tree below folds 16 column pairs");
+#pragma unroll
+    for (int j = 0; j < 8; ++j) t[j] = fmaxf(t[j], t[j + 8]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) t[j] = fmaxf(t[j], t[j + 4]);
+    float mx = fmaxf(fmaxf(t[0], t[2]), fmaxf(t[1], t[3]));
+#else
     float mx = -INFINITY;
 #pragma unroll
     for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * r], sc[4 * j + 2 * r + 1]));
+#endif
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float m_tile = mx * scale_log2;
@@ -315,6 +337,27 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     auto stage = [&](int n) { return (n_base + n) % kStages; };
     auto parity = [&](int n) { return static_cast<uint32_t>(((n_base + n) / kStages) & 1); };
     // S_n = Q K_n^T (SS-wgmma m64n128k16, K-major operands); the caller fences and commits.
+#if FFA_FWD_DESC_ADD
+    // Each operand's descriptor is built once per GEMM and stepped by desc_add (one add per k-step; the
+    // full build is ~6 dependent uniform-datapath ops in front of every wgmma). opaque_u32 keeps NVVM from
+    // hoisting the Q descriptors of every k-step out of the tile loop into registers.
+    auto issue_s = [&](int n) {
+      const uint64_t q_d = smem_desc(opaque_u32(q_wg), 16, 1024);
+      const uint64_t k_d = smem_desc(sK + stage(n) * S::kKVBytes, 16, 1024);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t koff = (kk & 3) * 32;
+        wgmma_ss<T, kBN>(sc, desc_add(q_d, (kk >> 2) * (kBM * 128) + koff),
+                         desc_add(k_d, (kk >> 2) * (kBN * 128) + koff), kk > 0 ? 1 : 0);
+      }
+    };
+    // O += P_n V_n (RS-wgmma, V read N-major: LBO = the next 64-column block).
+    auto issue_pv = [&](int n) {
+      const uint64_t v_d = smem_desc(sV + stage(n) * S::kKVBytes, kBN * 128, 1024);
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb<T, D>(o, pa[kk], desc_add(v_d, kk * 16 * 128));
+    };
+#else
     auto issue_s = [&](int n) {
       const uint32_t k_st = sK + stage(n) * S::kKVBytes;
 #pragma unroll
@@ -330,6 +373,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb<T, D>(o, pa[kk], smem_desc(v_st + kk * 16 * 128, kBN * 128, 1024));
     };
+#endif
     // One arrival per warp once the warp's wgmma reads of the stage are complete.
     auto release = [&](uint32_t empty, int n) {
       if (lane == 0) mbar_arrive(empty + 8 * stage(n));

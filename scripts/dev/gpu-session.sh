@@ -12,7 +12,9 @@
 # its standalone, ffa_check.py and racecheck --quick run, then our kernels alone are timed with it, then with
 # the default build, then with it again; VARIANT_TEST_ENV (e.g. a test knob NAME=1) is set for a second run of
 # its standalone and for its ffa_check.py and racecheck, never for the timings), profile (ncu of
-# flexcp's default forward and backward kernels on shape (a): profile-fwd.log, profile-bwd.log), sass (per-instruction
+# flexcp's default forward and backward kernels on shape (a): profile-fwd.log, profile-bwd.log), build-ffa (the kernel
+# library alone), variants (VARIANTS_NVCC="FLAGS;FLAGS;...": each set builds build-ffa-vI, runs its standalone, then
+# the default and every variant are timed in turn, default first and last; needs build-ffa), sass (per-instruction
 # stall samples of the forward on (a) and (b) causal and the backward on (a): sass-*.txt summaries, sass-*.csv.gz).
 # Logs go to $OUT/<step>.log; one line per step says ok/FAILED and its seconds.
 set -uo pipefail
@@ -74,6 +76,23 @@ for s in "${steps[@]}"; do
         FFA_LIB=$root/$lib/libffa.so step "bench-$lib" 120 python3 scripts/bench/attention_bench.py --which ours
         echo "   $lib (build-ffa-var: VARIANT_NVCC_FLAGS='${VARIANT_NVCC_FLAGS:-}'):"
         grep -E "forward|backward alone|default pair" "$out/bench-$lib.log"
+      done ;;
+    build-ffa) step build-ffa 300 bash scripts/bench/build_ffa_lib.sh ;;  # the kernels' library alone (no flexcp)
+    variants)  # several variant builds (VARIANTS_NVCC, ';'-separated flag sets) timed against the default
+      IFS=';' read -r -a vflags <<<"${VARIANTS_NVCC:-}"
+      libs=(build-ffa)
+      for i in "${!vflags[@]}"; do
+        FFA_NVCC_FLAGS="${vflags[$i]}" bash scripts/bench/build_ffa_lib.sh "$root/build-ffa-v$i" >"$out/build-v$i.log" 2>&1 &
+        libs+=("build-ffa-v$i")
+      done
+      wait
+      for i in "${!vflags[@]}"; do step "standalone-v$i" 150 ./build-ffa-v$i/ffa_standalone; done
+      libs+=(build-ffa)
+      for n in "${!libs[@]}"; do
+        lib=${libs[$n]}
+        FFA_LIB=$root/$lib/libffa.so step "bench-$n-$lib" 120 python3 scripts/bench/attention_bench.py --which ours
+        if [ "$lib" = build-ffa ]; then echo "   $lib: default"; else echo "   $lib: ${vflags[${lib#build-ffa-v}]}"; fi
+        grep -E "forward 5|backward alone|default pair" "$out/bench-$n-$lib.log" | sed -E 's/ +/ /g; s/max\|.*//'
       done ;;
     profile)
       FFA_LIB=$root/build-ffa/libffa.so step profile-fwd 200 bash scripts/bench/profile_fwd.sh "a: S=8192" fwd_overlap
