@@ -48,11 +48,6 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
-// Variant knob for A/B builds (gpu-session.sh bench-variant); 0 by default.
-#ifndef FFA_BWD_PAIR_STATS
-#define FFA_BWD_PAIR_STATS 0
-#endif
-
 // The dQ hand-off: a consumer stages its 64 x 64 fp32 dQ block unpadded in the 128B-swizzled layout of two
 // 64-row x 32-column boxes and its writer warp reduces it with two tensor-map bulk reductions (tm_dq over
 // dq_accum), so the buffer is read, and freed, with 2 TMA operations instead of the 64 row reductions
@@ -333,56 +328,32 @@ __global__ void __launch_bounds__(kThreads, 1)
           // The exponentials of P^T run while the dP^T GEMM is still in flight.
           wg_wait<1>();
           reg_fence(sc);
-          // Two adjacent step columns' stats as one 8-byte load where the stage's stats start 8-byte
-          // aligned (q0 even: every run of 64-aligned slices), else as two 4-byte loads: half the shared
-          // loads, which queue in the MIO with the exponentials.
-          const bool pair = FFA_BWD_PAIR_STATS && (q0 & 1) == 0;
-          auto stat2 = [](const float* at, auto pair_tag) {
-            if constexpr (decltype(pair_tag)::value)
-              return *reinterpret_cast<const float2*>(at);
-            else
-              return make_float2(at[0], at[1]);
-          };
-          auto p_loop = [&](auto mask_tag, auto pair_tag) {
+          auto p_loop = [&](auto mask_tag) {
             constexpr bool kMask = decltype(mask_tag)::value;
 #pragma unroll
             for (int j = 0; j < QS / 8; ++j) {
               const int col = j * 8 + (lane & 3) * 2;
-              const float2 l2 = stat2(stats + (col & (kTileQ - 1)) + (j >> 3) * kStatsTileFloats, pair_tag);
+              const float* l2 = stats + (col & (kTileQ - 1)) + (j >> 3) * kStatsTileFloats;  // 4-byte aligned only
 #pragma unroll
               for (int e = 0; e < 4; ++e) {
-                const float pr = exp2_ftz(fmaf(sc[4 * j + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
+                const float pr = exp2_ftz(fmaf(sc[4 * j + e], p.scale_log2, -l2[e & 1]));
                 sc[4 * j + e] = !kMask || visible(col + (e & 1), e >> 1) ? pr : 0.f;
               }
             }
           };
-          if (masked) {
-            if (pair)
-              p_loop(std::true_type{}, std::true_type{});
-            else
-              p_loop(std::true_type{}, std::false_type{});
-          } else {
-            if (pair)
-              p_loop(std::false_type{}, std::true_type{});
-            else
-              p_loop(std::false_type{}, std::false_type{});
-          }
+          if (masked)
+            p_loop(std::true_type{});
+          else
+            p_loop(std::false_type{});
           wg_wait<0>();
           reg_fence(dp);
-          auto ds_loop = [&](auto pair_tag) {
 #pragma unroll
-            for (int j = 0; j < QS / 8; ++j) {
-              const int col = j * 8 + (lane & 3) * 2;
-              const float2 d2 =
-                  stat2(stats + (col & (kTileQ - 1)) + (j >> 3) * kStatsTileFloats + kStatsBoxRows, pair_tag);
+          for (int j = 0; j < QS / 8; ++j) {
+            const int col = j * 8 + (lane & 3) * 2;
+            const float* d2 = stats + (col & (kTileQ - 1)) + (j >> 3) * kStatsTileFloats + kStatsBoxRows;
 #pragma unroll
-              for (int e = 0; e < 4; ++e) dp[4 * j + e] = sc[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d2.y : d2.x));
-            }
-          };
-          if (pair)
-            ds_loop(std::true_type{});
-          else
-            ds_loop(std::false_type{});
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = sc[4 * j + e] * (dp[4 * j + e] - d2[e & 1]);
+          }
         } else {
           // One wait and one fused loop (the split costs spills at D=128).
           wg_wait<0>();

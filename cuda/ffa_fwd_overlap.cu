@@ -52,12 +52,12 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
-// Variant knobs for A/B builds (gpu-session.sh bench-variant); both 0 by default.
-#ifndef FFA_FWD_TREE_MAX
-#define FFA_FWD_TREE_MAX 0
+// Variant knobs for A/B builds (gpu-session.sh variants); 0 by default.
+#ifndef FFA_FWD_SPLIT_PRODUCER
+#define FFA_FWD_SPLIT_PRODUCER 0
 #endif
-#ifndef FFA_FWD_DESC_ADD
-#define FFA_FWD_DESC_ADD 0
+#ifndef FFA_FWD_MAX_FIRST
+#define FFA_FWD_MAX_FIRST 0
 #endif
 
 namespace ffa {
@@ -113,6 +113,7 @@ __device__ __forceinline__ void visible_cols(const CutSlice& c, int i, int c0, i
 template <bool kMasked>
 __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                              float scale_log2, const CutSlice* cut, int row0, int c0, int lane) {
+  float mx2[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if constexpr (kMasked) {
@@ -126,7 +127,6 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
         for (int e = 0; e < 2; ++e)
           if (8 * j + e < lo || 8 * j + e >= hi) sc[4 * j + 2 * r + e] = -INFINITY;
     }
-#if FFA_FWD_TREE_MAX
     // The row max as a tree (depth 5 over the thread's 32 columns, not a chain of 16 dependent FMNMX):
     // the exponentials of the row cannot start before it.
     float t[kBN / 8];
@@ -137,14 +137,22 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
     for (int j = 0; j < 8; ++j) t[j] = fmaxf(t[j], t[j + 8]);
 #pragma unroll
     for (int j = 0; j < 4; ++j) t[j] = fmaxf(t[j], t[j + 4]);
-    float mx = fmaxf(fmaxf(t[0], t[2]), fmaxf(t[1], t[3]));
-#else
-    float mx = -INFINITY;
+    mx2[r] = fmaxf(fmaxf(t[0], t[2]), fmaxf(t[1], t[3]));
+#if FFA_FWD_MAX_FIRST
+  }
+  // Both rows' maxima first: their shuffles overlap, and row 1's max is ready when row 0's exponentials end.
 #pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * r], sc[4 * j + 2 * r + 1]));
-#endif
+  for (int r = 0; r < 2; ++r) mx2[r] = fmaxf(mx2[r], __shfl_xor_sync(0xffffffffu, mx2[r], 1));
+#pragma unroll
+  for (int r = 0; r < 2; ++r) mx2[r] = fmaxf(mx2[r], __shfl_xor_sync(0xffffffffu, mx2[r], 2));
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float mx = mx2[r];
+#else
+    float mx = mx2[r];
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+#endif
     const float m_tile = mx * scale_log2;
     // m[r] = -inf (no visible key yet): any finite tile max moves it and alpha = 2^-inf = 0.
     const bool moves = m_tile > m[r] + kStaleMaxLog2;
@@ -246,6 +254,28 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   // K/V and moves no K/V phase.
   if (wg == 0) {
     setmaxnreg_dec<S::kProducerRegs>();
+#if FFA_FWD_SPLIT_PRODUCER
+    // V's loads from their own thread (warp 1), so that a K stage not yet released never holds back a V
+    // load whose stage is free (and the other way round). Same tiles, same ring positions.
+    if (tid == 32) {
+      int n = 0;
+      for_each_tile([&](const Item& it, int /*h*/, int hk, int /*j*/) {
+#pragma unroll 1
+        for (int ri = it.run_begin; ri < it.run_end; ++ri) {
+          const Run run = runs[ri];
+#pragma unroll 1
+          for (int t = 0; t < run.tiles; ++t, ++n) {
+            const int s = n % kStages;
+            if (n >= kStages) mbar_wait(empty_v + 8 * s, ((n / kStages) - 1) & 1);
+            mbar_expect_tx(full_v + 8 * s, S::kKVBytes);
+#pragma unroll
+            for (int cb = 0; cb < kCB; ++cb)
+              tma_load_3d(sV + s * S::kKVBytes + cb * (kBN * 128), &tm_v, cb * 64, hk, run.begin + t * kBN, full_v + 8 * s);
+          }
+        }
+      });
+    }
+#endif
     if (tid == 0) {
       int n = 0;
       for_each_tile([&](const Item& it, int h, int hk, int j) {
@@ -280,17 +310,19 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
           for (int t = 0; t < run.tiles; ++t, ++n) {
             const int c0 = run.begin + t * kBN;
             load(&tm_k, sK, full_k, empty_k, n, c0);
-            if (n > n_first)
-              load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
-            else if constexpr (kPersistent)
+            if (n > n_first) {
+              if (!FFA_FWD_SPLIT_PRODUCER) load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
+            } else if constexpr (kPersistent) {
               load_q();  // after K_0: the wait for the Q release does not hold the first K back
+            }
             c_prev = c0;
           }
         }
-        if (n > n_first)
-          load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
-        else if constexpr (kPersistent)
+        if (n > n_first) {
+          if (!FFA_FWD_SPLIT_PRODUCER) load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
+        } else if constexpr (kPersistent) {
           load_q();  // no key tiles: the consumers still wait for Q (then write out 0, lse -inf)
+        }
       });
     }
     return;
@@ -337,7 +369,6 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     auto stage = [&](int n) { return (n_base + n) % kStages; };
     auto parity = [&](int n) { return static_cast<uint32_t>(((n_base + n) / kStages) & 1); };
     // S_n = Q K_n^T (SS-wgmma m64n128k16, K-major operands); the caller fences and commits.
-#if FFA_FWD_DESC_ADD
     // Each operand's descriptor is built once per GEMM and stepped by desc_add (one add per k-step; the
     // full build is ~6 dependent uniform-datapath ops in front of every wgmma). opaque_u32 keeps NVVM from
     // hoisting the Q descriptors of every k-step out of the tile loop into registers.
@@ -357,23 +388,6 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb<T, D>(o, pa[kk], desc_add(v_d, kk * 16 * 128));
     };
-#else
-    auto issue_s = [&](int n) {
-      const uint32_t k_st = sK + stage(n) * S::kKVBytes;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t koff = (kk & 3) * 32;
-        wgmma_ss<T, kBN>(sc, smem_desc(q_wg + (kk >> 2) * (kBM * 128) + koff, 16, 1024),
-                         smem_desc(k_st + (kk >> 2) * (kBN * 128) + koff, 16, 1024), kk > 0 ? 1 : 0);
-      }
-    };
-    // O += P_n V_n (RS-wgmma, V read N-major: LBO = the next 64-column block).
-    auto issue_pv = [&](int n) {
-      const uint32_t v_st = sV + stage(n) * S::kKVBytes;
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb<T, D>(o, pa[kk], smem_desc(v_st + kk * 16 * 128, kBN * 128, 1024));
-    };
-#endif
     // One arrival per warp once the warp's wgmma reads of the stage are complete.
     auto release = [&](uint32_t empty, int n) {
       if (lane == 0) mbar_arrive(empty + 8 * stage(n));
