@@ -52,14 +52,6 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
-// Variant knobs for A/B builds (gpu-session.sh variants); 0 by default.
-#ifndef FFA_FWD_SPLIT_PRODUCER
-#define FFA_FWD_SPLIT_PRODUCER 0
-#endif
-#ifndef FFA_FWD_MAX_FIRST
-#define FFA_FWD_MAX_FIRST 0
-#endif
-
 namespace ffa {
 namespace detail {
 namespace {
@@ -113,7 +105,6 @@ __device__ __forceinline__ void visible_cols(const CutSlice& c, int i, int c0, i
 template <bool kMasked>
 __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                              float scale_log2, const CutSlice* cut, int row0, int c0, int lane) {
-  float mx2[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if constexpr (kMasked) {
@@ -137,22 +128,9 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
     for (int j = 0; j < 8; ++j) t[j] = fmaxf(t[j], t[j + 8]);
 #pragma unroll
     for (int j = 0; j < 4; ++j) t[j] = fmaxf(t[j], t[j + 4]);
-    mx2[r] = fmaxf(fmaxf(t[0], t[2]), fmaxf(t[1], t[3]));
-#if FFA_FWD_MAX_FIRST
-  }
-  // Both rows' maxima first: their shuffles overlap, and row 1's max is ready when row 0's exponentials end.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) mx2[r] = fmaxf(mx2[r], __shfl_xor_sync(0xffffffffu, mx2[r], 1));
-#pragma unroll
-  for (int r = 0; r < 2; ++r) mx2[r] = fmaxf(mx2[r], __shfl_xor_sync(0xffffffffu, mx2[r], 2));
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float mx = mx2[r];
-#else
-    float mx = mx2[r];
+    float mx = fmaxf(fmaxf(t[0], t[2]), fmaxf(t[1], t[3]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-#endif
     const float m_tile = mx * scale_log2;
     // m[r] = -inf (no visible key yet): any finite tile max moves it and alpha = 2^-inf = 0.
     const bool moves = m_tile > m[r] + kStaleMaxLog2;
@@ -254,28 +232,6 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   // K/V and moves no K/V phase.
   if (wg == 0) {
     setmaxnreg_dec<S::kProducerRegs>();
-#if FFA_FWD_SPLIT_PRODUCER
-    // V's loads from their own thread (warp 1), so that a K stage not yet released never holds back a V
-    // load whose stage is free (and the other way round). Same tiles, same ring positions.
-    if (tid == 32) {
-      int n = 0;
-      for_each_tile([&](const Item& it, int /*h*/, int hk, int /*j*/) {
-#pragma unroll 1
-        for (int ri = it.run_begin; ri < it.run_end; ++ri) {
-          const Run run = runs[ri];
-#pragma unroll 1
-          for (int t = 0; t < run.tiles; ++t, ++n) {
-            const int s = n % kStages;
-            if (n >= kStages) mbar_wait(empty_v + 8 * s, ((n / kStages) - 1) & 1);
-            mbar_expect_tx(full_v + 8 * s, S::kKVBytes);
-#pragma unroll
-            for (int cb = 0; cb < kCB; ++cb)
-              tma_load_3d(sV + s * S::kKVBytes + cb * (kBN * 128), &tm_v, cb * 64, hk, run.begin + t * kBN, full_v + 8 * s);
-          }
-        }
-      });
-    }
-#endif
     if (tid == 0) {
       int n = 0;
       for_each_tile([&](const Item& it, int h, int hk, int j) {
@@ -310,19 +266,17 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
           for (int t = 0; t < run.tiles; ++t, ++n) {
             const int c0 = run.begin + t * kBN;
             load(&tm_k, sK, full_k, empty_k, n, c0);
-            if (n > n_first) {
-              if (!FFA_FWD_SPLIT_PRODUCER) load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
-            } else if constexpr (kPersistent) {
+            if (n > n_first)
+              load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
+            else if constexpr (kPersistent)
               load_q();  // after K_0: the wait for the Q release does not hold the first K back
-            }
             c_prev = c0;
           }
         }
-        if (n > n_first) {
-          if (!FFA_FWD_SPLIT_PRODUCER) load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
-        } else if constexpr (kPersistent) {
+        if (n > n_first)
+          load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
+        else if constexpr (kPersistent)
           load_q();  // no key tiles: the consumers still wait for Q (then write out 0, lse -inf)
-        }
       });
     }
     return;
