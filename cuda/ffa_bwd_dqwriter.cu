@@ -48,11 +48,6 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
-// Variant knob for an A/B build (gpu-session.sh variants); 0 by default.
-#ifndef FFA_BWD_DQ_FIRST
-#define FFA_BWD_DQ_FIRST 0
-#endif
-
 // The dQ hand-off: a consumer stages its 64 x 64 fp32 dQ block unpadded in the 128B-swizzled layout of two
 // 64-row x 32-column boxes and its writer warp reduces it with two tensor-map bulk reductions (tm_dq over
 // dq_accum), so the buffer is read, and freed, with 2 TMA operations instead of the 64 row reductions
@@ -402,31 +397,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_async_smem();  // ordinary stores, read by both warpgroups' wgmma through the async proxy
         named_bar_arrive(kBarDs + 2 * cw + s, 256);  // this half of dS^T is written
 
-#if FFA_BWD_DQ_FIRST
-        // The dQ GEMM first (after the other half of dS^T is written), then dV and dK: the dQ staging
-        // store below runs while dV and dK are still on the tensor cores.
-        named_bar_sync(kBarDs + 2 * (1 - cw) + s, 256);  // the other half is written
-        // dQ job: 64 queries (query block mb of the step) x 64 columns (column block job of D) over all
-        // 128 keys. At QS = 128 it also runs for a second half outside the run (dS = 0 there; the writer
-        // skips the reduction): branching around it cost v7 ~280 bytes of spills.
-        float dq[32];
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk)
-          wgmma_ss_tt<T, 64>(dq, smem_desc(ds_buf + mb * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024),
-                             desc_add(kdq_d, job * (kBN * 128) + kk * 16 * 128), kk > 0 ? 1 : 0);
-        wg_commit();
-        reg_fence(dv);
-        reg_fence(dk);
-#pragma unroll
-        for (int kk = 0; kk < QS / 16; ++kk) {
-          wgmma_rs_tb<T, D>(dv, pa[kk], smem_desc(do_st + kk * 16 * 128, QS * 128, 1024));
-          wgmma_rs_tb<T, D>(dk, da[kk], smem_desc(q_st + kk * 16 * 128, QS * 128, 1024));
-        }
-        wg_commit();
-        wg_wait<1>();  // dQ is complete; dV and dK may still run
-        reg_fence(dq);
-#else
         // dV and dK need only this warpgroup's P^T and dS^T (registers): issued before waiting for the
         // other half of dS^T, they keep the tensor cores busy while the other warpgroup is still in its
         // element-wise work.
@@ -459,7 +429,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         reg_fence_u(pa);
         reg_fence(dq);
 
-#endif
         // dQ -> the two swizzled boxes of this warpgroup's staging buffer, then to writer warp cw. Fragment
         // j (columns 8 j + 2 (lane & 3) + {0, 1}; rows r0, r0 + 8) lies in box j >> 2 at 16-byte chunk
         // 2 (j & 3) + ((lane >> 1) & 1), swizzled by r0 & 7 = lane >> 2. Stored as is, a half-warp's 4 rows
@@ -487,14 +456,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         __syncwarp();
         fence_async_smem();
         named_bar_sync(kBarDqFull + cw, 160);  // (a sync, not an arrive: see kBarDqFull)
-#if FFA_BWD_DQ_FIRST
-        wg_wait<0>();
-        reg_fence(dk);
-        reg_fence_u(da);
-        mbar_arrive(empty + 8 * s);  // Q, dO and the stats of stage s are no longer read
-        reg_fence(dv);
-        reg_fence_u(pa);
-#endif
       }
     }
   }
