@@ -11,11 +11,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <stdexcept>
-#include <string>
-
 #include "cuda/ffa_device.cuh"
 #include "cuda/ffa_kernels.h"
+#include "cuda/ffa_launch.cuh"
 
 namespace ffa {
 namespace detail {
@@ -439,12 +437,9 @@ __global__ void __launch_bounds__(kFwdThreads, 1) dq_kernel(const BwdParams p) {
                          it.row_end, lane);
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward ") + what + ": " + cudaGetErrorString(err));
-}
-
 template <typename T, int D>
-void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& params, cudaStream_t stream) {
+void launch_bwd_t(TypeTag<T>, DimTag<D>, int dtype, bool deterministic, int dkdv, const BwdParams& params,
+                  cudaStream_t stream) {
   BwdParams p = params;
   const int64_t grid_kv = 2 * static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;  // two CTAs per item
   // Kernel 5 needs queries, keys and the fp32 dQ accumulator (atomic mode); without them kernel 1 runs
@@ -458,10 +453,9 @@ void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& para
   const int64_t rowheads = static_cast<int64_t>(p.num_q) * p.heads_q;
   const int64_t threads = rowheads * (D / 8);
   const int64_t pre_threads = (p.stats ? static_cast<int64_t>(p.stats_rows) * p.heads_q : rowheads) * (D / 8);
-  if (pre_threads > 0) {
-    preprocess_kernel<T, D><<<static_cast<unsigned>((pre_threads + 255) / 256), 256, 0, stream>>>(p, !deterministic);
-    check(cudaGetLastError(), "preprocess");
-  }
+  if (pre_threads > 0)
+    launch_checked("ffa backward preprocess", preprocess_kernel<T, D>, (pre_threads + 255) / 256, 256, 0, stream, p,
+                   !deterministic);
   constexpr int kSmemKV = 6 * 64 * D * 2 + 64 * 64 * 2 + 4 * 64 * 4;
   if (dqwriter_kernel) {
     launch_dkdv_dqwriter(dtype, D, p, stream);
@@ -469,22 +463,14 @@ void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& para
     launch_dkdv_wgmma(dtype, D, !deterministic, p, stream);
   } else if (grid_kv > 0) {
     auto kernel = deterministic ? dkdv_kernel<T, D, false> : dkdv_kernel<T, D, true>;
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemKV), "smem attribute");
-    kernel<<<static_cast<unsigned>(grid_kv), kBwdThreads, kSmemKV, stream>>>(p);
-    check(cudaGetLastError(), "dkdv launch");
+    launch_checked("ffa backward dkdv", kernel, grid_kv, kBwdThreads, kSmemKV, stream, p);
   }
   if (deterministic) {
     constexpr int kSmemQ = (2 * kFwdTileQ + 4 * kFwdTileK) * D * 2;
     const int64_t grid_q = static_cast<int64_t>(p.q_side.num_items) * p.heads_q;
-    if (grid_q > 0) {
-      auto kernel = dq_kernel<T, D>;
-      check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemQ), "smem attribute");
-      kernel<<<static_cast<unsigned>(grid_q), kFwdThreads, kSmemQ, stream>>>(p);
-      check(cudaGetLastError(), "dq launch");
-    }
+    if (grid_q > 0) launch_checked("ffa backward dq", dq_kernel<T, D>, grid_q, kFwdThreads, kSmemQ, stream, p);
   } else if (threads > 0) {
-    convert_dq_kernel<T, D><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(p);
-    check(cudaGetLastError(), "dq convert");
+    launch_checked("ffa backward dq convert", convert_dq_kernel<T, D>, (threads + 255) / 256, 256, 0, stream, p);
   }
 }
 
@@ -492,11 +478,8 @@ void launch_bwd_t(int dtype, bool deterministic, int dkdv, const BwdParams& para
 
 void launch_backward(int dtype, int head_dim, bool deterministic, int dkdv, const BwdParams& p,
                      cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_bwd_t<__nv_bfloat16, 64>(dtype, deterministic, dkdv, p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_bwd_t<__nv_bfloat16, 128>(dtype, deterministic, dkdv, p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_bwd_t<__half, 64>(dtype, deterministic, dkdv, p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_bwd_t<__half, 128>(dtype, deterministic, dkdv, p, stream);
-  throw std::runtime_error("ffa backward: unsupported dtype/head_dim");
+  dispatch_dtype_dim("ffa backward", dtype, head_dim,
+                     [&](auto t, auto d) { launch_bwd_t(t, d, dtype, deterministic, dkdv, p, stream); });
 }
 
 }  // namespace detail

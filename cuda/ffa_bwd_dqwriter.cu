@@ -45,6 +45,7 @@
 #include "cuda/ffa_epilogue.cuh"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
+#include "cuda/ffa_launch.cuh"
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
@@ -505,7 +506,7 @@ CUtensorMap make_dq_accum_map(float* dq_accum, int heads, int rows, int head_dim
 }
 
 template <typename T, int D>
-void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
+void launch_t(TypeTag<T>, DimTag<D>, int dtype, const BwdParams& p, cudaStream_t stream) {
   constexpr int QS = queries_per_step<D>();
   const int64_t grid = static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
   if (grid == 0) return;
@@ -516,23 +517,15 @@ void launch_t(int dtype, const BwdParams& p, cudaStream_t stream) {
   const CUtensorMap ts = make_stats_map(p.stats, p.heads_q, p.stats_rows);
   const CUtensorMap tdq = make_dq_accum_map(p.dq_accum, p.heads_q, p.num_q, D);
   constexpr int kSmem = Smem<D>::total;
-  auto kernel = bwd_dqwriter_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward (dQ writer): ") + cudaGetErrorString(err));
-  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tdo, tk, tv, ts, tdq);
-  err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("ffa backward (dQ writer) launch: ") + cudaGetErrorString(err));
+  launch_checked("ffa backward (dQ writer)", bwd_dqwriter_kernel<T, D>, grid, kThreads, kSmem, stream, p, tq, tdo, tk,
+                 tv, ts, tdq);
 }
 
 }  // namespace
 
 void launch_dkdv_dqwriter(int dtype, int head_dim, const BwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(dtype, p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(dtype, p, stream);
-  throw std::runtime_error("ffa backward (dQ writer): unsupported dtype/head_dim");
+  dispatch_dtype_dim("ffa backward (dQ writer)", dtype, head_dim,
+                     [&](auto t, auto d) { launch_t(t, d, dtype, p, stream); });
 }
 
 }  // namespace detail

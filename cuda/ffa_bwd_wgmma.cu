@@ -11,13 +11,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <stdexcept>
-#include <string>
-
 #include "cuda/ffa_device.cuh"
 #include "cuda/ffa_epilogue.cuh"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
+#include "cuda/ffa_launch.cuh"
 #include "cuda/ffa_wgmma.cuh"
 
 namespace ffa {
@@ -217,28 +215,20 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_wgmma_kernel(const BwdParams
 }
 
 template <typename T, int D>
-void launch_t(bool atomic_dq, const BwdParams& p, cudaStream_t stream) {
+void launch_t(TypeTag<T>, DimTag<D>, bool atomic_dq, const BwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = 6 * 64 * D * 2 + 64 * 64 * 2 + 4 * 64 * 4 + 1024;
   static_assert(2 * kBN == kPlanTileK, "two CTAs per plan item");
   const int64_t grid = 2 * static_cast<int64_t>(p.k_side.num_items) * p.heads_kv;
   if (grid == 0) return;
   auto kernel = atomic_dq ? dkdv_wgmma_kernel<T, D, true> : dkdv_wgmma_kernel<T, D, false>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa backward (wgmma): ") + cudaGetErrorString(err));
-  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("ffa backward (wgmma) launch: ") + cudaGetErrorString(err));
+  launch_checked("ffa backward (wgmma)", kernel, grid, kThreads, kSmem, stream, p);
 }
 
 }  // namespace
 
 void launch_dkdv_wgmma(int dtype, int head_dim, bool atomic_dq, const BwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(atomic_dq, p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(atomic_dq, p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(atomic_dq, p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(atomic_dq, p, stream);
-  throw std::runtime_error("ffa backward (wgmma): unsupported dtype/head_dim");
+  dispatch_dtype_dim("ffa backward (wgmma)", dtype, head_dim,
+                     [&](auto t, auto d) { launch_t(t, d, atomic_dq, p, stream); });
 }
 
 }  // namespace detail

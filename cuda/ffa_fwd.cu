@@ -4,11 +4,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <stdexcept>
-#include <string>
-
 #include "cuda/ffa_device.cuh"
 #include "cuda/ffa_kernels.h"
+#include "cuda/ffa_launch.cuh"
 
 namespace ffa {
 namespace detail {
@@ -173,26 +171,17 @@ __global__ void __launch_bounds__(kFwdThreads, 1) fwd_kernel(const FwdParams p) 
 }
 
 template <typename T, int D>
-void launch_fwd_t(const FwdParams& p, cudaStream_t stream) {
+void launch_fwd_t(TypeTag<T>, DimTag<D>, const FwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = (kFwdTileQ + 4 * kFwdTileK) * D * 2;
-  auto kernel = fwd_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa forward: ") + cudaGetErrorString(err));
   const int64_t grid = static_cast<int64_t>(p.side.num_items) * p.heads_q;
   if (grid == 0) return;
-  kernel<<<static_cast<unsigned>(grid), kFwdThreads, kSmem, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa forward launch: ") + cudaGetErrorString(err));
+  launch_checked("ffa forward", fwd_kernel<T, D>, grid, kFwdThreads, kSmem, stream, p);
 }
 
 }  // namespace
 
 void launch_forward(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_fwd_t<__nv_bfloat16, 64>(p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_fwd_t<__nv_bfloat16, 128>(p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_fwd_t<__half, 64>(p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_fwd_t<__half, 128>(p, stream);
-  throw std::runtime_error("ffa forward: unsupported dtype/head_dim");
+  dispatch_dtype_dim("ffa forward", dtype, head_dim, [&](auto t, auto d) { launch_fwd_t(t, d, p, stream); });
 }
 
 }  // namespace detail

@@ -48,6 +48,7 @@
 #include "cuda/ffa_epilogue.cuh"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
+#include "cuda/ffa_launch.cuh"
 #include "cuda/ffa_schedule.h"
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
@@ -475,8 +476,8 @@ int sm_count() {
   return sms;
 }
 
-template <typename T, int D, bool kPersistent>
-void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
+template <bool kPersistent, typename T, int D>
+void launch_t(TypeTag<T>, DimTag<D>, int dtype, const FwdParams& p, cudaStream_t stream) {
   using S = Shape<D>;
   const char* name = kPersistent ? "ffa forward (v10)" : "ffa forward (v8)";
   const int64_t tiles = static_cast<int64_t>(p.side.num_items) * p.heads_q;
@@ -492,21 +493,7 @@ void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
   const CUtensorMap tk = no_keys ? make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, kBN)
                                  : make_tensor_map(p.k, dtype, p.num_k, p.heads_kv, p.k_st, p.k_sh, D, kBN);
   const CUtensorMap tv = no_keys ? tk : make_tensor_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
-  auto kernel = fwd_overlap_kernel<T, D, kPersistent>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) throw std::runtime_error(std::string(name) + ": " + cudaGetErrorString(err));
-  kernel<<<static_cast<unsigned>(grid), S::kThreads, smem, stream>>>(p, tq, tk, tv);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(name) + " launch: " + cudaGetErrorString(err));
-}
-
-template <bool kPersistent>
-void launch_dispatch(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64, kPersistent>(dtype, p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128, kPersistent>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64, kPersistent>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128, kPersistent>(dtype, p, stream);
-  throw std::runtime_error("ffa forward (v8/v10): unsupported dtype/head_dim");
+  launch_checked(name, fwd_overlap_kernel<T, D, kPersistent>, grid, S::kThreads, smem, stream, p, tq, tk, tv);
 }
 
 }  // namespace
@@ -514,8 +501,10 @@ void launch_dispatch(int dtype, int head_dim, const FwdParams& p, cudaStream_t s
 int forward_overlap_tile_q(int head_dim) { return head_dim == 64 ? Shape<64>::kBM : Shape<128>::kBM; }
 
 void launch_forward_overlap(int kernel, int dtype, int head_dim, const FwdParams& p, cudaStream_t stream) {
-  if (kernel == 5) return launch_dispatch<true>(dtype, head_dim, p, stream);
-  return launch_dispatch<false>(dtype, head_dim, p, stream);
+  const char* name = "ffa forward (v8/v10)";
+  if (kernel == 5)
+    return dispatch_dtype_dim(name, dtype, head_dim, [&](auto t, auto d) { launch_t<true>(t, d, dtype, p, stream); });
+  dispatch_dtype_dim(name, dtype, head_dim, [&](auto t, auto d) { launch_t<false>(t, d, dtype, p, stream); });
 }
 
 }  // namespace detail

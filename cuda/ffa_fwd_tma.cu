@@ -18,6 +18,7 @@
 #include "cuda/ffa_epilogue.cuh"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
+#include "cuda/ffa_launch.cuh"
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
@@ -191,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <typename T, int D>
-void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
+void launch_t(TypeTag<T>, DimTag<D>, int dtype, const FwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = (kBM + 4 * kBN) * D * 2 + 1024 + 64;  // + alignment + mbarriers
   const int64_t grid = static_cast<int64_t>(p.side.num_items) * p.heads_q;
   if (grid == 0) return;
@@ -201,12 +202,7 @@ void launch_t(int dtype, const FwdParams& p, cudaStream_t stream) {
   const CUtensorMap tq = make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, kBM);
   const CUtensorMap tk = make_tensor_map(p.k, dtype, p.num_k, p.heads_kv, p.k_st, p.k_sh, D, kBN);
   const CUtensorMap tv = make_tensor_map(p.v, dtype, p.num_k, p.heads_kv, p.v_st, p.v_sh, D, kBN);
-  auto kernel = fwd_tma_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa forward (tma): ") + cudaGetErrorString(err));
-  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p, tq, tk, tv);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa forward (tma) launch: ") + cudaGetErrorString(err));
+  launch_checked("ffa forward (tma)", fwd_tma_kernel<T, D>, grid, kThreads, kSmem, stream, p, tq, tk, tv);
 }
 
 }  // namespace
@@ -228,11 +224,7 @@ CUtensorMap make_tensor_map(const void* base, int dtype, int64_t tokens, int hea
 }
 
 void launch_forward_tma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(dtype, p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(dtype, p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(dtype, p, stream);
-  throw std::runtime_error("ffa forward (tma): unsupported dtype/head_dim");
+  dispatch_dtype_dim("ffa forward (tma)", dtype, head_dim, [&](auto t, auto d) { launch_t(t, d, dtype, p, stream); });
 }
 
 }  // namespace detail

@@ -8,12 +8,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <stdexcept>
-#include <string>
-
 #include "cuda/ffa_device.cuh"
 #include "cuda/ffa_epilogue.cuh"
 #include "cuda/ffa_kernels.h"
+#include "cuda/ffa_launch.cuh"
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_wgmma.cuh"
 
@@ -198,27 +196,17 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const FwdParams 
 }
 
 template <typename T, int D>
-void launch_t(const FwdParams& p, cudaStream_t stream) {
+void launch_t(TypeTag<T>, DimTag<D>, const FwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = (kBM + 4 * kBN) * D * 2 + 1024;  // Q + 2 stages of K and V + alignment
-  auto kernel = fwd_wgmma_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa forward (wgmma): ") + cudaGetErrorString(err));
   const int64_t grid = static_cast<int64_t>(p.side.num_items) * p.heads_q;
   if (grid == 0) return;
-  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("ffa forward (wgmma) launch: ") + cudaGetErrorString(err));
+  launch_checked("ffa forward (wgmma)", fwd_wgmma_kernel<T, D>, grid, kThreads, kSmem, stream, p);
 }
 
 }  // namespace
 
 void launch_forward_wgmma(int dtype, int head_dim, const FwdParams& p, cudaStream_t stream) {
-  if (dtype == 0 && head_dim == 64) return launch_t<__nv_bfloat16, 64>(p, stream);
-  if (dtype == 0 && head_dim == 128) return launch_t<__nv_bfloat16, 128>(p, stream);
-  if (dtype == 1 && head_dim == 64) return launch_t<__half, 64>(p, stream);
-  if (dtype == 1 && head_dim == 128) return launch_t<__half, 128>(p, stream);
-  throw std::runtime_error("ffa forward (wgmma): unsupported dtype/head_dim");
+  dispatch_dtype_dim("ffa forward (wgmma)", dtype, head_dim, [&](auto t, auto d) { launch_t(t, d, p, stream); });
 }
 
 }  // namespace detail

@@ -5,9 +5,9 @@
 #include <cuda_fp16.h>
 
 #include <stdexcept>
-#include <string>
 
 #include "cuda/ffa_kernels.h"
+#include "cuda/ffa_launch.cuh"
 
 namespace ffa {
 namespace detail {
@@ -59,9 +59,7 @@ template <typename T>
 void launch_t(const MergeParams& p, cudaStream_t stream) {
   const int64_t threads = p.num_tokens * p.heads * 32;
   if (threads == 0) return;
-  merge_kernel<T><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(p);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("ffa merge launch: ") + cudaGetErrorString(err));
+  launch_checked("ffa merge", merge_kernel<T>, (threads + 255) / 256, 256, 0, stream, p);
 }
 
 }  // namespace
