@@ -53,11 +53,6 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
-// Variant knob for an A/B build (gpu-session.sh variants); 0 by default.
-#ifndef FFA_FWD_V_WAIT_EARLY
-#define FFA_FWD_V_WAIT_EARLY 0
-#endif
-
 namespace ffa {
 namespace detail {
 namespace {
@@ -397,18 +392,12 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
           t = 0;
         }
         mbar_wait(full_k + 8 * stage(n), parity(n));
-#if FFA_FWD_V_WAIT_EARLY
-        // V_{n-1} too before taking the turn: a consumer never holds the turn while it waits for memory.
-        mbar_wait(full_v + 8 * stage(n - 1), parity(n - 1));
-#endif
         // Our turn: S_n and P_{n-1} V_{n-1} go to the tensor cores back to back.
         named_bar_sync(bar_mine, 256);
         wg_fence();
         issue_s(n);
         wg_commit();
-#if !FFA_FWD_V_WAIT_EARLY
         mbar_wait(full_v + 8 * stage(n - 1), parity(n - 1));
-#endif
         wg_fence();  // as FA3 does before each GEMM (ptxas inserts it here otherwise: C7519)
         issue_pv(n - 1);
         wg_commit();
