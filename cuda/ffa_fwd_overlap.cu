@@ -53,6 +53,11 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
+// Variant knob for an A/B build (gpu-session.sh bench-variant); 0 by default.
+#ifndef FFA_FWD_FIRST_UNMASKED
+#define FFA_FWD_FIRST_UNMASKED 0
+#endif
+
 namespace ffa {
 namespace detail {
 namespace {
@@ -383,7 +388,11 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       wg_wait<0>();
       reg_fence(sc);
       release(empty_k, 0);
+#if FFA_FWD_FIRST_UNMASKED
+      softmax(run, t, alpha, false);  // O is still 0: no rescale
+#else
       softmax(run, t, alpha, true);  // O is still 0: no rescale
+#endif
       pack_p();
 
       for (int n = 1; n < n_tiles; ++n) {
