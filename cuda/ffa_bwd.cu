@@ -134,16 +134,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1) dkdv_kernel(const BwdParams p)
   cp_async_commit();
 
   // Flattened walk over (query head of the group, run, q tile).
-  struct Cursor {
-    int g, run, t;
-  };
   const bool has_runs = it.run_begin < it.run_end;
-  auto next = [&](Cursor c) -> Cursor {
-    if (c.t + 1 < runs[c.run].tiles) return {c.g, c.run, c.t + 1};
-    if (c.run + 1 < it.run_end) return {c.g, c.run + 1, 0};
-    return {c.g + 1, it.run_begin, 0};
-  };
-  auto issue = [&](Cursor c, int stage) {
+  auto issue = [&](GroupRunCursor c, int stage) {
     const int h = hk * p.group + c.g;
     const int q0 = runs[c.run].begin + c.t * BM;
     load_tile_async<BM, D, kBwdThreads>(sQa + stage * kTileBytes, static_cast<const T*>(p.q) + h * p.q_sh, p.q_st,
@@ -151,17 +143,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) dkdv_kernel(const BwdParams p)
     load_tile_async<BM, D, kBwdThreads>(sdOa + stage * kTileBytes, static_cast<const T*>(p.dout) + h * p.do_sh,
                                         p.do_st, q0, p.num_q, tid);
     cp_async_commit();
-    if (tid < BM) {
-      const int row = q0 + tid;
-      float lse2 = INFINITY, dl = 0.f;
-      if (row < p.num_q) {
-        const float lse = p.lse[row * p.lse_st + h * p.lse_sh];
-        lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;  // empty rows: P = 0, never NaN
-        dl = p.delta[static_cast<int64_t>(row) * p.heads_q + h];
-      }
-      sLse[stage * BM + tid] = lse2;
-      sDelta[stage * BM + tid] = dl;
-    }
+    load_bwd_row_stats<BM>(p, h, q0, sLse + stage * BM, sDelta + stage * BM, tid);
   };
 
   float dk[D / 8][4], dv[D / 8][4];
@@ -170,7 +152,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) dkdv_kernel(const BwdParams p)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
 
-  Cursor cur{0, it.run_begin, 0};
+  GroupRunCursor cur{0, it.run_begin, 0};
   if (has_runs) issue(cur, 0);
   int stage = 0;
   const int key_lo = c0 + warp * 16 + (lane >> 2);  // this thread's keys: key_lo, key_lo + 8
@@ -180,7 +162,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) dkdv_kernel(const BwdParams p)
     const Run run = runs[cur.run];
     const int q0 = run.begin + cur.t * BM;
     const int h = hk * p.group + cur.g;
-    const Cursor nxt = next(cur);
+    const GroupRunCursor nxt = group_run_next(runs, it, cur);
     if (nxt.g < p.group) issue(nxt, stage ^ 1);
     const uint32_t sQ = sQa + stage * kTileBytes, sdO = sdOa + stage * kTileBytes;
     const float* lse2 = sLse + stage * BM;
@@ -214,16 +196,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) dkdv_kernel(const BwdParams p)
     CutSlice cut{};
     if (masked) cut = p.k_side.cuts[run.cut];
     // P^T and dS^T = P^T * (dP^T - delta); s becomes P, dp becomes dS.
-#pragma unroll
-    for (int n = 0; n < BM / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = n * 8 + (lane & 3) * 2 + (e & 1);
-        float pr = exp2f(fmaf(s[n][e], p.scale_log2, -lse2[col]));
-        if (masked && !cut_visible(cut, q0 + col, key_lo + (e >> 1) * 8)) pr = 0.f;
-        s[n][e] = pr;
-        dp[n][e] = pr * (dp[n][e] - dlt[col]);
-      }
+    bwd_p_ds_transposed<BM>(s, dp, p.scale_log2, lse2, dlt, masked, cut, q0, key_lo, lane);
     // dV += P^T dO and dK += dS^T Q (A from registers, B = dO / Q tiles read transposed).
 #pragma unroll
     for (int kq = 0; kq < BM / 16; ++kq) {
@@ -317,10 +290,9 @@ __global__ void __launch_bounds__(kFwdThreads, 1) dq_kernel(const BwdParams p) {
   const uint32_t sVa = sKa + 2 * kTileKBytes;   // 2 stages
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int item_idx = blockIdx.x / p.heads_q;
-  const int h = blockIdx.x % p.heads_q;
-  const int hk = h / p.group;
-  const Item it = p.q_side.items[item_idx];
+  const QWorkTile wt = q_work_tile(p.q_side, p.heads_q, p.group, blockIdx.x);
+  const Item it = wt.it;
+  const int h = wt.h, hk = wt.hk;
   const Run* runs = p.q_side.runs;
   const T* kg = static_cast<const T*>(p.k) + hk * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + hk * p.v_sh;

@@ -379,13 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             pds_loop(std::false_type{});
         }
         uint32_t pa[QS / 16][4], da[QS / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < QS / 16; ++kk)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            pa[kk][r] = pack2<T>(sc[8 * kk + 2 * r], sc[8 * kk + 2 * r + 1]);
-            da[kk][r] = pack2<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
-          }
+        acc_to_a_frags<T>(pa, sc, da, dp);
         // dS^T (this warpgroup's 64 keys x QS queries) into rows [64 cw, 64 cw + 64) of the 128-key
         // buffer, in the swizzled layout the dQ GEMM reads M-major (64-query column blocks).
         {

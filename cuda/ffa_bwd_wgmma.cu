@@ -27,20 +27,6 @@ using namespace dev;
 constexpr int kBN = kBwdTileK, kBM = kBwdTileQ, kThreads = 128;
 static_assert(kBN == 64 && kBM == 64, "one warpgroup: 64 keys x 64 queries");
 
-template <int R, int D, typename T>
-__device__ __forceinline__ void load_sw(uint32_t dst, const T* base, int64_t stride_token, int row0, int limit,
-                                        int tid) {
-  constexpr int kChunksPerRow = D / 8, kChunks = R * kChunksPerRow;
-#pragma unroll
-  for (int n = 0; n < kChunks / kThreads; ++n) {
-    const int idx = tid + n * kThreads;
-    const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
-    const bool valid = row0 + r < limit;
-    const T* src = valid ? base + static_cast<int64_t>(row0 + r) * stride_token + c : base;
-    cp_async16(dst + sw_off<R>(r, c), src, valid);
-  }
-}
-
 template <typename T, int D, bool kAtomicDq>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_wgmma_kernel(const BwdParams p) {
   constexpr uint32_t kTile = 64 * D * 2;  // one 64-row tile
@@ -62,43 +48,27 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_wgmma_kernel(const BwdParams
   const int row_end = min(it.row_end, c0 + kBN);
   if (c0 >= row_end) return;  // a short item has no second half
 
-  load_sw<64, D>(sK, static_cast<const T*>(p.k) + hk * p.k_sh, p.k_st, c0, p.num_k, tid);
-  load_sw<64, D>(sV, static_cast<const T*>(p.v) + hk * p.v_sh, p.v_st, c0, p.num_k, tid);
+  load_sw_tile_async<64, D, kThreads>(sK, static_cast<const T*>(p.k) + hk * p.k_sh, p.k_st, c0, p.num_k, tid);
+  load_sw_tile_async<64, D, kThreads>(sV, static_cast<const T*>(p.v) + hk * p.v_sh, p.v_st, c0, p.num_k, tid);
   cp_async_commit();
 
-  struct Cursor {
-    int g, run, t;
-  };
   const bool has_runs = it.run_begin < it.run_end;
-  auto next = [&](Cursor c) -> Cursor {
-    if (c.t + 1 < runs[c.run].tiles) return {c.g, c.run, c.t + 1};
-    if (c.run + 1 < it.run_end) return {c.g, c.run + 1, 0};
-    return {c.g + 1, it.run_begin, 0};
-  };
-  auto issue = [&](Cursor c, int stage) {
+  auto issue = [&](GroupRunCursor c, int stage) {
     const int h = hk * p.group + c.g;
     const int q0 = runs[c.run].begin + c.t * kBM;
-    load_sw<64, D>(sQ + stage * kTile, static_cast<const T*>(p.q) + h * p.q_sh, p.q_st, q0, p.num_q, tid);
-    load_sw<64, D>(sdO + stage * kTile, static_cast<const T*>(p.dout) + h * p.do_sh, p.do_st, q0, p.num_q, tid);
+    load_sw_tile_async<64, D, kThreads>(sQ + stage * kTile, static_cast<const T*>(p.q) + h * p.q_sh, p.q_st, q0,
+                                        p.num_q, tid);
+    load_sw_tile_async<64, D, kThreads>(sdO + stage * kTile, static_cast<const T*>(p.dout) + h * p.do_sh, p.do_st,
+                                        q0, p.num_q, tid);
     cp_async_commit();
-    if (tid < kBM) {
-      const int row = q0 + tid;
-      float lse2 = INFINITY, dl = 0.f;
-      if (row < p.num_q) {
-        const float lse = p.lse[row * p.lse_st + h * p.lse_sh];
-        lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;  // empty rows: P = 0, never NaN
-        dl = p.delta[static_cast<int64_t>(row) * p.heads_q + h];
-      }
-      sLse[stage * kBM + tid] = lse2;
-      sDelta[stage * kBM + tid] = dl;
-    }
+    load_bwd_row_stats<kBM>(p, h, q0, sLse + stage * kBM, sDelta + stage * kBM, tid);
   };
 
   float dk[D / 2], dv[D / 2];
 #pragma unroll
   for (int n = 0; n < D / 2; ++n) dk[n] = dv[n] = 0.f;
 
-  Cursor cur{0, it.run_begin, 0};
+  GroupRunCursor cur{0, it.run_begin, 0};
   if (has_runs) issue(cur, 0);
   int stage = 0;
   const int key_lo = c0 + warp * 16 + (lane >> 2);  // this thread's keys: key_lo, key_lo + 8
@@ -109,7 +79,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_wgmma_kernel(const BwdParams
     const Run run = runs[cur.run];
     const int q0 = run.begin + cur.t * kBM;
     const int h = hk * p.group + cur.g;
-    const Cursor nxt = next(cur);
+    const GroupRunCursor nxt = group_run_next(runs, it, cur);
     if (nxt.g < p.group) issue(nxt, stage ^ 1);
     const uint32_t q_st = sQ + stage * kTile, do_st = sdO + stage * kTile;
     const float* lse2 = sLse + stage * kBM;
@@ -135,24 +105,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_wgmma_kernel(const BwdParams
     const bool masked = run.masked;
     CutSlice cut{};
     if (masked) cut = p.k_side.cuts[run.cut];
-#pragma unroll
-    for (int j = 0; j < kBM / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = j * 8 + (lane & 3) * 2 + (e & 1);
-        float pr = exp2f(fmaf(s[4 * j + e], p.scale_log2, -lse2[col]));
-        if (masked && !cut_visible(cut, q0 + col, key_lo + (e >> 1) * 8)) pr = 0.f;
-        s[4 * j + e] = pr;
-        dp[4 * j + e] = pr * (dp[4 * j + e] - dlt[col]);
-      }
+    bwd_p_ds_transposed<kBM>(s, dp, p.scale_log2, lse2, dlt, masked, cut, q0, key_lo, lane);
     uint32_t pa[kBM / 16][4], da[kBM / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        pa[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
-        da[kk][r] = pack2<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
-      }
+    acc_to_a_frags<T>(pa, s, da, dp);
     if (kAtomicDq) {
       // dS^T (keys x queries) to shared memory for the dQ GEMM, in the swizzled layout wgmma reads.
 #pragma unroll

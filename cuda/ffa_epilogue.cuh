@@ -13,6 +13,19 @@
 namespace ffa {
 namespace dev {
 
+// The sum of x over the quad of lanes that share an accumulator row (each holds its own columns' part).
+__device__ __forceinline__ float quad_row_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+
+// Forward: the lse (natural log) of a row from its max m (log2 domain) and its full sum; -inf for a row
+// that saw no key (sum 0).
+__device__ __forceinline__ float row_lse(float m, float sum) {
+  return sum > 0.f ? (m + __log2f(sum)) * kLn2 : -INFINITY;
+}
+
 // The warp's 16 rows [row0, row0 + 16) of an R-row swizzled tile to global rows base_row + row (row
 // stride st) below row_end, in 16-byte chunks (consecutive lanes, consecutive chunks of a row).
 template <typename T, int D, int R>
@@ -42,9 +55,7 @@ __device__ __forceinline__ void store_out_lse_warp_rows(unsigned char* q_tile, i
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float sum = l[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float sum = quad_row_sum(l[r]);
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int row = row0 + (lane >> 2) + r * 8;
 #pragma unroll
@@ -54,7 +65,7 @@ __device__ __forceinline__ void store_out_lse_warp_rows(unsigned char* q_tile, i
           pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
     }
     const int grow = row_begin + row;
-    if ((lane & 3) == 0 && grow < row_end) lse_h[grow * lse_st] = sum > 0.f ? (m[r] + __log2f(sum)) * kLn2 : -INFINITY;
+    if ((lane & 3) == 0 && grow < row_end) lse_h[grow * lse_st] = row_lse(m[r], sum);
   }
   __syncwarp();
   copy_tile_rows<T, D, R>(q_tile, row0, og, o_st, row_begin, row_end);

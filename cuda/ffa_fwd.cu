@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/ffa_device.cuh"
+#include "cuda/ffa_epilogue.cuh"
 #include "cuda/ffa_kernels.h"
 #include "cuda/ffa_launch.cuh"
 
@@ -35,10 +36,9 @@ __global__ void __launch_bounds__(kFwdThreads, 1) fwd_kernel(const FwdParams p) 
   const uint32_t sVa = sKa + 2 * kTileKBytes;      // 2 stages
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int item_idx = blockIdx.x / p.heads_q;
-  const int h = blockIdx.x % p.heads_q;
-  const int hk = h / p.group;
-  const Item it = p.side.items[item_idx];
+  const QWorkTile wt = q_work_tile(p.side, p.heads_q, p.group, blockIdx.x);
+  const Item it = wt.it;
+  const int h = wt.h, hk = wt.hk;
   const Run* runs = p.side.runs;
 
   const T* qg = static_cast<const T*>(p.q) + h * p.q_sh;
@@ -94,16 +94,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) fwd_kernel(const FwdParams p) 
         mma16816<T>(s[2 * np + 1], qf[kk], b[2], b[3]);
       }
     }
-    if (run.masked) {
-      const CutSlice cut = p.side.cuts[run.cut];
-#pragma unroll
-      for (int n = 0; n < BN / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = row_lo + (e >> 1) * 8, j = c0 + n * 8 + (lane & 3) * 2 + (e & 1);
-          if (!cut_visible(cut, i, j)) s[n][e] = -INFINITY;
-        }
-    }
+    if (run.masked) mask_scores<BN>(s, p.side.cuts[run.cut], row_lo, c0, lane);
     // Online softmax (log2 domain); a row that has seen no key yet keeps m = -inf and p = 0.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -153,9 +144,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) fwd_kernel(const FwdParams p) 
   T* og = static_cast<T*>(p.out) + h * p.o_sh;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float sum = l[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float sum = quad_row_sum(l[r]);
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
@@ -164,7 +153,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) fwd_kernel(const FwdParams p) 
     }
     const int row = row_lo + r * 8;
     if ((lane & 3) == 0 && row < it.row_end)
-      p.lse[row * p.lse_st + h * p.lse_sh] = sum > 0.f ? (m[r] + __log2f(sum)) * kLn2 : -INFINITY;
+      p.lse[row * p.lse_st + h * p.lse_sh] = row_lse(m[r], sum);
   }
   __syncwarp();
   store_tile_warp<16, D>(sQ, warp * 16, og, p.o_st, it.row_begin + warp * 16, it.row_end, lane);

@@ -184,10 +184,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
   // Kernel 3's work tile, read before the barrier setup so that its latency hides there (kernel 5 reads
   // its tiles in for_each_tile; these go unused and the compiler drops them).
-  const int item_idx = blockIdx.x / p.heads_q;
-  const int h_cta = blockIdx.x % p.heads_q;
-  const int hk_cta = h_cta / p.group;
-  const Item it_cta = p.side.items[item_idx];
+  const QWorkTile tile_cta = q_work_tile(p.side, p.heads_q, p.group, blockIdx.x);
   const Run* runs = p.side.runs;
 
   if (tid == 0) {
@@ -218,7 +215,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
         fn(it, h, h / p.group, j);
       }
     } else {
-      fn(it_cta, h_cta, hk_cta, 0);
+      fn(tile_cta.it, tile_cta.h, tile_cta.hk, 0);
     }
   };
 
@@ -357,12 +354,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       else
         softmax_tile<false>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
     };
-    auto pack_p = [&]() {
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<T>(sc[8 * kk + 2 * i], sc[8 * kk + 2 * i + 1]);
-    };
+    auto pack_p = [&]() { acc_to_a_frags<T>(pa, sc); };
 
     if constexpr (!kPersistent) {
       if (cw == kNC - 1) named_bar_arrive(1, 256);  // the ring starts with consumer 0

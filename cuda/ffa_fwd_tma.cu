@@ -45,10 +45,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t full_q = bars, full_k = bars + 8, full_v = bars + 24, empty = bars + 40;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
-  const int item_idx = blockIdx.x / p.heads_q;
-  const int h = blockIdx.x % p.heads_q;
-  const int hk = h / p.group;
-  const Item it = p.side.items[item_idx];
+  const QWorkTile wt = q_work_tile(p.side, p.heads_q, p.group, blockIdx.x);
+  const Item it = wt.it;
+  const int h = wt.h, hk = wt.hk;
   const Run* runs = p.side.runs;
 
   if (tid == 0) {
@@ -126,37 +125,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       wg_wait<0>();
       reg_fence(sc);
 
-      if (run.masked) {
-        const CutSlice cut = p.side.cuts[run.cut];
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = row_lo + (e >> 1) * 8, col = c0 + j * 8 + (lane & 3) * 2 + (e & 1);
-            if (!cut_visible(cut, i, col)) sc[4 * j + e] = -INFINITY;
-          }
-      }
+      if (run.masked) mask_scores<kBN>(sc, p.side.cuts[run.cut], row_lo, c0, lane);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * r], sc[4 * j + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[r], mx * p.scale_log2);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = exp2_ftz(m[r] - m_use);
-        m[r] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
-          const float p0 = exp2_ftz(fmaf(sc[4 * j + 2 * r], p.scale_log2, -m_use));
-          const float p1 = exp2_ftz(fmaf(sc[4 * j + 2 * r + 1], p.scale_log2, -m_use));
-          sc[4 * j + 2 * r] = p0;
-          sc[4 * j + 2 * r + 1] = p1;
-          sum += p0 + p1;
-        }
-        l[r] = l[r] * alpha + sum;
+        float alpha;
+        online_softmax_row<kBN, true>(sc, r, m, l, alpha, p.scale_log2);
 #pragma unroll
         for (int j = 0; j < D / 8; ++j) {
           o[4 * j + 2 * r] *= alpha;
@@ -164,13 +137,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       uint32_t pa[kBN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        pa[kk][0] = pack2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
-        pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
-        pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
-        pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
-      }
+      acc_to_a_frags<T>(pa, sc);
       mbar_wait(full_v + 8 * s, parity);
       reg_fence(o);
       wg_fence();

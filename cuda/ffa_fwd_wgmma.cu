@@ -23,23 +23,6 @@ using namespace dev;
 
 constexpr int kBM = 128, kBN = kPlanTileQCols, kThreads = 256;
 
-template <int R, int D, typename T>
-__device__ __forceinline__ void load_sw_async(uint32_t dst, const T* base, int64_t stride_token, int row0, int limit,
-                                              int tid) {
-  constexpr int kChunksPerRow = D / 8, kChunks = R * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0, "tile divides among threads");
-#pragma unroll
-  for (int n = 0; n < kChunks / kThreads; ++n) {
-    const int idx = tid + n * kThreads;
-    const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
-    const bool valid = row0 + r < limit;
-    const T* src = valid ? base + static_cast<int64_t>(row0 + r) * stride_token + c : base;
-    cp_async16(dst + sw_off<R>(r, c), src, valid);
-  }
-}
-
-
-
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const FwdParams p) {
   constexpr int kQBytes = kBM * D * 2, kKVBytes = kBN * D * 2;
@@ -50,15 +33,14 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const FwdParams 
   const uint32_t sK = sQ + kQBytes, sV = sK + 2 * kKVBytes;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
-  const int item_idx = blockIdx.x / p.heads_q;
-  const int h = blockIdx.x % p.heads_q;
-  const int hk = h / p.group;
-  const Item it = p.side.items[item_idx];
+  const QWorkTile wt = q_work_tile(p.side, p.heads_q, p.group, blockIdx.x);
+  const Item it = wt.it;
+  const int h = wt.h, hk = wt.hk;
   const Run* runs = p.side.runs;
   const T* kg = static_cast<const T*>(p.k) + hk * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + hk * p.v_sh;
 
-  load_sw_async<kBM, D>(sQ, static_cast<const T*>(p.q) + h * p.q_sh, p.q_st, it.row_begin, p.num_q, tid);
+  load_sw_tile_async<kBM, D, kThreads>(sQ, static_cast<const T*>(p.q) + h * p.q_sh, p.q_st, it.row_begin, p.num_q, tid);
   cp_async_commit();
   // Pipeline (tile n): at the top of iteration n the loads of K_{n+1} and V_n are issued; the S_n GEMM
   // and the P_{n-1} V_{n-1} GEMM run together, and the softmax of S_n overlaps the latter. Stage n%2
@@ -74,7 +56,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const FwdParams 
   Cur cur{it.run_begin, 0};
   bool has = cur.run < it.run_end;
   if (has) {
-    load_sw_async<kBN, D>(sK, kg, p.k_st, tile_start(cur), p.num_k, tid);
+    load_sw_tile_async<kBN, D, kThreads>(sK, kg, p.k_st, tile_start(cur), p.num_k, tid);
     cp_async_commit();
   }
 
@@ -95,8 +77,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const FwdParams 
     const Cur nxt = advance(cur);
     const bool has_next = nxt.run < it.run_end;
     const int st = n & 1;
-    if (has_next) load_sw_async<kBN, D>(sK + (st ^ 1) * kKVBytes, kg, p.k_st, tile_start(nxt), p.num_k, tid);
-    load_sw_async<kBN, D>(sV + st * kKVBytes, vg, p.v_st, c0, p.num_k, tid);
+    if (has_next)
+      load_sw_tile_async<kBN, D, kThreads>(sK + (st ^ 1) * kKVBytes, kg, p.k_st, tile_start(nxt), p.num_k, tid);
+    load_sw_tile_async<kBN, D, kThreads>(sV + st * kKVBytes, vg, p.v_st, c0, p.num_k, tid);
     cp_async_commit();
 
     float s[kBN / 2];
@@ -120,39 +103,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const FwdParams 
     wg_wait<1>();  // S_n done; the P V GEMM may still run
     reg_fence(s);
 
-    if (run.masked) {
-      const CutSlice cut = p.side.cuts[run.cut];
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = row_lo + (e >> 1) * 8, col = c0 + j * 8 + (lane & 3) * 2 + (e & 1);
-          if (!cut_visible(cut, i, col)) s[4 * j + e] = -INFINITY;
-        }
-    }
+    if (run.masked) mask_scores<kBN>(s, p.side.cuts[run.cut], row_lo, c0, lane);
     float alpha[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[r], mx * p.scale_log2);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[r] = exp2f(m[r] - m_use);
-      m[r] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) {
-        const float p0 = exp2f(fmaf(s[4 * j + 2 * r], p.scale_log2, -m_use));
-        const float p1 = exp2f(fmaf(s[4 * j + 2 * r + 1], p.scale_log2, -m_use));
-        s[4 * j + 2 * r] = p0;
-        s[4 * j + 2 * r + 1] = p1;
-        sum += p0 + p1;
-      }
-      l[r] = l[r] * alpha[r] + sum;
-    }
+    for (int r = 0; r < 2; ++r) online_softmax_row<kBN, false>(s, r, m, l, alpha[r], p.scale_log2);
     wg_wait<0>();  // P_{n-1} V_{n-1} done: O may be rescaled and pa rewritten
     reg_fence(o);
     reg_fence_u(pa);
@@ -163,13 +117,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const FwdParams 
       o[4 * j + 2] *= alpha[1];
       o[4 * j + 3] *= alpha[1];
     }
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-    }
+    acc_to_a_frags<T>(pa, s);
     cur = nxt;
     has = has_next;
     ++n;

@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cuda/ffa_device.cuh"
+
 namespace ffa {
 namespace dev {
 
@@ -12,6 +14,38 @@ template <int R>
 __device__ __forceinline__ uint32_t sw_off(int row, int col) {
   return static_cast<uint32_t>((col >> 6) * (R * 128) + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) +
                                ((col & 7) << 1));
+}
+
+// load_rows_async (cp.async, rows at or beyond row_limit zero-filled) into an R-row sw_off<R> tile, for the
+// kernels that load wgmma operands without TMA.
+template <int R, int D, int NTHREADS, typename T>
+__device__ __forceinline__ void load_sw_tile_async(uint32_t dst, const T* base, int64_t stride_token, int row0,
+                                                   int row_limit, int tid) {
+  load_rows_async<R, D, NTHREADS>(dst, [](int r, int c) { return sw_off<R>(r, c); }, base, stride_token, row0,
+                                  row_limit, tid);
+}
+
+// An m64nN wgmma accumulator (fp32, N / 2 per thread) as the A operand (T pairs) of the N / 16 k-steps of
+// an RS-wgmma: the C layout of two n8 fragments is the A layout of one k16 step, so k-step kk takes
+// accumulator elements [8 kk, 8 kk + 8) in order.
+template <typename T, int K>
+__device__ __forceinline__ void acc_to_a_frags(uint32_t (&a)[K][4], const float (&acc)[8 * K]) {
+#pragma unroll
+  for (int kk = 0; kk < K; ++kk)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[kk][i] = pack2<T>(acc[8 * kk + 2 * i], acc[8 * kk + 2 * i + 1]);
+}
+// Two accumulators (the backward's P^T and dS^T), packed register by register in turn.
+template <typename T, int K>
+__device__ __forceinline__ void acc_to_a_frags(uint32_t (&a)[K][4], const float (&acc)[8 * K], uint32_t (&b)[K][4],
+                                               const float (&bcc)[8 * K]) {
+#pragma unroll
+  for (int kk = 0; kk < K; ++kk)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      a[kk][i] = pack2<T>(acc[8 * kk + 2 * i], acc[8 * kk + 2 * i + 1]);
+      b[kk][i] = pack2<T>(bcc[8 * kk + 2 * i], bcc[8 * kk + 2 * i + 1]);
+    }
 }
 
 // Shared-memory matrix descriptor, 128-byte swizzle. Offsets in bytes.
