@@ -53,12 +53,6 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
-// Measurement knob for an A/B build (gpu-session.sh bench-variant); 0 by default and never to be 1 in a
-// release: see softmax_tile_spec.
-#ifndef FFA_FWD_SPEC_EXP
-#define FFA_FWD_SPEC_EXP 0
-#endif
-
 namespace ffa {
 namespace detail {
 namespace {
@@ -161,58 +155,6 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
     l[r] = fmaf(l[r], alpha[r], sum0 + sum1);
   }
 }
-
-#if FFA_FWD_SPEC_EXP
-// MEASUREMENT ONLY (not exact when a row's max jumps by 128 or more, or from -inf): the exponentials of an
-// unmasked tile taken against the row's current max m, without waiting for the tile's max; the max is
-// computed beside them (ALU pipe) and only checked afterwards. When it moved by more than kStaleMaxLog2,
-// P, the partial sums and O are brought to the new max by alpha = 2^(m - m_tile).
-__device__ __forceinline__ void softmax_tile_spec(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2],
-                                                  float (&alpha)[2], float scale_log2) {
-  float mx2[2], s2[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float t[kBN / 8];
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) t[j] = fmaxf(sc[4 * j + 2 * r], sc[4 * j + 2 * r + 1]);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) t[j] = fmaxf(t[j], t[j + 8]);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) t[j] = fmaxf(t[j], t[j + 4]);
-    mx2[r] = fmaxf(fmaxf(t[0], t[2]), fmaxf(t[1], t[3]));
-    const float m_sub = m[r];
-    float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) {
-      const float p0 = exp2_ftz(fmaf(sc[4 * j + 2 * r], scale_log2, -m_sub));
-      const float p1 = exp2_ftz(fmaf(sc[4 * j + 2 * r + 1], scale_log2, -m_sub));
-      sc[4 * j + 2 * r] = p0;
-      sc[4 * j + 2 * r + 1] = p1;
-      sum0 += p0;
-      sum1 += p1;
-    }
-    s2[r] = sum0 + sum1;
-  }
-  bool any = false;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float mx = fmaxf(mx2[r], __shfl_xor_sync(0xffffffffu, mx2[r], 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_tile = mx * scale_log2;
-    const bool moves = m_tile > m[r] + kStaleMaxLog2;
-    alpha[r] = moves ? exp2_ftz(m[r] - m_tile) : 1.f;
-    m[r] = moves ? m_tile : m[r];
-    l[r] = (l[r] + s2[r]) * alpha[r];
-    any |= moves;
-  }
-  if (__any_sync(0xffffffffu, any)) {
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sc[4 * j + e] *= alpha[e >> 1];
-  }
-}
-#endif
 
 // kPersistent = false: kernel 3 (v8), one CTA per work tile, blockIdx.x = item * heads_q + head.
 // kPersistent = true: kernel 5 (v10), at most one CTA per SM, each running the work tiles
@@ -412,16 +354,6 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       else
         softmax_tile<false>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
     };
-#if FFA_FWD_SPEC_EXP
-    auto softmax_loop = [&](const Run& run, int t, float (&alpha)[2]) {
-      if (run.masked)
-        softmax(run, t, alpha);
-      else
-        softmax_tile_spec(sc, m, l, alpha, p.scale_log2);
-    };
-#else
-    auto softmax_loop = softmax;
-#endif
     auto pack_p = [&]() { acc_to_a_frags<T>(pa, sc); };
 
     if constexpr (!kPersistent) {
@@ -465,7 +397,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
         wg_wait<1>();  // S_n is complete; P_{n-1} V_{n-1} may still run
         reg_fence(sc);
         release(empty_k, n);
-        softmax_loop(run, t, alpha);
+        softmax(run, t, alpha);
         wg_wait<0>();
         reg_fence(o);
         reg_fence_u(pa);
