@@ -53,11 +53,6 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
-// Measurement knob (1: no softmax, 2: no exponentials); 0 by default, never anything else in a release.
-#ifndef FFA_FWD_MEASURE
-#define FFA_FWD_MEASURE 0
-#endif
-
 namespace ffa {
 namespace detail {
 namespace {
@@ -111,13 +106,6 @@ __device__ __forceinline__ void visible_cols(const CutSlice& c, int i, int c0, i
 template <bool kMasked>
 __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                              float scale_log2, const CutSlice* cut, int row0, int c0, int lane) {
-#if FFA_FWD_MEASURE == 1
-  // MEASUREMENT ONLY: no softmax at all (P = S): the GEMM pipeline alone.
-  alpha[0] = alpha[1] = 1.f;
-  l[0] = l[1] = 1.f;
-  m[0] = m[1] = 0.f;
-  return;
-#endif
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if constexpr (kMasked) {
@@ -157,12 +145,8 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
     for (int j = 0; j < kBN / 8; ++j) {
       const float x0 = fmaf(sc[4 * j + 2 * r], scale_log2, -m_sub);
       const float x1 = fmaf(sc[4 * j + 2 * r + 1], scale_log2, -m_sub);
-#if FFA_FWD_MEASURE == 2
-      const float p0 = x0, p1 = x1;  // MEASUREMENT ONLY: no exponentials
-#else
       const float p0 = exp2_ftz(x0);
       const float p1 = exp2_ftz(x1);
-#endif
       sc[4 * j + 2 * r] = p0;
       sc[4 * j + 2 * r + 1] = p1;
       sum0 += p0;
