@@ -38,6 +38,11 @@ class SingleProcessCommunicator final : public Communicator {
 
 std::unique_ptr<CommWork> comm_work_ready(at::Tensor result) { return std::make_unique<ReadyWork>(std::move(result)); }
 
+std::unique_ptr<CommWork> Communicator::all_reduce_sum_async(at::Tensor& t) {
+  all_reduce_sum(t);
+  return comm_work_ready(t);
+}
+
 std::unique_ptr<CommWork> Communicator::all_to_all_v_async(const at::Tensor& send, const std::vector<int64_t>& send_counts,
                                                            const std::vector<int64_t>& recv_counts) {
   return comm_work_ready(all_to_all_v(send, send_counts, recv_counts));

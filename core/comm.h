@@ -35,6 +35,11 @@ class Communicator {
 
   // Sum over ranks, in place. Every rank ends with the same bits.
   virtual void all_reduce_sum(at::Tensor& t) = 0;
+  // The same, started now and finished by wait() (which returns t); t must not be read or written
+  // before then. The default runs it at once (CPU back-ends). NCCL runs it on a side stream after
+  // what the current stream has queued so far, so compute queued meanwhile overlaps it (the
+  // gradient all-reduce during the backward, core/grad_reducer.h).
+  virtual std::unique_ptr<CommWork> all_reduce_sum_async(at::Tensor& t);
 
   // Rows of `send` are grouped by destination: send_counts[p] rows for rank p, in rank order. The
   // result holds recv_counts[p] rows from each rank p, in rank order, with send's dtype, device and

@@ -1,6 +1,8 @@
 // The NCCL communicator: GPU runs under any launcher. Collectives run on the current CUDA stream;
 // all_to_all_v_async runs on a side stream so that the next stage's K/V transfer overlaps the
-// attention of this stage (docs/context-parallel.md, step 5).
+// attention of this stage (docs/context-parallel.md, step 5), and all_reduce_sum_async so that the
+// gradient all-reduce overlaps the backward (core/grad_reducer.h; on a communicator of its own, as
+// one communicator's collectives must not run on two streams at once).
 //
 // Faults (comm_watchdog.h): NCCL calls return as soon as the work is queued, so a collective stuck
 // on a dead or hung peer shows up as a kernel that never ends. Each collective records a CUDA event
@@ -194,6 +196,24 @@ class NcclCommunicator final : public Communicator {
     FLEXCP_NCCL(ncclAllReduce(t.data_ptr(), t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()),
                               ncclSum, comm_, stream));
     watch_stream(stream, "all_reduce_sum");
+  }
+
+  std::unique_ptr<CommWork> all_reduce_sum_async(at::Tensor& t) override {
+    check_device(t);
+    TORCH_CHECK(t.is_contiguous(), "all_reduce_sum_async: tensor must be contiguous");
+    c10::cuda::CUDAGuard guard(device_);
+    // As in all_to_all_v_async: the side stream starts after what is queued so far (t's producer),
+    // and the allocator must not hand t's memory out again before the side stream is done with it.
+    at::cuda::CUDAEvent ready;
+    ready.record(at::cuda::getCurrentCUDAStream());
+    ready.block(side_);
+    c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), side_);
+    FLEXCP_NCCL(ncclAllReduce(t.data_ptr(), t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()),
+                              ncclSum, comm_, side_.stream()));
+    watch_stream(side_.stream(), "all_reduce_sum");
+    auto done = std::make_shared<at::cuda::CUDAEvent>();
+    done->record(side_);
+    return std::make_unique<NcclWork>(t, done);
   }
 
   at::Tensor all_to_all_v(const at::Tensor& send, const std::vector<int64_t>& send_counts,

@@ -124,18 +124,23 @@ at::Tensor& FlatAdamW::grad_flat() {
   return grad_;
 }
 
-void FlatAdamW::accumulate_grads() {
-  at::NoGradGuard no_grad;
+// Autograd accumulates into the existing .grad views in place; should anything have replaced a
+// gradient with a fresh tensor, copy it back and re-bind the view. Parameters starting in [begin, end).
+void FlatAdamW::grads_rebind(int64_t begin, int64_t end) {
   at::Tensor& grads = low_precision_ ? model_grad_flat_ : grad_;
-  // Autograd accumulates into the existing .grad views in place; should anything have replaced a
-  // gradient with a fresh tensor, copy it back and re-bind the view.
   for (auto& fp : params_) {
+    if (fp.offset < begin || fp.offset >= end) continue;
     const auto& g = fp.param.grad();
     auto view = grads.narrow(0, fp.offset, fp.param.numel()).view(fp.param.sizes());
     if (!g.defined() || g.data_ptr() == view.data_ptr()) continue;
     view.copy_(g);
     fp.param.mutable_grad() = view;
   }
+}
+
+void FlatAdamW::accumulate_grads() {
+  at::NoGradGuard no_grad;
+  grads_rebind(0, grad_.numel());
   if (!low_precision_) return;
   if (grad_in_model_)
     throw std::logic_error("FlatAdamW: a second micro-batch in one step with set_single_micro_batch on");
@@ -153,6 +158,32 @@ void FlatAdamW::accumulate_grads() {
   grad_.add_(model_grad_flat_);
   model_grad_flat_.zero_();
 }
+
+at::Tensor FlatAdamW::accumulate_grads_range(int64_t offset, int64_t numel) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(offset >= 0 && numel >= 0 && offset + numel <= grad_.numel(), "accumulate_grads_range: [", offset, ", ",
+              offset + numel, ") is outside the ", grad_.numel(), " gradients");
+  if (direct_ || grad_in_model_)
+    throw std::logic_error("FlatAdamW: accumulate_grads_range with set_single_micro_batch on");
+  grads_rebind(offset, offset + numel);
+  at::Tensor range = grad_.narrow(0, offset, numel);
+  if (!low_precision_) return range;
+  at::Tensor model = model_grad_flat_.narrow(0, offset, numel);
+  // grad_stale_ stays set until accumulate_grads_ranges_done(): it tells every range of this
+  // micro-batch to overwrite (the fused path's first accumulation), as accumulate_grads() does.
+#ifdef FLEXCP_OPTIMIZER_FUSED
+  if (fused_) {
+    fused_grads_accumulate(range, model, grad_stale_);
+    return range;
+  }
+#endif
+  if (grad_stale_) range.copy_(model);
+  else range.add_(model);
+  model.zero_();
+  return range;
+}
+
+void FlatAdamW::accumulate_grads_ranges_done() { grad_stale_ = false; }
 
 at::Tensor FlatAdamW::clip_grad_norm(double max_norm) {
   at::NoGradGuard no_grad;

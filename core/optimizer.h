@@ -49,6 +49,14 @@ class FlatAdamW {
   // After each micro-batch's backward: moves low-precision parameter gradients into the fp32
   // buffer (nothing to do for fp32 models, whose gradients are views of it).
   void accumulate_grads();
+  // The same by parts, for the gradient all-reduce that overlaps the last micro-batch's backward
+  // (core/grad_reducer.h): accumulate_grads_range settles the parameters of [offset, offset + numel)
+  // (whole parameters, each range once) as accumulate_grads() would, and returns that range of the
+  // fp32 gradient buffer, final for this micro-batch. Once every range is settled,
+  // accumulate_grads_ranges_done() leaves the optimizer as accumulate_grads() would. Not with
+  // set_single_micro_batch on (the fp32 buffer is what gets all-reduced).
+  at::Tensor accumulate_grads_range(int64_t offset, int64_t numel);
+  void accumulate_grads_ranges_done();
   // For steps of exactly one micro-batch and no gradient all-reduce (one rank): on the fused
   // low-precision path the fp32 gradient buffer is then skipped. accumulate_grads() moves nothing,
   // clip_grad_norm() and step() read the model's bf16 gradients (the same update bit for bit: the
@@ -83,6 +91,7 @@ class FlatAdamW {
 
  private:
   void refresh_model_params();
+  void grads_rebind(int64_t begin, int64_t end);
   void step_torch_ops(double lr, const at::Tensor& skip);
 
   AdamWHyper hyper_;

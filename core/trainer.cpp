@@ -22,6 +22,7 @@
 #include "core/env_switch.h"
 #include "core/errors.h"
 #include "core/fault_inject.h"
+#include "core/grad_reducer.h"
 #include "core/hf_weights.h"
 #include "core/llama_model.h"
 #include "core/lr_schedule.h"
@@ -172,6 +173,13 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
   // and 0.8 ms of clip gone, the AdamW step unchanged at 13.3 ms. FLEXCP_OPTIM_DIRECT_GRADS=0 turns
   // it off (A/B, numerics questions).
   opt.set_single_micro_batch(dn.grad_accum == 1 && rt.world == 1 && env_switch("FLEXCP_OPTIM_DIRECT_GRADS", true));
+  // More than one rank: the gradient all-reduce runs bucket by bucket during the last micro-batch's
+  // backward (core/grad_reducer.h) instead of over the whole buffer after it; FLEXCP_GRAD_OVERLAP=0
+  // turns that off (A/B), FLEXCP_GRAD_BUCKET_MB sets the bucket size. Collective: every rank.
+  const std::unique_ptr<GradReducer> reducer = grad_reducer_for_run(opt, rt.comm, rt.device);
+  if (reducer && rt.rank == 0 && !cfg.logging.quiet)
+    spdlog::info("gradient all-reduce overlapped with the backward: {} buckets of up to {:.1f} MiB",
+                 reducer->buckets().size(), static_cast<double>(grad_bucket_bytes_from_env()) / double(1 << 20));
 
   // Resume: weights (fp32 master), moments and the step; the data order is a function of the step.
   int64_t start_step = 0;
@@ -239,16 +247,21 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
       profiler.mark("forward");
       auto loss = llama_loss(*model, hidden, mb.labels, loss_opts);
       profiler.mark("loss");
+      // The last micro-batch's gradients go to the reducer, bucket by bucket, as they become final.
+      const bool reduce_in_backward = reducer && micro + 1 == dn.grad_accum;
+      if (reduce_in_backward) reducer->arm();
       (loss.sum / total_tokens).backward();
       profiler.mark("backward");
-      opt.accumulate_grads();
+      if (!reduce_in_backward) opt.accumulate_grads();
       profiler.mark("accumulate grads");
       loss_sum += loss.sum.detach().to(at::kDouble);
     }
     // Each rank's gradient covers its tokens over the global token count: the sum over all ranks
-    // is the no-CP, no-DP gradient of the global batch.
+    // is the no-CP, no-DP gradient of the global batch. With the reducer most of it is summed
+    // already; here the rest is launched and waited for (the profile's "all-reduce" is that wait).
     if (rt.world > 1) {
-      rt.comm->all_reduce_sum(opt.grad_flat());
+      if (reducer) reducer->finish();
+      else rt.comm->all_reduce_sum(opt.grad_flat());
       rt.comm->all_reduce_sum(loss_sum);
     }
     if (guard.inject_due(step + 1)) guard.inject(opt);  // test hook (FLEXCP_INJECT_NONFINITE)
@@ -283,6 +296,9 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
                           {"tokens", (step + 1) * dn.tokens_per_step}, {"tokens_per_s", tok_s},
                           {"step_ms", step_s * 1e3}, {"mfu", mfu}, {"peak_mem_gib", mem_gib}};
     if (!verdict.apply_update) rec["skipped"] = true;
+    // Buckets that went out during the backward (the rest waited for its end): a check that the
+    // overlap happens at all (0 would mean the gradient hooks never fired).
+    if (reducer) rec["grad_buckets_in_backward"] = reducer->launched_in_backward();
     if (!phases.empty()) {
       rec["profile_ms"] = nlohmann::json::array();  // [phase, ms] pairs, in the order they ran
       for (const auto& [name, ms] : phases) rec["profile_ms"].push_back({name, ms});
