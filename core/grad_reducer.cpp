@@ -145,7 +145,7 @@ void GradReducer::bucket_launch(size_t bucket) {
 std::unique_ptr<GradReducer> grad_reducer_for_run(FlatAdamW& opt, const std::shared_ptr<Communicator>& world,
                                                   at::Device device) {
   if (world->size() == 1) return nullptr;
-  const bool on = env_switch("FLEXCP_GRAD_OVERLAP", true);
+  const bool on = env_switch("FLEXCP_GRAD_OVERLAP", false);  // off by default: docs/performance.md
   const int64_t bucket_bytes = grad_bucket_bytes_from_env();
   // Ranks that disagree would issue different collectives (or buckets of other sizes) and hang:
   // rank 0's settings go to all, and any rank that differs stops every rank.

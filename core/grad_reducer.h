@@ -105,7 +105,8 @@ class GradReducer {
   size_t launched_in_backward_ = 0;
 };
 
-// The trainer's reducer: none with one rank or FLEXCP_GRAD_OVERLAP=0. Collective over `world` (all
+// The trainer's reducer: none with one rank or unless FLEXCP_GRAD_OVERLAP=1 (off by default: on 2 GPUs
+// the concurrent all-reduces slowed the backward about as much as they saved, docs/performance.md). Collective over `world` (all
 // ranks call it): the settings must agree on every rank (else every rank stops with one line), and
 // the reducer's communicator is split from `world`. device: where `world` takes tensors.
 std::unique_ptr<GradReducer> grad_reducer_for_run(FlatAdamW& opt, const std::shared_ptr<Communicator>& world,
