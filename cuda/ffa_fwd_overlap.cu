@@ -53,6 +53,11 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
+// Variant knob for an A/B build (gpu-session.sh variants); 0 by default.
+#ifndef FFA_FWD_ONES_SUM
+#define FFA_FWD_ONES_SUM 0
+#endif
+
 namespace ffa {
 namespace detail {
 namespace {
@@ -74,7 +79,12 @@ struct Shape {
   static constexpr int kProducerRegs = kConsumers == 3 ? 32 : 24;
   static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : 240;
   static constexpr uint32_t kQBytes = kBM * D * 2, kKVBytes = kBN * D * 2;
-  static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + 1024 + 8 * (1 + 4 * kStages);
+  // D=64: the row sums come out of the P V GEMM, over [V | ones] (N = 72): one kBN x 64 block of 1.0 in
+  // shared memory serves every V stage (reached through the V descriptor's leading byte offset).
+  static constexpr bool kOnesSum = FFA_FWD_ONES_SUM && D == 64;
+  static constexpr uint32_t kOnesBytes = kOnesSum ? kBN * 128 : 0;
+  static constexpr int kPV = D + (kOnesSum ? 8 : 0);  // the P V GEMM's N
+  static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + kOnesBytes + 1024 + 8 * (1 + 4 * kStages);
   static_assert(kSmem <= 227 * 1024, "dynamic shared memory per block on sm_90");
   // Kernel 5 adds the empty_q mbarrier and the epilogue's own staging tile (kBM rows, Q's layout):
   // 181392 bytes in all at D=64, 197712 at D=128, of the 232448 (227 KB) a block may have.
@@ -103,7 +113,7 @@ __device__ __forceinline__ void visible_cols(const CutSlice& c, int i, int c0, i
 // row (lane / 4) + 8r of the warp's 16, column 8j + 2 (lane % 4) + e. Leaves P (unnormalized, in fp32)
 // in sc, updates the row max m (log2 domain) and the thread's partial row sums l, and returns the
 // factor alpha by which O must be scaled (1 where the row kept its max).
-template <bool kMasked>
+template <bool kMasked, bool kSums = true>
 __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                              float scale_log2, const CutSlice* cut, int row0, int c0, int lane) {
 #pragma unroll
@@ -149,10 +159,12 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
       const float p1 = exp2_ftz(x1);
       sc[4 * j + 2 * r] = p0;
       sc[4 * j + 2 * r + 1] = p1;
-      sum0 += p0;
-      sum1 += p1;
+      if constexpr (kSums) {
+        sum0 += p0;
+        sum1 += p1;
+      }
     }
-    l[r] = fmaf(l[r], alpha[r], sum0 + sum1);
+    if constexpr (kSums) l[r] = fmaf(l[r], alpha[r], sum0 + sum1);
   }
 }
 
@@ -174,7 +186,8 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   const uint32_t sK = sQ + S::kQBytes, sV = sK + kStages * S::kKVBytes;
   // Kernel 5: the epilogue's own staging tile (Q's shape and layout), so that the next work
   // tile's Q can land while this one's epilogue runs. Kernel 3 stages in the Q tile.
-  const uint32_t sO = sV + kStages * S::kKVBytes;
+  const uint32_t sOnes = sV + kStages * S::kKVBytes;  // S::kOnesBytes of 1.0 (kOnesSum only)
+  const uint32_t sO = sOnes + S::kOnesBytes;
   // mbarriers (8 bytes each): full_q, then per stage full_k, full_v, empty_k, empty_v; kernel 5 then empty_q.
   const uint32_t full_q = sO + (kPersistent ? S::kQBytes : 0);
   const uint32_t full_k = full_q + 8, full_v = full_k + 8 * kStages;
@@ -197,6 +210,12 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     }
     if (kPersistent) mbar_init(empty_q, 4 * kNC);
     mbar_init_fence();
+  }
+  if constexpr (S::kOnesSum) {  // the ones block, written once, read by every P V GEMM (async proxy)
+    const uint32_t one2 = pack2<T>(1.f, 1.f);
+    for (uint32_t off = tid * 16; off < S::kOnesBytes; off += S::kThreads * 16)
+      *reinterpret_cast<uint4*>(smem + (sOnes - sQ) + off) = make_uint4(one2, one2, one2, one2);
+    fence_async_smem();
   }
   __syncthreads();
 
@@ -310,9 +329,9 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
 #pragma unroll 1
     for (int ri = it.run_begin; ri < it.run_end; ++ri) n_tiles += runs[ri].tiles;
 
-    float o[D / 2];
+    float o[S::kPV / 2];  // O; with kOnesSum also its row sums (fragment D / 8: columns D .. D + 7)
 #pragma unroll
-    for (int jj = 0; jj < D / 2; ++jj) o[jj] = 0.f;
+    for (int jj = 0; jj < S::kPV / 2; ++jj) o[jj] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     float sc[kBN / 2];         // S_n, then P_n in fp32
     uint32_t pa[kBN / 16][4];  // P_{n-1} as the A operand of the P V GEMM (bf16/fp16 pairs)
@@ -336,9 +355,12 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     };
     // O += P_n V_n (RS-wgmma, V read N-major: LBO = the next 64-column block).
     auto issue_pv = [&](int n) {
-      const uint64_t v_d = smem_desc(sV + stage(n) * S::kKVBytes, kBN * 128, 1024);
+      const uint32_t v_st = sV + stage(n) * S::kKVBytes;
+      // With kOnesSum, columns D .. D + 7 of B come from the ones block: the leading byte offset (the
+      // distance to B's next 64 columns) points there from this stage.
+      const uint64_t v_d = smem_desc(v_st, S::kOnesSum ? sOnes - v_st : kBN * 128, 1024);
 #pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb<T, D>(o, pa[kk], desc_add(v_d, kk * 16 * 128));
+      for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb<T, S::kPV>(o, pa[kk], desc_add(v_d, kk * 16 * 128));
     };
     // One arrival per warp once the warp's wgmma reads of the stage are complete.
     auto release = [&](uint32_t empty, int n) {
@@ -350,9 +372,9 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     auto softmax = [&](const Run& run, int t, float (&alpha)[2]) {
       const int c0 = run.begin + t * kBN;
       if (run.masked)
-        softmax_tile<true>(sc, m, l, alpha, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0, lane);
+        softmax_tile<true, !S::kOnesSum>(sc, m, l, alpha, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0, lane);
       else
-        softmax_tile<false>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
+        softmax_tile<false, !S::kOnesSum>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
     };
     auto pack_p = [&]() { acc_to_a_frags<T>(pa, sc); };
 
@@ -405,7 +427,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
         // O holds P_0 V_0 + ... + P_{n-1} V_{n-1} at the previous max: bring it to the new one.
         if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-          for (int jj = 0; jj < D / 8; ++jj)
+          for (int jj = 0; jj < S::kPV / 8; ++jj)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[4 * jj + e] *= alpha[e >> 1];
         }
@@ -438,9 +460,18 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     // complete), or kernel 5's own tile. There the warp's previous epilogue read these rows back (other
     // lanes than write them now): __syncwarp orders those reads before the new writes.
     if constexpr (kPersistent) __syncwarp();
-    store_out_lse_warp_rows<T, D, kBM>(kPersistent ? smem + (sO - sQ) : smem, (warp - 4) * 16, o, l, m,
-                                       static_cast<T*>(p.out) + h * p.o_sh, p.o_st, p.lse + h * p.lse_sh, p.lse_st,
-                                       it.row_begin, it.row_end);
+    if constexpr (S::kOnesSum) {
+      // The row sums are O's column D (every column of fragment D / 8 holds them), whole in every lane.
+      const float l_full[2] = {o[D / 2], o[D / 2 + 2]};
+      store_out_lse_warp_rows<T, D, kBM, true>(kPersistent ? smem + (sO - sQ) : smem, (warp - 4) * 16,
+                                               *reinterpret_cast<const float(*)[D / 2]>(&o[0]), l_full, m,
+                                               static_cast<T*>(p.out) + h * p.o_sh, p.o_st, p.lse + h * p.lse_sh,
+                                               p.lse_st, it.row_begin, it.row_end);
+    } else {
+      store_out_lse_warp_rows<T, D, kBM>(kPersistent ? smem + (sO - sQ) : smem, (warp - 4) * 16, o, l, m,
+                                         static_cast<T*>(p.out) + h * p.o_sh, p.o_st, p.lse + h * p.lse_sh, p.lse_st,
+                                         it.row_begin, it.row_end);
+    }
     n_base += n_tiles;
   });
 

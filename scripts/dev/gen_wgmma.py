@@ -55,5 +55,7 @@ for ty, tyname in [("__nv_bfloat16", "bf16"), ("__half", "f16")]:
         print(ss(n, ty, tyname))
         print(rs(n, ty, tyname))
         print(ss(n, ty, tyname, True))
+    # P [V | ones] at D=64: O and its row sums in one GEMM (forward kernels 3 and 5).
+    print(rs(72, ty, tyname))
 print("""}  // namespace dev
 }  // namespace ffa""")
