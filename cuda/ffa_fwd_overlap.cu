@@ -53,11 +53,6 @@
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
 
-// Variant knob for an A/B build (gpu-session.sh variants); 0 by default.
-#ifndef FFA_FWD_ONES_SUM
-#define FFA_FWD_ONES_SUM 0
-#endif
-
 namespace ffa {
 namespace detail {
 namespace {
@@ -80,8 +75,12 @@ struct Shape {
   static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : 240;
   static constexpr uint32_t kQBytes = kBM * D * 2, kKVBytes = kBN * D * 2;
   // D=64: the row sums come out of the P V GEMM, over [V | ones] (N = 72): one kBN x 64 block of 1.0 in
-  // shared memory serves every V stage (reached through the V descriptor's leading byte offset).
-  static constexpr bool kOnesSum = FFA_FWD_ONES_SUM && D == 64;
+  // shared memory serves every V stage (reached through the V descriptor's leading byte offset). It
+  // takes the softmax's 64 FADDs per thread and tile off the issue slots, which bound D=64 more than the
+  // exponentials do (docs/kernel-log.md, session 6, runs 11-12: +2.5-4% on (a)); l is then the sum of
+  // the bf16-rounded P that O itself uses. At D=128 V has two 64-column blocks, so the ones would need
+  // a third at a fixed stride from every stage: not done (the softmax bounds D=128 less).
+  static constexpr bool kOnesSum = D == 64;
   static constexpr uint32_t kOnesBytes = kOnesSum ? kBN * 128 : 0;
   static constexpr int kPV = D + (kOnesSum ? 8 : 0);  // the P V GEMM's N
   static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + kOnesBytes + 1024 + 8 * (1 + 4 * kStages);
