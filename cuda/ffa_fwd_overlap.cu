@@ -27,6 +27,8 @@
 //                        waits for S_n only, masks it (boundary tiles only) and runs its softmax while
 //                        P_{n-1} V_{n-1} and the next consumers' GEMMs keep the tensor cores busy;
 //                        waits for P V, rescales O (rarely: kStaleMaxLog2) and packs P_n for the next turn.
+//                      At D=64 the P V GEMM runs over [V | ones] (N = 72), so O's extra columns carry the
+//                      row sums (Shape::kOnesSum) and the softmax adds none itself.
 //                      The turns go round the consumers through named barriers 1..NC, so the tensor cores
 //                      see one consumer's GEMM pair after another's and every softmax has other GEMMs
 //                      to hide behind.
