@@ -2,7 +2,9 @@
 // micro-batch, as PyTorch DDP does it: FlatAdamW's flat gradient buffer is cut into buckets of whole
 // parameters, and each bucket is summed over the ranks (all_reduce_sum_async, on NCCL a side stream)
 // as soon as its gradients are final, while the backward goes on with the layers below. Without it the
-// whole buffer (5 GB of fp32 for Llama-3.2-1B) is all-reduced after the backward.
+// whole buffer (5 GB of fp32 for Llama-3.2-1B) is all-reduced after the backward. Opt-in
+// (FLEXCP_GRAD_OVERLAP=1): on 2 GPUs the all-reduces beside the backward slowed it about as much as
+// they saved (docs/performance.md); 8 GPUs are still to be measured.
 //
 // "Final": the post hook of the parameter's AccumulateGrad node fired during the armed backward.
 // Autograd runs that node once per backward, after every use of the parameter has added its part
