@@ -128,6 +128,7 @@ TEST_CASE("gradient overlap settings that differ between ranks stop every rank w
   const fs::path root = fs::temp_directory_path() / ("flexcp_grad_overlap_bad_np" + std::to_string(world->size()));
   if (world->rank() == 0) fs::remove_all(root);
   MPI_Barrier(MPI_COMM_WORLD);
+  setenv("FLEXCP_GRAD_OVERLAP", "1", 1);  // (off by default)
   if (world->rank() == world->size() - 1) setenv("FLEXCP_GRAD_BUCKET_MB", "3", 1);
   std::string msg;
   try {
@@ -136,6 +137,7 @@ TEST_CASE("gradient overlap settings that differ between ranks stop every rank w
     msg = e.what();
   }
   unsetenv("FLEXCP_GRAD_BUCKET_MB");
+  unsetenv("FLEXCP_GRAD_OVERLAP");
   CHECK(msg.find("FLEXCP_GRAD_OVERLAP / FLEXCP_GRAD_BUCKET_MB") != std::string::npos);
   CHECK(msg.find("not every rank has rank 0's settings (rank 0: 67108864-byte buckets") != std::string::npos);
   MPI_Barrier(MPI_COMM_WORLD);
