@@ -88,7 +88,7 @@ struct Shape {
   static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + kOnesBytes + 1024 + 8 * (1 + 4 * kStages);
   static_assert(kSmem <= 227 * 1024, "dynamic shared memory per block on sm_90");
   // Kernel 5 adds the empty_q mbarrier and the epilogue's own staging tile (kBM rows, Q's layout):
-  // 181392 bytes in all at D=64, 197712 at D=128, of the 232448 (227 KB) a block may have.
+  // 197776 bytes in all at D=64 (with the ones block), 197712 at D=128, of the 232448 (227 KB) a block may have.
   static constexpr int kPersistentExtraSmem = kQBytes + 8;
   static_assert(kSmem + kPersistentExtraSmem <= 227 * 1024, "kernel 5 needs more shared memory than a block has");
 };
