@@ -148,15 +148,22 @@ void FlatAdamW::accumulate_grads() {
     grad_in_model_ = true;
     return;
   }
+  model_grads_move(grad_, model_grad_flat_);
+  grad_stale_ = false;
+}
+
+// grad (fp32) = model_grad (overwrite: the step's first accumulation on the fused path, grad_stale_)
+// or += model_grad, then model_grad = 0: one fused pass on CUDA, torch ops elsewhere.
+void FlatAdamW::model_grads_move(at::Tensor grad, at::Tensor model_grad) {
 #ifdef FLEXCP_OPTIMIZER_FUSED
   if (fused_) {
-    fused_grads_accumulate(grad_, model_grad_flat_, grad_stale_);
-    grad_stale_ = false;
+    fused_grads_accumulate(grad, model_grad, grad_stale_);
     return;
   }
 #endif
-  grad_.add_(model_grad_flat_);
-  model_grad_flat_.zero_();
+  if (grad_stale_) grad.copy_(model_grad);
+  else grad.add_(model_grad);
+  model_grad.zero_();
 }
 
 at::Tensor FlatAdamW::accumulate_grads_range(int64_t offset, int64_t numel) {
@@ -168,18 +175,9 @@ at::Tensor FlatAdamW::accumulate_grads_range(int64_t offset, int64_t numel) {
   grads_rebind(offset, offset + numel);
   at::Tensor range = grad_.narrow(0, offset, numel);
   if (!low_precision_) return range;
-  at::Tensor model = model_grad_flat_.narrow(0, offset, numel);
   // grad_stale_ stays set until accumulate_grads_ranges_done(): it tells every range of this
   // micro-batch to overwrite (the fused path's first accumulation), as accumulate_grads() does.
-#ifdef FLEXCP_OPTIMIZER_FUSED
-  if (fused_) {
-    fused_grads_accumulate(range, model, grad_stale_);
-    return range;
-  }
-#endif
-  if (grad_stale_) range.copy_(model);
-  else range.add_(model);
-  model.zero_();
+  model_grads_move(range, model_grad_flat_.narrow(0, offset, numel));
   return range;
 }
 

@@ -92,6 +92,7 @@ class FlatAdamW {
  private:
   void refresh_model_params();
   void grads_rebind(int64_t begin, int64_t end);
+  void model_grads_move(at::Tensor grad, at::Tensor model_grad);
   void step_torch_ops(double lr, const at::Tensor& skip);
 
   AdamWHyper hyper_;
