@@ -31,4 +31,13 @@ inline int64_t env_int(const char* name, int64_t fallback) {
   return *end == '\0' ? static_cast<int64_t>(n) : fallback;
 }
 
+// A positive number from NAME (fractions allowed) up to `max`, else `fallback`.
+inline double env_positive_number(const char* name, double fallback, double max) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const double x = std::strtod(v, &end);
+  return *end == '\0' && x > 0 && x <= max ? x : fallback;
+}
+
 }  // namespace flexcp

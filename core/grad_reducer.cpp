@@ -5,7 +5,6 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -70,11 +69,7 @@ std::vector<GradBucket> grad_buckets_plan(const std::vector<FlatParam>& params, 
 }
 
 int64_t grad_bucket_bytes_from_env() {
-  const char* v = std::getenv("FLEXCP_GRAD_BUCKET_MB");
-  if (v == nullptr || *v == '\0') return kDefaultBucketBytes;
-  char* end = nullptr;
-  const double mb = std::strtod(v, &end);
-  if (*end != '\0' || !(mb > 0) || mb > 1e6) return kDefaultBucketBytes;
+  const double mb = env_positive_number("FLEXCP_GRAD_BUCKET_MB", double(kDefaultBucketBytes) / double(1 << 20), 1e6);
   return std::max<int64_t>(1, std::llround(mb * double(1 << 20)));
 }
 
