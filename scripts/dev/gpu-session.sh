@@ -37,6 +37,12 @@ step() {  # step NAME SECONDS COMMAND...
   fi
 }
 
+bench_lib() {  # bench_lib NAME LIB LABEL: our kernels alone on LIB/libffa.so, then their summary lines
+  FFA_LIB=$root/$2/libffa.so step "$1" 120 python3 scripts/bench/attention_bench.py --which ours
+  echo "   $2: $3"
+  grep -E "forward|backward alone|default pair" "$out/$1.log" | sed -E 's/ +/ /g; s/max\|.*//'
+}
+
 export env_file=$out/build-env.sh
 build_all() {
   bash scripts/bench/build_ffa_lib.sh >"$out/build-ffa.log" 2>&1 & local ffa=$!
@@ -72,11 +78,9 @@ for s in "${steps[@]}"; do
       [ -n "${VARIANT_TEST_ENV:-}" ] && step standalone-variant-env 150 env ${VARIANT_TEST_ENV} ./build-ffa-var/ffa_standalone
       FFA_LIB=$root/build-ffa-var/libffa.so step ffa-check-variant 240 env ${VARIANT_TEST_ENV:-} python3 test/gpu/ffa_check.py
       step racecheck-variant 300 env ${VARIANT_TEST_ENV:-} compute-sanitizer --tool racecheck --error-exitcode 3 ./build-ffa-var/ffa_standalone --quick
-      for lib in build-ffa-var build-ffa build-ffa-var; do
-        FFA_LIB=$root/$lib/libffa.so step "bench-$lib" 120 python3 scripts/bench/attention_bench.py --which ours
-        echo "   $lib (build-ffa-var: VARIANT_NVCC_FLAGS='${VARIANT_NVCC_FLAGS:-}'):"
-        grep -E "forward|backward alone|default pair" "$out/bench-$lib.log"
-      done ;;
+      bench_lib bench-0-var build-ffa-var "VARIANT_NVCC_FLAGS='${VARIANT_NVCC_FLAGS:-}'"
+      bench_lib bench-1-default build-ffa default
+      bench_lib bench-2-var build-ffa-var "VARIANT_NVCC_FLAGS='${VARIANT_NVCC_FLAGS:-}'" ;;
     build-ffa) step build-ffa 300 bash scripts/bench/build_ffa_lib.sh ;;  # the kernels' library alone (no flexcp)
     variants)  # several variant builds (VARIANTS_NVCC, ';'-separated flag sets) timed against the default
       IFS=';' read -r -a vflags <<<"${VARIANTS_NVCC:-}"
@@ -90,9 +94,8 @@ for s in "${steps[@]}"; do
       libs+=(build-ffa)
       for n in "${!libs[@]}"; do
         lib=${libs[$n]}
-        FFA_LIB=$root/$lib/libffa.so step "bench-$n-$lib" 120 python3 scripts/bench/attention_bench.py --which ours
-        if [ "$lib" = build-ffa ]; then echo "   $lib: default"; else echo "   $lib: ${vflags[${lib#build-ffa-v}]}"; fi
-        grep -E "forward 5|backward alone|default pair" "$out/bench-$n-$lib.log" | sed -E 's/ +/ /g; s/max\|.*//'
+        if [ "$lib" = build-ffa ]; then label=default; else label=${vflags[${lib#build-ffa-v}]}; fi
+        bench_lib "bench-$n-$lib" "$lib" "$label"
       done ;;
     profile)
       FFA_LIB=$root/build-ffa/libffa.so step profile-fwd 200 bash scripts/bench/profile_fwd.sh "a: S=8192" fwd_overlap
