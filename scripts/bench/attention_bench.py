@@ -204,13 +204,19 @@ def run_shape(sh, dtype, which):
         except Exception as e:  # noqa: BLE001
             res["flex_error"] = str(e)[:300]
 
+    # TFLOP/s of every timing (a number or, for the headline rounds, a list of them), by the FLOP
+    # convention of its kind: forward, forward+backward (3.5x), backward (2.5x).
+    def tflops(mult, ms):
+        return [tflops(mult, m) for m in ms] if isinstance(ms, list) else mult * fwd_flops / (ms * 1e-3) / 1e12
+
     for key in list(res):
-        if key.endswith("_fwd_ms"):
-            res[key.replace("_ms", "_tflops")] = fwd_flops / (res[key] * 1e-3) / 1e12
-        elif key.endswith("_fwdbwd_ms") or key.endswith("_fwdbwd_det_ms"):
-            res[key.replace("_ms", "_tflops")] = 3.5 * fwd_flops / (res[key] * 1e-3) / 1e12
-        elif key.endswith("_bwd_ms"):
-            res[key.replace("_ms", "_tflops")] = 2.5 * fwd_flops / (res[key] * 1e-3) / 1e12
+        base = key.replace("_rounds_ms", "_ms")
+        if base.endswith("_fwd_ms"):
+            res[key.replace("_ms", "_tflops")] = tflops(1.0, res[key])
+        elif base.endswith("_fwdbwd_ms") or base.endswith("_fwdbwd_det_ms"):
+            res[key.replace("_ms", "_tflops")] = tflops(3.5, res[key])
+        elif base.endswith("_bwd_ms"):
+            res[key.replace("_ms", "_tflops")] = tflops(2.5, res[key])
     return res
 
 
@@ -258,9 +264,8 @@ def main():
             if f"ours_bwd{kern}_bwd_tflops" in r) + " TFLOP/s")
         print(f"{r['shape']:<40} default pair (forward {DEFAULT_FWD} + backward {DEFAULT_BWD}): f+b "
               f"{r['ours_fwdbwd_tflops']:.1f} TFLOP/s ({r['ours_fwdbwd_tflops'] / sd_fb:.2f}x sdpa)")
-        flops = {"fwd": r["fwd_flops"], "fwdbwd": 3.5 * r["fwd_flops"]}
-        rounds = [f"{who} {kind} " + " / ".join(f"{flops[kind] / (ms * 1e-3) / 1e12:.1f}" for ms in r[f"{who}_{kind}_rounds_ms"])
-                  for kind in ("fwd", "fwdbwd") for who in ("ours", "sdpa") if f"{who}_{kind}_rounds_ms" in r]
+        rounds = [f"{who} {kind} " + " / ".join(f"{t:.1f}" for t in r[f"{who}_{kind}_rounds_tflops"])
+                  for kind in ("fwd", "fwdbwd") for who in ("ours", "sdpa") if f"{who}_{kind}_rounds_tflops" in r]
         print(f"{r['shape']:<40} headline rounds (TFLOP/s, round A / B): " + ", ".join(rounds))
     if args.json:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
