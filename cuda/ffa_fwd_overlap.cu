@@ -110,6 +110,25 @@ __device__ __forceinline__ void visible_cols(const CutSlice& c, int i, int c0, i
   hi = ((i >= q0) & (i < q1)) ? min(k1, i + dhi + 1) - c0 : lo;
 }
 
+// Element k (0..31) of row r (0, 1) of the thread's part of an S tile in the wgmma accumulator layout.
+__device__ __forceinline__ constexpr int elem(int k, int r) { return 4 * (k >> 1) + 2 * r + (k & 1); }
+
+// The row max of row r over the thread's 32 columns and its quad (the row's 4 threads), as a tree (depth
+// 5 over the thread's columns, not a chain of 16 dependent FMNMX): the row's exponentials wait for it.
+__device__ __forceinline__ float row_max_tree(const float (&sc)[kBN / 2], int r) {
+  float t[kBN / 8];
+#pragma unroll
+  for (int j = 0; j < kBN / 8; ++j) t[j] = fmaxf(sc[4 * j + 2 * r], sc[4 * j + 2 * r + 1]);
+  static_assert(kBN / 8 == 16, "the tree below folds 16 column pairs");
+#pragma unroll
+  for (int j = 0; j < 8; ++j) t[j] = fmaxf(t[j], t[j + 8]);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) t[j] = fmaxf(t[j], t[j + 4]);
+  float mx = fmaxf(fmaxf(t[0], t[2]), fmaxf(t[1], t[3]));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  return fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+}
+
 // Online softmax of one 64 x 128 S tile in the wgmma accumulator layout: thread element 4j + 2r + e is
 // row (lane / 4) + 8r of the warp's 16, column 8j + 2 (lane % 4) + e. Leaves P (unnormalized, in fp32)
 // in sc, updates the row max m (log2 domain) and the thread's partial row sums l, and returns the
@@ -117,9 +136,9 @@ __device__ __forceinline__ void visible_cols(const CutSlice& c, int i, int c0, i
 template <bool kMasked, bool kSums = true>
 __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                              float scale_log2, const CutSlice* cut, int row0, int c0, int lane) {
+  if constexpr (kMasked) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if constexpr (kMasked) {
+    for (int r = 0; r < 2; ++r) {
       // Visible columns of this row relative to the thread's first column 2 (lane % 4): element (j, e)
       // is column 8j + e of that, so each test compares against a constant.
       int lo, hi;
@@ -130,24 +149,45 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
         for (int e = 0; e < 2; ++e)
           if (8 * j + e < lo || 8 * j + e >= hi) sc[4 * j + 2 * r + e] = -INFINITY;
     }
-    // The row max as a tree (depth 5 over the thread's 32 columns, not a chain of 16 dependent FMNMX):
-    // the exponentials of the row cannot start before it.
-    float t[kBN / 8];
+  }
+  float m_tile[2];
+  // The row max on the float bits as signed integers, three at a time (VIMNMX3, half the instructions
+  // of a float tree): where the row has a value >= +0 this is the float max, as positive floats order
+  // like their bits. A row with none (negatives, -0, -inf: bits < 0) has a tile max <= 0, which cannot
+  // move m (moves: m_tile > m + kStaleMaxLog2) unless m < -kStaleMaxLog2 (its first visible keys, or
+  // logits that low): only then is the exact float max needed. m_tile is the float tree's, bit for bit.
+  // Session 7 (docs/kernel-log.md): +2-3% on (b), +1% on (c), +0.4% on (a).
+  bool exact[2];
 #pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) t[j] = fmaxf(sc[4 * j + 2 * r], sc[4 * j + 2 * r + 1]);
-    static_assert(kBN / 8 == 16, "the tree below folds 16 column pairs");
+  for (int r = 0; r < 2; ++r) {
+    int a[12];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) t[j] = fmaxf(t[j], t[j + 8]);
+    for (int k = 0; k < 10; ++k)
+      a[k] = __vimax3_s32(__float_as_int(sc[elem(3 * k, r)]), __float_as_int(sc[elem(3 * k + 1, r)]),
+                          __float_as_int(sc[elem(3 * k + 2, r)]));
+    a[10] = __float_as_int(sc[elem(30, r)]);
+    a[11] = __float_as_int(sc[elem(31, r)]);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) t[j] = fmaxf(t[j], t[j + 4]);
-    float mx = fmaxf(fmaxf(t[0], t[2]), fmaxf(t[1], t[3]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_tile = mx * scale_log2;
+    for (int k = 0; k < 4; ++k) a[k] = __vimax3_s32(a[3 * k], a[3 * k + 1], a[3 * k + 2]);
+    int mi = max(__vimax3_s32(a[0], a[1], a[2]), a[3]);
+    mi = max(mi, __shfl_xor_sync(0xffffffffu, mi, 1));
+    mi = max(mi, __shfl_xor_sync(0xffffffffu, mi, 2));
+    exact[r] = mi < 0 && m[r] < -kStaleMaxLog2;  // the same in the row's 4 threads
+    m_tile[r] = mi >= 0 ? __int_as_float(mi) * scale_log2 : -INFINITY;
+  }
+  if (__any_sync(0xffffffffu, exact[0] || exact[1])) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float mx = row_max_tree(sc, r);
+      if (exact[r]) m_tile[r] = mx * scale_log2;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
     // m[r] = -inf (no visible key yet): any finite tile max moves it and alpha = 2^-inf = 0.
-    const bool moves = m_tile > m[r] + kStaleMaxLog2;
-    alpha[r] = moves ? exp2_ftz(m[r] - m_tile) : 1.f;
-    m[r] = moves ? m_tile : m[r];
+    const bool moves = m_tile[r] > m[r] + kStaleMaxLog2;
+    alpha[r] = moves ? exp2_ftz(m[r] - m_tile[r]) : 1.f;
+    m[r] = moves ? m_tile[r] : m[r];
     // Only a masked tile can leave a row with no visible key so far (m = -inf): subtract 0 there, so
     // its P = 2^-inf = 0 rather than NaN. In an unmasked tile every row's max is finite.
     const float m_sub = (kMasked && m[r] == -INFINITY) ? 0.f : m[r];

@@ -150,6 +150,10 @@ def cases(quick, rng):
     out.append(("full long Lq=700 Lk=2100", [(0, 700, 0, 2100, "full")], 700, 2100, 4, 4, 64, torch.float16))
     out.append(("bi_causal long Lq=900 Lk=2000", [(0, 900, 0, 2000, "bi_causal")], 900, 2000, 4, 2, 128,
                 torch.bfloat16))
+    # Every score negative (q >= 0, k <= 0), down to about -40 in log2 units: rows whose tile max is
+    # below 0 from their first key tile on, which the forward's integer row max hands to its exact path.
+    out.append(("negative logits causal T=1100", [(0, 1100, 0, 1100, "causal")], 1100, 1100, 8, 2, 64, torch.bfloat16))
+    out.append(("negative logits full Lq=300 Lk=900", [(0, 300, 0, 900, "full")], 300, 900, 4, 4, 128, torch.float16))
     out.append(("no slices", [], 100, 50, 4, 4, 64, torch.bfloat16))
     out.append(("no keys at all", [(0, 37, 0, 0, "causal")], 37, 0, 4, 2, 128, torch.bfloat16))
     return out
@@ -161,6 +165,8 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
     k = torch.randn(tk, hkv, d, device=dev, generator=gen).to(dt)
     v = torch.randn(tk, hkv, d, device=dev, generator=gen).to(dt)
     dout = torch.randn(tq, hq, d, device=dev, generator=gen).to(dt)
+    if name.startswith("negative logits"):
+        q, k = q.abs(), -3 * k.abs()
     scale = 1.0 / math.sqrt(d) if gen.initial_seed() % 2 == 0 else 0.09
     mask = visible_mask(slices, tq, tk, dev)
     has = mask.any(dim=1)
