@@ -56,6 +56,8 @@ class Communicator {
 
   // A communicator of the ranks that pass the same color, ranked by key (ties: by rank).
   virtual std::shared_ptr<Communicator> split(int color, int key) = 0;
+  // Whether split works in this build (NCCL needs 2.18 or newer).
+  virtual bool can_split() const { return true; }
 };
 
 // A CommWork whose result is already there.

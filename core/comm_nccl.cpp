@@ -184,6 +184,13 @@ class NcclCommunicator final : public Communicator {
   }
   ~NcclCommunicator() override { handle_->destroy(); }
   std::string backend() const override { return "nccl"; }
+  bool can_split() const override {
+#if defined(NCCL_VERSION_CODE) && NCCL_VERSION_CODE >= NCCL_VERSION(2, 18, 0)
+    return true;
+#else
+    return false;
+#endif
+  }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   int local_rank() const override { return local_rank_; }

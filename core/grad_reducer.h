@@ -2,9 +2,9 @@
 // micro-batch, as PyTorch DDP does it: FlatAdamW's flat gradient buffer is cut into buckets of whole
 // parameters, and each bucket is summed over the ranks (all_reduce_sum_async, on NCCL a side stream)
 // as soon as its gradients are final, while the backward goes on with the layers below. Without it the
-// whole buffer (5 GB of fp32 for Llama-3.2-1B) is all-reduced after the backward. Opt-in
-// (FLEXCP_GRAD_OVERLAP=1): on 2 GPUs the all-reduces beside the backward slowed it about as much as
-// they saved (docs/performance.md); 8 GPUs are still to be measured.
+// whole buffer (5 GB of fp32 for Llama-3.2-1B) is all-reduced after the backward. On by default on
+// NCCL (FLEXCP_GRAD_OVERLAP=0 turns it off): a step +9% faster at cp = 4, +2% at cp = 2, within 1% either
+// way at dp = 2 and 4 (docs/performance.md); off on the CPU back-ends unless FLEXCP_GRAD_OVERLAP=1.
 //
 // "Final": the post hook of the parameter's AccumulateGrad node fired during the armed backward.
 // Autograd runs that node once per backward, after every use of the parameter has added its part
@@ -107,8 +107,8 @@ class GradReducer {
   size_t launched_in_backward_ = 0;
 };
 
-// The trainer's reducer: none with one rank or unless FLEXCP_GRAD_OVERLAP=1 (off by default: on 2 GPUs
-// the concurrent all-reduces slowed the backward about as much as they saved, docs/performance.md). Collective over `world` (all
+// The trainer's reducer: none with one rank, or where FLEXCP_GRAD_OVERLAP is 0 or (its default off NCCL)
+// unset. Collective over `world` (all
 // ranks call it): the settings must agree on every rank (else every rank stops with one line), and
 // the reducer's communicator is split from `world`. device: where `world` takes tensors.
 std::unique_ptr<GradReducer> grad_reducer_for_run(FlatAdamW& opt, const std::shared_ptr<Communicator>& world,

@@ -173,9 +173,9 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
   // and 0.8 ms of clip gone, the AdamW step unchanged at 13.3 ms. FLEXCP_OPTIM_DIRECT_GRADS=0 turns
   // it off (A/B, numerics questions).
   opt.set_single_micro_batch(dn.grad_accum == 1 && rt.world == 1 && env_switch("FLEXCP_OPTIM_DIRECT_GRADS", true));
-  // More than one rank and FLEXCP_GRAD_OVERLAP=1: the gradient all-reduce runs bucket by bucket during
-  // the last micro-batch's backward (core/grad_reducer.h) instead of over the whole buffer after it
-  // (off by default: on 2 GPUs it slowed the backward about as much as it saved; docs/performance.md);
+  // More than one rank on NCCL (or FLEXCP_GRAD_OVERLAP=1 elsewhere): the gradient all-reduce runs bucket
+  // by bucket during the last micro-batch's backward (core/grad_reducer.h) instead of over the whole
+  // buffer after it (FLEXCP_GRAD_OVERLAP=0: after it; docs/performance.md has the A/B);
   // FLEXCP_GRAD_BUCKET_MB sets the bucket size. Collective: every rank.
   const std::unique_ptr<GradReducer> reducer = grad_reducer_for_run(opt, rt.comm, rt.device);
   if (reducer && rt.rank == 0 && !cfg.logging.quiet)
