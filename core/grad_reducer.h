@@ -107,10 +107,10 @@ class GradReducer {
   size_t launched_in_backward_ = 0;
 };
 
-// The trainer's reducer: none with one rank, or where FLEXCP_GRAD_OVERLAP is 0 or (its default off NCCL)
-// unset. Collective over `world` (all
-// ranks call it): the settings must agree on every rank (else every rank stops with one line), and
-// the reducer's communicator is split from `world`. device: where `world` takes tensors.
+// The trainer's reducer: none with one rank; with more, one on NCCL unless FLEXCP_GRAD_OVERLAP=0, and on
+// the other back-ends only with FLEXCP_GRAD_OVERLAP=1. Collective over `world` (all ranks call it): the
+// settings must agree on every rank (else every rank stops with one line), and the reducer's
+// communicator is split from `world`. device: where `world` takes tensors.
 std::unique_ptr<GradReducer> grad_reducer_for_run(FlatAdamW& opt, const std::shared_ptr<Communicator>& world,
                                                   at::Device device);
 
