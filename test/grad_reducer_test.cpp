@@ -8,9 +8,11 @@
 #include <torch/nn/modules/linear.h>
 
 #include <catch2/catch.hpp>
+#include <cstdlib>
 #include <set>
 
 #include "core/comm.h"
+#include "core/errors.h"
 #include "core/grad_reducer.h"
 #include "core/optimizer.h"
 
@@ -254,4 +256,62 @@ TEST_CASE("grad reducer: one rank has none", "[grad_reducer]") {
   auto net = std::make_shared<Net>();
   FlatAdamW opt(net->named_parameters().pairs(), AdamWHyper{});
   CHECK(grad_reducer_for_run(opt, make_single_process_communicator(), at::kCPU) == nullptr);
+}
+
+namespace {
+
+// Two ranks that agree on everything, under a back-end name of choice, with or without split.
+class NamedComm final : public Communicator {
+ public:
+  NamedComm(std::string backend, bool splits) : backend_(std::move(backend)), splits_(splits) {}
+  std::string backend() const override { return backend_; }
+  bool can_split() const override { return splits_; }
+  int rank() const override { return 0; }
+  int size() const override { return 2; }
+  int local_rank() const override { return 0; }
+  void all_reduce_sum(at::Tensor& t) override { t.mul_(2); }
+  at::Tensor all_to_all_v(const at::Tensor&, const std::vector<int64_t>&, const std::vector<int64_t>&) override {
+    throw std::logic_error("not used");
+  }
+  void broadcast_bytes(std::vector<uint8_t>&, int) override {}  // rank 0's bytes are ours
+  void barrier() override {}
+  std::shared_ptr<Communicator> split(int, int) override {
+    if (!splits_) throw std::logic_error("split on a communicator that cannot");
+    return std::make_shared<NamedComm>(backend_, splits_);
+  }
+
+ private:
+  std::string backend_;
+  bool splits_;
+};
+
+// Whether the trainer gets a reducer on `backend` with FLEXCP_GRAD_OVERLAP set to `env` (nullptr: unset).
+bool reducer_made(const std::string& backend, bool splits, const char* env) {
+  if (env) setenv("FLEXCP_GRAD_OVERLAP", env, 1);
+  else unsetenv("FLEXCP_GRAD_OVERLAP");
+  auto net = std::make_shared<Net>();
+  FlatAdamW opt(net->named_parameters().pairs(), AdamWHyper{});
+  struct Unset {
+    ~Unset() { unsetenv("FLEXCP_GRAD_OVERLAP"); }
+  } unset;
+  return grad_reducer_for_run(opt, std::make_shared<NamedComm>(backend, splits), at::kCPU) != nullptr;
+}
+
+}  // namespace
+
+TEST_CASE("grad reducer: on by default on NCCL, opt-in elsewhere, refused where NCCL cannot split", "[grad_reducer]") {
+  CHECK(reducer_made("nccl", true, nullptr));
+  CHECK_FALSE(reducer_made("nccl", true, "0"));
+  CHECK_FALSE(reducer_made("mpi", true, nullptr));
+  CHECK(reducer_made("mpi", true, "1"));
+  CHECK_FALSE(reducer_made("tcp", true, nullptr));
+  // NCCL older than 2.18: off by default, and asking for it is a one-line error with the fix.
+  CHECK_FALSE(reducer_made("nccl", false, nullptr));
+  try {
+    reducer_made("nccl", false, "1");
+    FAIL("FLEXCP_GRAD_OVERLAP=1 without split was accepted");
+  } catch (const UserError& e) {
+    CHECK(std::string(e.what()).find("FLEXCP_GRAD_OVERLAP") != std::string::npos);
+    CHECK(std::string(e.what()).find("NCCL 2.18 or newer") != std::string::npos);
+  }
 }
