@@ -74,7 +74,8 @@ int64_t grad_bucket_bytes_from_env() {
 }
 
 GradReducer::GradReducer(FlatAdamW& opt, std::shared_ptr<Communicator> comm, int64_t bucket_bytes)
-    : opt_(opt), comm_(std::move(comm)), buckets_(grad_buckets_plan(opt.params(), bucket_bytes)) {
+    : opt_(opt), comm_(std::move(comm)), bucket_bytes_(bucket_bytes),
+      buckets_(grad_buckets_plan(opt.params(), bucket_bytes)) {
   const auto& params = opt_.params();
   bucket_of_param_.assign(params.size(), 0);
   for (size_t b = 0; b < buckets_.size(); ++b)

@@ -85,6 +85,7 @@ class GradReducer {
   void finish();
 
   const std::vector<GradBucket>& buckets() const { return buckets_; }
+  int64_t bucket_bytes() const { return bucket_bytes_; }
   // How many buckets the last armed backward launched before finish() (the overlapped ones).
   size_t launched_in_backward() const { return launched_in_backward_; }
 
@@ -93,6 +94,7 @@ class GradReducer {
 
   FlatAdamW& opt_;
   std::shared_ptr<Communicator> comm_;
+  int64_t bucket_bytes_;
   std::vector<GradBucket> buckets_;
   std::vector<size_t> bucket_of_param_;
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;  // per parameter; null: no gradient

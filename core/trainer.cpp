@@ -180,7 +180,7 @@ int train_run(const RunConfig& cfg, const TrainOptions& opts) {
   const std::unique_ptr<GradReducer> reducer = grad_reducer_for_run(opt, rt.comm, rt.device);
   if (reducer && rt.rank == 0 && !cfg.logging.quiet)
     spdlog::info("gradient all-reduce overlapped with the backward: {} buckets of up to {:.1f} MiB",
-                 reducer->buckets().size(), static_cast<double>(grad_bucket_bytes_from_env()) / double(1 << 20));
+                 reducer->buckets().size(), static_cast<double>(reducer->bucket_bytes()) / double(1 << 20));
 
   // Resume: weights (fp32 master), moments and the step; the data order is a function of the step.
   int64_t start_step = 0;
