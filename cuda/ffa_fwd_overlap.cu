@@ -1,7 +1,8 @@
 // Forward pass v8 (ForwardArgs::kernel = 3) and v10 (kernel 5, the same kernel on a persistent grid: the
 // default of flexcp's ffa backend). v8 is the v4 TMA kernel (ffa_fwd_tma.cu) plus FlashAttention-3's
 // intra-warpgroup overlap, a consumer ring of 3 warpgroups at D=64, a deeper K/V ring with separate K and
-// V barriers, and a softmax that seldom rescales O. docs/kernel-log.md "v8" and "v10" have the reasoning
+// V barriers, and a softmax that seldom rescales O and, on Q prescaled in shared memory, mostly needs one
+// MUFU per score and nothing else. docs/kernel-log.md "v8" and "v10" have the reasoning
 // and the figures.
 //
 // A work tile is one q-side plan item (a q tile) of one query head: tile t = item t / heads_q, head
@@ -26,12 +27,15 @@
 //                        issues S_n = Q K_n^T and O += P_{n-1} V_{n-1} back to back and passes the turn;
 //                        waits for S_n only, masks it (boundary tiles only) and runs its softmax while
 //                        P_{n-1} V_{n-1} and the next consumers' GEMMs keep the tensor cores busy;
-//                        waits for P V, rescales O (rarely: kStaleMaxLog2) and packs P_n for the next turn.
+//                        waits for P V, rescales O (rarely: see ZeroWindow) and packs P_n for the next turn.
+//                      Before its first S GEMM of a work tile a consumer multiplies its Q rows by scale_log2
+//                      in place (scale_q_rows), so that scores leave the GEMM in log2 units and most tiles'
+//                      exponentials take the accumulators as they are (softmax_tile).
 //                      At D=64 the P V GEMM runs over [V | ones] (N = 72), so O's extra columns carry the
 //                      row sums (Shape::kOnesSum) and the softmax adds none itself.
-//                      The turns go round the consumers through named barriers 1..NC, so the tensor cores
-//                      see one consumer's GEMM pair after another's and every softmax has other GEMMs
-//                      to hide behind.
+//                      The turns go round the consumers through named barriers 1..NC (barrier NC + 1 + c is
+//                      consumer c's own, for its Q scaling), so the tensor cores see one consumer's GEMM
+//                      pair after another's and every softmax has other GEMMs to hide behind.
 //   epilogue           each consumer normalizes its rows, stages them in its own rows of the Q tile
 //                      (kernel 3: its last S GEMM has read them) or of the staging tile (kernel 5), and
 //                      writes out and lse.
@@ -45,6 +49,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/ffa_device.cuh"
 #include "cuda/ffa_epilogue.cuh"
@@ -93,11 +98,28 @@ struct Shape {
   static_assert(kSmem + kPersistentExtraSmem <= 227 * 1024, "kernel 5 needs more shared memory than a block has");
 };
 
-// A row keeps its running max until a tile's max exceeds it by more than this (log2 units): P = 2^(s -
-// m) then stays below 2^8 (bf16/fp16 round it with the same relative error at any magnitude; O and l
-// are fp32), and the rescale of O (D/2 multiplies per thread) is skipped by every warp whose rows all
-// kept their max. Once a row has seen its largest scores, that is every later tile. The result is the
-// same softmax: out = O / l and lse = m + log2(l) for whichever m the row used.
+// P = 2^(s - m) with s in log2 units: Q arrives multiplied by scale_log2 (scale_q_rows), so S comes out of
+// the GEMM in those units. m is what a row subtracts, in one of three states:
+//   -inf      no visible key yet (P = 2^-inf = 0 for masked columns; rows subtract 0 there);
+//   0         the row's max lies in the zero window [ZeroWindow::kMin, kMax]: bf16 [-60, 64], so P <= 2^64
+//             (O's and l's fp32 sums hold that) and the row's largest P >= 2^-60 is a normal float with
+//             everything that matters below it; fp16 holds only to 65504, hence [-2, 8];
+//   stale     otherwise (scores beyond the window): the row's max, kept until a tile's max exceeds it by
+//             kStaleMaxLog2, so P <= 2^8 and O is rescaled only when it moves.
+// Once its first keys are seen, nearly every row subtracts 0, and in a tile where every row of the warp
+// does and no score exceeds the window, the exponent of an element is the accumulator itself: one MUFU
+// per element and no FFMA, no per-row max, no rescale (session 8, docs/kernel-log.md run 17: +10% on
+// (a)). The price is Q * scale_log2 rounded to T once, an error of the size a bf16 PyTorch computation
+// makes (it rounds q * scale the same way); forward kernel 0 keeps the scale in fp32. The result is the
+// same softmax for any m: out = O / l and lse = m + log2(l).
+template <typename T>
+struct ZeroWindow {
+  static constexpr float kMin = -60.f, kMax = 64.f;
+};
+template <>
+struct ZeroWindow<__half> {
+  static constexpr float kMin = -2.f, kMax = 8.f;
+};
 constexpr float kStaleMaxLog2 = 8.f;
 
 // Columns [lo, hi) of the key tile at c0 that query row i may see under cut c, relative to c0 (empty
@@ -129,18 +151,36 @@ __device__ __forceinline__ float row_max_tree(const float (&sc)[kBN / 2], int r)
   return fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
 }
 
-// Online softmax of one 64 x 128 S tile in the wgmma accumulator layout: thread element 4j + 2r + e is
-// row (lane / 4) + 8r of the warp's 16, column 8j + 2 (lane % 4) + e. Leaves P (unnormalized, in fp32)
-// in sc, updates the row max m (log2 domain) and the thread's partial row sums l, and returns the
-// factor alpha by which O must be scaled (1 where the row kept its max).
-template <bool kMasked, bool kSums = true>
-__device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                             float scale_log2, const CutSlice* cut, int row0, int c0, int lane) {
+// The row max of row r over the thread's 32 columns and its quad, on the float bits as signed integers
+// with Hopper's three-input integer max (VIMNMX3: 16 instructions where a float tree needs 31). Floats
+// >= +0 order like their bits, so where the row has such a value this is the float max, bit for bit; a row
+// with none (negatives, -0, -inf: bits < 0) gets a negative result that says only "max <= 0".
+__device__ __forceinline__ int row_max_bits(const float (&sc)[kBN / 2], int r) {
+  int a[12];
+#pragma unroll
+  for (int k = 0; k < 10; ++k)
+    a[k] = __vimax3_s32(__float_as_int(sc[elem(3 * k, r)]), __float_as_int(sc[elem(3 * k + 1, r)]),
+                        __float_as_int(sc[elem(3 * k + 2, r)]));
+  a[10] = __float_as_int(sc[elem(30, r)]);
+  a[11] = __float_as_int(sc[elem(31, r)]);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) a[k] = __vimax3_s32(a[3 * k], a[3 * k + 1], a[3 * k + 2]);
+  int mi = max(__vimax3_s32(a[0], a[1], a[2]), a[3]);
+  mi = max(mi, __shfl_xor_sync(0xffffffffu, mi, 1));
+  return max(mi, __shfl_xor_sync(0xffffffffu, mi, 2));
+}
+
+// Online softmax of one 64 x 128 S tile in the wgmma accumulator layout (thread element 4j + 2r + e is row
+// (lane / 4) + 8r of the warp's 16, column 8j + 2 (lane % 4) + e), scores in log2 units: masks it
+// (kMasked: boundary tiles only), leaves P (unnormalized, fp32) in sc, updates m and, with kSums, the
+// thread's partial row sums l. Returns whether O must be scaled by alpha (warp-uniform).
+template <typename T, bool kMasked, bool kSums>
+__device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                             const CutSlice* cut, int row0, int c0, int lane) {
+  constexpr float kZeroMax = ZeroWindow<T>::kMax, kZeroMin = ZeroWindow<T>::kMin;
   if constexpr (kMasked) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      // Visible columns of this row relative to the thread's first column 2 (lane % 4): element (j, e)
-      // is column 8j + e of that, so each test compares against a constant.
       int lo, hi;
       visible_cols(*cut, row0 + 8 * r, c0 + (lane & 3) * 2, lo, hi);
 #pragma unroll
@@ -150,63 +190,98 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
           if (8 * j + e < lo || 8 * j + e >= hi) sc[4 * j + 2 * r + e] = -INFINITY;
     }
   }
+  alpha[0] = alpha[1] = 1.f;
+  float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // per row, two chains of 16 adds (kSums only)
+  if (__all_sync(0xffffffffu, m[0] == 0.f && m[1] == 0.f)) {
+    // The fast path. Only whether some score exceeds kZeroMax matters: the max over both rows' bits, 21
+    // VIMNMX3 and one vote (kZeroMax > 0, and floats >= +0 order like their bits).
+    int a[22];
+#pragma unroll
+    for (int k = 0; k < 21; ++k)
+      a[k] = __vimax3_s32(__float_as_int(sc[3 * k]), __float_as_int(sc[3 * k + 1]), __float_as_int(sc[3 * k + 2]));
+    a[21] = __float_as_int(sc[63]);
+#pragma unroll
+    for (int k = 0; k < 7; ++k) a[k] = __vimax3_s32(a[3 * k], a[3 * k + 1], a[3 * k + 2]);
+    const int mx = __vimax3_s32(__vimax3_s32(a[0], a[1], a[2]), __vimax3_s32(a[3], a[4], a[5]), max(a[6], a[21]));
+    if (!__any_sync(0xffffffffu, mx > __float_as_int(kZeroMax))) {
+#pragma unroll
+      for (int k = 0; k < kBN / 2; ++k) {
+        sc[k] = exp2_ftz(sc[k]);
+        if constexpr (kSums) sum[(k >> 1) & 1][k & 1] += sc[k];
+      }
+      if constexpr (kSums) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) l[r] += sum[r][0] + sum[r][1];
+      }
+      return false;
+    }
+  }
+  // The general path: a row's first visible keys, a score beyond kZeroMax, or a row outside the window.
+  // The row max from the integer max (row_max_bits); where the row has no score >= +0 that says only
+  // "<= 0", which can move m only from -inf or from a stale max below -kStaleMaxLog2: only then the exact
+  // float tree (its shuffles need the whole warp, hence the vote).
   float m_tile[2];
-  // The row max on the float bits as signed integers, three at a time (VIMNMX3, half the instructions
-  // of a float tree): where the row has a value >= +0 this is the float max, as positive floats order
-  // like their bits. A row with none (negatives, -0, -inf: bits < 0) has a tile max <= 0, which cannot
-  // move m (moves: m_tile > m + kStaleMaxLog2) unless m < -kStaleMaxLog2 (its first visible keys, or
-  // logits that low): only then is the exact float max needed. m_tile is the float tree's, bit for bit.
-  // Session 7 (docs/kernel-log.md): +2-3% on (b), +1% on (c), +0.4% on (a).
   bool exact[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    int a[12];
-#pragma unroll
-    for (int k = 0; k < 10; ++k)
-      a[k] = __vimax3_s32(__float_as_int(sc[elem(3 * k, r)]), __float_as_int(sc[elem(3 * k + 1, r)]),
-                          __float_as_int(sc[elem(3 * k + 2, r)]));
-    a[10] = __float_as_int(sc[elem(30, r)]);
-    a[11] = __float_as_int(sc[elem(31, r)]);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) a[k] = __vimax3_s32(a[3 * k], a[3 * k + 1], a[3 * k + 2]);
-    int mi = max(__vimax3_s32(a[0], a[1], a[2]), a[3]);
-    mi = max(mi, __shfl_xor_sync(0xffffffffu, mi, 1));
-    mi = max(mi, __shfl_xor_sync(0xffffffffu, mi, 2));
-    exact[r] = mi < 0 && m[r] < -kStaleMaxLog2;  // the same in the row's 4 threads
-    m_tile[r] = mi >= 0 ? __int_as_float(mi) * scale_log2 : -INFINITY;
+    const int mi = row_max_bits(sc, r);
+    m_tile[r] = mi >= 0 ? __int_as_float(mi) : -INFINITY;
+    exact[r] = mi < 0 && m[r] < -kStaleMaxLog2;
   }
   if (__any_sync(0xffffffffu, exact[0] || exact[1])) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float mx = row_max_tree(sc, r);
-      if (exact[r]) m_tile[r] = mx * scale_log2;
+      if (exact[r]) m_tile[r] = mx;
     }
   }
+  float m_sub[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    // m[r] = -inf (no visible key yet): any finite tile max moves it and alpha = 2^-inf = 0.
-    const bool moves = m_tile[r] > m[r] + kStaleMaxLog2;
-    alpha[r] = moves ? exp2_ftz(m[r] - m_tile[r]) : 1.f;
-    m[r] = moves ? m_tile[r] : m[r];
-    // Only a masked tile can leave a row with no visible key so far (m = -inf): subtract 0 there, so
-    // its P = 2^-inf = 0 rather than NaN. In an unmasked tile every row's max is finite.
-    const float m_sub = (kMasked && m[r] == -INFINITY) ? 0.f : m[r];
-    float sum0 = 0.f, sum1 = 0.f;  // two chains of 16 dependent adds rather than one of 32
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) {
-      const float x0 = fmaf(sc[4 * j + 2 * r], scale_log2, -m_sub);
-      const float x1 = fmaf(sc[4 * j + 2 * r + 1], scale_log2, -m_sub);
-      const float p0 = exp2_ftz(x0);
-      const float p1 = exp2_ftz(x1);
-      sc[4 * j + 2 * r] = p0;
-      sc[4 * j + 2 * r + 1] = p1;
-      if constexpr (kSums) {
-        sum0 += p0;
-        sum1 += p1;
-      }
-    }
-    if constexpr (kSums) l[r] = fmaf(l[r], alpha[r], sum0 + sum1);
+    const bool moves = m_tile[r] > m[r] + (m[r] == 0.f ? kZeroMax : kStaleMaxLog2);
+    const float m_new = (m_tile[r] >= kZeroMin && m_tile[r] <= kZeroMax) ? 0.f : m_tile[r];
+    alpha[r] = moves ? exp2_ftz(m[r] - m_new) : 1.f;
+    m[r] = moves ? m_new : m[r];
+    m_sub[r] = (kMasked && m[r] == -INFINITY) ? 0.f : m[r];
   }
+#pragma unroll
+  for (int k = 0; k < kBN / 2; ++k) {
+    sc[k] = exp2_ftz(sc[k] - m_sub[(k >> 1) & 1]);
+    if constexpr (kSums) sum[(k >> 1) & 1][k & 1] += sc[k];
+  }
+  if constexpr (kSums) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = fmaf(l[r], alpha[r], sum[r][0] + sum[r][1]);
+  }
+  return __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f);
+}
+
+// This consumer's 64 rows of the Q tile (every 64-column block) times `scale` (scale_log2), rounded back
+// to T, then made visible to the wgmma reads (async proxy) of all 128 threads of the warpgroup (named
+// barrier `bar`). Once per work tile: 32 or 64 elements per thread.
+template <typename T, int D, int kBM>
+__device__ __forceinline__ void scale_q_rows(unsigned char* q_rows, float scale, int bar) {
+  const int t = threadIdx.x & 127;
+#pragma unroll
+  for (int cb = 0; cb < D / 64; ++cb)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      uint4* chunk = reinterpret_cast<uint4*>(q_rows + cb * (kBM * 128) + (k * 128 + t) * 16);
+      uint4 v = *chunk;
+      uint32_t* w = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float2 f;
+        if constexpr (std::is_same_v<T, __nv_bfloat16>)
+          f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[e]));
+        else
+          f = __half22float2(*reinterpret_cast<const __half2*>(&w[e]));
+        w[e] = pack2<T>(f.x * scale, f.y * scale);
+      }
+      *chunk = v;
+    }
+  fence_async_smem();
+  named_bar_sync(bar, 128);
 }
 
 // kPersistent = false: kernel 3 (v8), one CTA per work tile, blockIdx.x = item * heads_q + head.
@@ -410,12 +485,11 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     // Mask (boundary tiles only) and softmax of S_n, whose run is `run`; t = tile index in the run. The
     // work tile's first key tile too takes the unmasked form where its run is unmasked (run 8 of session 6:
     // +1% on (a), +5% with 8 documents, where work tiles are short), at the price of a second inlined copy.
-    auto softmax = [&](const Run& run, int t, float (&alpha)[2]) {
+    auto softmax = [&](const Run& run, int t, float (&alpha)[2]) -> bool {
       const int c0 = run.begin + t * kBN;
       if (run.masked)
-        softmax_tile<true, !S::kOnesSum>(sc, m, l, alpha, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0, lane);
-      else
-        softmax_tile<false, !S::kOnesSum>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
+        return softmax_tile<T, true, !S::kOnesSum>(sc, m, l, alpha, &p.side.cuts[run.cut], row_lo, c0, lane);
+      return softmax_tile<T, false, !S::kOnesSum>(sc, m, l, alpha, nullptr, row_lo, c0, lane);
     };
     auto pack_p = [&]() { acc_to_a_frags<T>(pa, sc); };
 
@@ -424,6 +498,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     }
     // Q of work tile j: full_q's phase j (the producer loads Q once per work tile, even with no key tiles).
     mbar_wait(full_q, static_cast<uint32_t>(j & 1));
+    if (n_tiles > 0) scale_q_rows<T, D, kBM>(smem + (q_wg - sQ), p.scale_log2, 1 + kNC + cw);  // named barrier
     if (n_tiles > 0) {
       // Tile 0: S_0 alone (there is no P V yet), waited for at once.
       int ri = it.run_begin, t = 0;
@@ -460,13 +535,13 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
         wg_wait<1>();  // S_n is complete; P_{n-1} V_{n-1} may still run
         reg_fence(sc);
         release(empty_k, n);
-        softmax(run, t, alpha);
+        const bool rescale = softmax(run, t, alpha);
         wg_wait<0>();
         reg_fence(o);
         reg_fence_u(pa);
         release(empty_v, n - 1);
         // O holds P_0 V_0 + ... + P_{n-1} V_{n-1} at the previous max: bring it to the new one.
-        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+        if (rescale) {
 #pragma unroll
           for (int jj = 0; jj < S::kPV / 8; ++jj)
 #pragma unroll

@@ -154,6 +154,11 @@ def cases(quick, rng):
     # below 0 from their first key tile on, which the forward's integer row max hands to its exact path.
     out.append(("negative logits causal T=1100", [(0, 1100, 0, 1100, "causal")], 1100, 1100, 8, 2, 64, torch.bfloat16))
     out.append(("negative logits full Lq=300 Lk=900", [(0, 300, 0, 900, "full")], 300, 900, 4, 4, 128, torch.float16))
+    # Scores beyond the window in which forward kernels 3/5 subtract 0 (bf16: [-60, 64] in log2 units):
+    # row maxima of 100-300 (2^300 would overflow P without the window), and all scores below -60.
+    out.append(("large logits causal T=900", [(0, 900, 0, 900, "causal")], 900, 900, 8, 2, 64, torch.bfloat16))
+    out.append(("very negative logits full Lq=300 Lk=700", [(0, 300, 0, 700, "full")], 300, 700, 4, 4, 128,
+                torch.bfloat16))
     out.append(("no slices", [], 100, 50, 4, 4, 64, torch.bfloat16))
     out.append(("no keys at all", [(0, 37, 0, 0, "causal")], 37, 0, 4, 2, 128, torch.bfloat16))
     return out
@@ -167,6 +172,10 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
     dout = torch.randn(tq, hq, d, device=dev, generator=gen).to(dt)
     if name.startswith("negative logits"):
         q, k = q.abs(), -3 * k.abs()
+    elif name.startswith("very negative logits"):
+        q, k = q.abs(), -12 * k.abs()
+    elif name.startswith("large logits"):
+        q, k = 8 * q, 8 * k
     scale = 1.0 / math.sqrt(d) if gen.initial_seed() % 2 == 0 else 0.09
     mask = visible_mask(slices, tq, tk, dev)
     has = mask.any(dim=1)
@@ -229,6 +238,15 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
             problems.append(f"forward kernel {kern}: NaN or -inf rows differ")
         errs[f"out_k{kern}"] = (e_fb, errs["out"][1])
         fwd_k[kern] = (o_fb, l_fb)
+    # flexcp's default pair: backward 5 on forward 5's out and lse (whose Q was scaled in T, see
+    # cuda/ffa_fwd_overlap.cu), against the same bound as the backward on forward 0's.
+    g5 = ffa_lib.backward(plan, dout, q, k, v, fwd_k[5][0], fwd_k[5][1], scale, False, kernel=5)
+    for a, nm in zip(g5, ["dq", "dk", "dv"]):
+        r = ref[["dq", "dk", "dv"].index(nm) + 2]
+        e = maxerr(a, r)
+        errs[f"{nm}_f5"] = (e, errs[nm][1])
+        if not e <= 2 * errs[nm][1] + 1e-3 * max(1.0, r.abs().max().item() if r.numel() else 0.0):
+            problems.append(f"backward on forward 5's out/lse {nm}: err {e:.3e}")
     for nm, a, b in (("out", fwd_k[5][0], fwd_k[3][0]), ("lse", fwd_k[5][1], fwd_k[3][1])):
         if not torch.equal(a.view(torch.int16 if a.dtype != torch.float32 else torch.int32),
                            b.view(torch.int16 if b.dtype != torch.float32 else torch.int32)):
