@@ -1,9 +1,8 @@
 // Forward pass v8 (ForwardArgs::kernel = 3) and v10 (kernel 5, the same kernel on a persistent grid: the
 // default of flexcp's ffa backend). v8 is the v4 TMA kernel (ffa_fwd_tma.cu) plus FlashAttention-3's
 // intra-warpgroup overlap, a consumer ring of 3 warpgroups at D=64, a deeper K/V ring with separate K and
-// V barriers, and a softmax that seldom rescales O and, on Q prescaled in shared memory, mostly needs one
-// MUFU per score and nothing else. docs/kernel-log.md "v8" and "v10" have the reasoning
-// and the figures.
+// V barriers, and a softmax that seldom rescales O and mostly needs one FMUL and one MUFU per score (see
+// ZeroWindow). docs/kernel-log.md "v8" and "v10" have the reasoning and the figures.
 //
 // A work tile is one q-side plan item (a q tile) of one query head: tile t = item t / heads_q, head
 // t % heads_q. The plan sorts items longest first, so tile numbers are a global longest-first order.
@@ -28,14 +27,11 @@
 //                        waits for S_n only, masks it (boundary tiles only) and runs its softmax while
 //                        P_{n-1} V_{n-1} and the next consumers' GEMMs keep the tensor cores busy;
 //                        waits for P V, rescales O (rarely: see ZeroWindow) and packs P_n for the next turn.
-//                      Before its first S GEMM of a work tile a consumer multiplies its Q rows by scale_log2
-//                      in place (scale_q_rows), so that scores leave the GEMM in log2 units and most tiles'
-//                      exponentials take the accumulators as they are (softmax_tile).
 //                      At D=64 the P V GEMM runs over [V | ones] (N = 72), so O's extra columns carry the
 //                      row sums (Shape::kOnesSum) and the softmax adds none itself.
-//                      The turns go round the consumers through named barriers 1..NC (barrier NC + 1 + c is
-//                      consumer c's own, for its Q scaling), so the tensor cores see one consumer's GEMM
-//                      pair after another's and every softmax has other GEMMs to hide behind.
+//                      The turns go round the consumers through named barriers 1..NC, so the tensor cores
+//                      see one consumer's GEMM pair after another's and every softmax has other GEMMs
+//                      to hide behind.
 //   epilogue           each consumer normalizes its rows, stages them in its own rows of the Q tile
 //                      (kernel 3: its last S GEMM has read them) or of the staging tile (kernel 5), and
 //                      writes out and lse.
@@ -49,7 +45,6 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "cuda/ffa_device.cuh"
 #include "cuda/ffa_epilogue.cuh"
@@ -98,19 +93,17 @@ struct Shape {
   static_assert(kSmem + kPersistentExtraSmem <= 227 * 1024, "kernel 5 needs more shared memory than a block has");
 };
 
-// P = 2^(s - m) with s in log2 units: Q arrives multiplied by scale_log2 (scale_q_rows), so S comes out of
-// the GEMM in those units. m is what a row subtracts, in one of three states:
+// P = 2^(s * c - m) with c = scale_log2 applied in fp32 (the scale stays exact). m is what a row subtracts,
+// in one of three states:
 //   -inf      no visible key yet (P = 2^-inf = 0 for masked columns; rows subtract 0 there);
-//   0         the row's max lies in the zero window [ZeroWindow::kMin, kMax]: bf16 [-60, 64], so P <= 2^64
-//             (O's and l's fp32 sums hold that) and the row's largest P >= 2^-60 is a normal float with
-//             everything that matters below it; fp16 holds only to 65504, hence [-2, 8];
-//   stale     otherwise (scores beyond the window): the row's max, kept until a tile's max exceeds it by
-//             kStaleMaxLog2, so P <= 2^8 and O is rescaled only when it moves.
-// Once its first keys are seen, nearly every row subtracts 0, and in a tile where every row of the warp
-// does and no score exceeds the window, the exponent of an element is the accumulator itself: one MUFU
-// per element and no FFMA, no per-row max, no rescale (session 8, docs/kernel-log.md run 17: +10% on
-// (a)). The price is Q * scale_log2 rounded to T once, an error of the size a bf16 PyTorch computation
-// makes (it rounds q * scale the same way); forward kernel 0 keeps the scale in fp32. The result is the
+//   0         the row's max lies in the zero window [ZeroWindow::kMin, kMax] (log2 units): bf16 [-60, 64],
+//             so P <= 2^64 (O's and l's fp32 sums hold that) and the row's largest P >= 2^-60 is a
+//             normal float with everything that matters below it; fp16 holds only to 65504, hence [-2, 8];
+//   stale     otherwise: the row's max, kept until a tile's max exceeds it by kStaleMaxLog2, so P <= 2^8
+//             and O is rescaled only when it moves.
+// After its first keys nearly every row subtracts 0, and in a tile where every row of the warp does and
+// no score exceeds the window, an element costs one FMUL and one MUFU: no per-row max, no FFMA against
+// it, no rescale vote (session 8, docs/kernel-log.md run 18: +2.5% on (a), +3% on (c)). The result is the
 // same softmax for any m: out = O / l and lse = m + log2(l).
 template <typename T>
 struct ZeroWindow {
@@ -171,12 +164,12 @@ __device__ __forceinline__ int row_max_bits(const float (&sc)[kBN / 2], int r) {
 }
 
 // Online softmax of one 64 x 128 S tile in the wgmma accumulator layout (thread element 4j + 2r + e is row
-// (lane / 4) + 8r of the warp's 16, column 8j + 2 (lane % 4) + e), scores in log2 units: masks it
-// (kMasked: boundary tiles only), leaves P (unnormalized, fp32) in sc, updates m and, with kSums, the
-// thread's partial row sums l. Returns whether O must be scaled by alpha (warp-uniform).
+// (lane / 4) + 8r of the warp's 16, column 8j + 2 (lane % 4) + e), c = scale_log2: masks it (kMasked:
+// boundary tiles only), leaves P (unnormalized, fp32) in sc, updates m and, with kSums, the thread's
+// partial row sums l. Returns whether O must be scaled by alpha (warp-uniform).
 template <typename T, bool kMasked, bool kSums>
 __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                             const CutSlice* cut, int row0, int c0, int lane) {
+                                             float c, const CutSlice* cut, int row0, int c0, int lane) {
   constexpr float kZeroMax = ZeroWindow<T>::kMax, kZeroMin = ZeroWindow<T>::kMin;
   if constexpr (kMasked) {
 #pragma unroll
@@ -194,7 +187,7 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
   float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // per row, two chains of 16 adds (kSums only)
   if (__all_sync(0xffffffffu, m[0] == 0.f && m[1] == 0.f)) {
     // The fast path. Only whether some score exceeds kZeroMax matters: the max over both rows' bits, 21
-    // VIMNMX3 and one vote (kZeroMax > 0, and floats >= +0 order like their bits).
+    // VIMNMX3 and one vote (c > 0 and kZeroMax > 0, and floats >= +0 order like their bits).
     int a[22];
 #pragma unroll
     for (int k = 0; k < 21; ++k)
@@ -203,10 +196,10 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
 #pragma unroll
     for (int k = 0; k < 7; ++k) a[k] = __vimax3_s32(a[3 * k], a[3 * k + 1], a[3 * k + 2]);
     const int mx = __vimax3_s32(__vimax3_s32(a[0], a[1], a[2]), __vimax3_s32(a[3], a[4], a[5]), max(a[6], a[21]));
-    if (!__any_sync(0xffffffffu, mx > __float_as_int(kZeroMax))) {
+    if (!__any_sync(0xffffffffu, mx > __float_as_int(kZeroMax / c))) {
 #pragma unroll
       for (int k = 0; k < kBN / 2; ++k) {
-        sc[k] = exp2_ftz(sc[k]);
+        sc[k] = exp2_ftz(sc[k] * c);
         if constexpr (kSums) sum[(k >> 1) & 1][k & 1] += sc[k];
       }
       if constexpr (kSums) {
@@ -225,14 +218,14 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int mi = row_max_bits(sc, r);
-    m_tile[r] = mi >= 0 ? __int_as_float(mi) : -INFINITY;
+    m_tile[r] = mi >= 0 ? __int_as_float(mi) * c : -INFINITY;
     exact[r] = mi < 0 && m[r] < -kStaleMaxLog2;
   }
   if (__any_sync(0xffffffffu, exact[0] || exact[1])) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float mx = row_max_tree(sc, r);
-      if (exact[r]) m_tile[r] = mx;
+      if (exact[r]) m_tile[r] = mx * c;
     }
   }
   float m_sub[2];
@@ -246,7 +239,7 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
   }
 #pragma unroll
   for (int k = 0; k < kBN / 2; ++k) {
-    sc[k] = exp2_ftz(sc[k] - m_sub[(k >> 1) & 1]);
+    sc[k] = exp2_ftz(fmaf(sc[k], c, -m_sub[(k >> 1) & 1]));
     if constexpr (kSums) sum[(k >> 1) & 1][k & 1] += sc[k];
   }
   if constexpr (kSums) {
@@ -254,34 +247,6 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
     for (int r = 0; r < 2; ++r) l[r] = fmaf(l[r], alpha[r], sum[r][0] + sum[r][1]);
   }
   return __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f);
-}
-
-// This consumer's 64 rows of the Q tile (every 64-column block) times `scale` (scale_log2), rounded back
-// to T, then made visible to the wgmma reads (async proxy) of all 128 threads of the warpgroup (named
-// barrier `bar`). Once per work tile: 32 or 64 elements per thread.
-template <typename T, int D, int kBM>
-__device__ __forceinline__ void scale_q_rows(unsigned char* q_rows, float scale, int bar) {
-  const int t = threadIdx.x & 127;
-#pragma unroll
-  for (int cb = 0; cb < D / 64; ++cb)
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      uint4* chunk = reinterpret_cast<uint4*>(q_rows + cb * (kBM * 128) + (k * 128 + t) * 16);
-      uint4 v = *chunk;
-      uint32_t* w = reinterpret_cast<uint32_t*>(&v);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float2 f;
-        if constexpr (std::is_same_v<T, __nv_bfloat16>)
-          f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[e]));
-        else
-          f = __half22float2(*reinterpret_cast<const __half2*>(&w[e]));
-        w[e] = pack2<T>(f.x * scale, f.y * scale);
-      }
-      *chunk = v;
-    }
-  fence_async_smem();
-  named_bar_sync(bar, 128);
 }
 
 // kPersistent = false: kernel 3 (v8), one CTA per work tile, blockIdx.x = item * heads_q + head.
@@ -488,8 +453,9 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     auto softmax = [&](const Run& run, int t, float (&alpha)[2]) -> bool {
       const int c0 = run.begin + t * kBN;
       if (run.masked)
-        return softmax_tile<T, true, !S::kOnesSum>(sc, m, l, alpha, &p.side.cuts[run.cut], row_lo, c0, lane);
-      return softmax_tile<T, false, !S::kOnesSum>(sc, m, l, alpha, nullptr, row_lo, c0, lane);
+        return softmax_tile<T, true, !S::kOnesSum>(sc, m, l, alpha, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0,
+                                                   lane);
+      return softmax_tile<T, false, !S::kOnesSum>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
     };
     auto pack_p = [&]() { acc_to_a_frags<T>(pa, sc); };
 
@@ -498,7 +464,6 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     }
     // Q of work tile j: full_q's phase j (the producer loads Q once per work tile, even with no key tiles).
     mbar_wait(full_q, static_cast<uint32_t>(j & 1));
-    if (n_tiles > 0) scale_q_rows<T, D, kBM>(smem + (q_wg - sQ), p.scale_log2, 1 + kNC + cw);  // named barrier
     if (n_tiles > 0) {
       // Tile 0: S_0 alone (there is no P V yet), waited for at once.
       int ri = it.run_begin, t = 0;
