@@ -155,10 +155,14 @@ def cases(quick, rng):
     out.append(("negative logits causal T=1100", [(0, 1100, 0, 1100, "causal")], 1100, 1100, 8, 2, 64, torch.bfloat16))
     out.append(("negative logits full Lq=300 Lk=900", [(0, 300, 0, 900, "full")], 300, 900, 4, 4, 128, torch.float16))
     # Scores beyond the window in which forward kernels 3/5 subtract 0 (bf16: [-60, 64] in log2 units):
-    # row maxima of 100-300 (2^300 would overflow P without the window's bound), all scores below -60.
+    # row maxima of 100-300 (2^300 would overflow P without the window's bound), and row maxima of about
+    # -200 (their P would all flush to 0 without its lower bound).
     out.append(("large logits causal T=900", [(0, 900, 0, 900, "causal")], 900, 900, 8, 2, 64, torch.bfloat16))
     out.append(("very negative logits full Lq=300 Lk=700", [(0, 300, 0, 700, "full")], 300, 700, 4, 4, 128,
                 torch.bfloat16))
+    # Rows that enter the window on their first key tile and meet scores of a few hundred after it: the
+    # tiles whose every row subtracts 0 must still see that a score left the window.
+    out.append(("growing logits full Lq=200 Lk=600", [(0, 200, 0, 600, "full")], 200, 600, 8, 2, 64, torch.bfloat16))
     out.append(("no slices", [], 100, 50, 4, 4, 64, torch.bfloat16))
     out.append(("no keys at all", [(0, 37, 0, 0, "causal")], 37, 0, 4, 2, 128, torch.bfloat16))
     return out
@@ -173,9 +177,11 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
     if name.startswith("negative logits"):
         q, k = q.abs(), -3 * k.abs()
     elif name.startswith("very negative logits"):
-        q, k = q.abs(), -12 * k.abs()
+        q, k = q.abs(), -40 * k.abs()
     elif name.startswith("large logits"):
         q, k = 8 * q, 8 * k
+    elif name.startswith("growing logits"):
+        k[128:] *= 40  # the first key tile's scores are small, the later ones reach a few hundred
     scale = 1.0 / math.sqrt(d) if gen.initial_seed() % 2 == 0 else 0.09
     mask = visible_mask(slices, tq, tk, dev)
     has = mask.any(dim=1)
