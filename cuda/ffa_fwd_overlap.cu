@@ -174,6 +174,8 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
   if constexpr (kMasked) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
+      // Visible columns of this row relative to the thread's first column 2 (lane % 4): element (j, e)
+      // is column 8j + e of that, so each test compares against a constant.
       int lo, hi;
       visible_cols(*cut, row0 + 8 * r, c0 + (lane & 3) * 2, lo, hi);
 #pragma unroll
@@ -231,10 +233,13 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
   float m_sub[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
+    // m[r] = -inf (no visible key yet): any finite tile max moves it and alpha = 2^-inf = 0.
     const bool moves = m_tile[r] > m[r] + (m[r] == 0.f ? kZeroMax : kStaleMaxLog2);
     const float m_new = (m_tile[r] >= kZeroMin && m_tile[r] <= kZeroMax) ? 0.f : m_tile[r];
     alpha[r] = moves ? exp2_ftz(m[r] - m_new) : 1.f;
     m[r] = moves ? m_new : m[r];
+    // Only a masked tile can leave a row with no visible key so far (m = -inf): subtract 0 there, so its
+    // P = 2^-inf = 0 rather than NaN. In an unmasked tile every row's max is finite.
     m_sub[r] = (kMasked && m[r] == -INFINITY) ? 0.f : m[r];
   }
 #pragma unroll
@@ -505,7 +510,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
         reg_fence(o);
         reg_fence_u(pa);
         release(empty_v, n - 1);
-        // O holds P_0 V_0 + ... + P_{n-1} V_{n-1} at the previous max: bring it to the new one.
+        // O holds P_0 V_0 + ... + P_{n-1} V_{n-1} against the previous m: bring it to the new one.
         if (rescale) {
 #pragma unroll
           for (int jj = 0; jj < S::kPV / 8; ++jj)
