@@ -11,8 +11,11 @@
 //   kernel 5   min(SMs, tiles) CTAs; CTA b runs tiles persistent_tile(j, b, grid, tiles), j = 0, 1, ...
 //              (cuda/ffa_schedule.h: round-robin, serpentine). The barriers are set up once; the K/V
 //              ring and its phases run on across tiles, so the producer loads the next tile's first K/V
-//              while the consumers finish the previous tile; the epilogue stages through its own tile,
-//              so the consumers free Q after their last S GEMM and the next Q loads during the epilogue.
+//              while the consumers finish the previous tile. Two Q buffers (tile j uses buffer j % 2),
+//              so the next tile's Q lands while this one runs, and a tile's last P V goes to the tensor
+//              cores in the next tile's first turn, beside its S_0: a consumer's epilogue then overlaps
+//              the other consumers' GEMMs instead of leaving the tensor cores idle at every tile
+//              boundary (session 9, docs/kernel-log.md run 21: +0.5-1% on (a), +2-3% with 8 documents).
 // Per work tile:
 //   warpgroup 0        producer. One thread issues TMA copies: Q, then K_0 (kernel 5: K_0, then Q once the
 //                      consumers freed it), then per key tile n >= 1 K_n followed by V_{n-1} (the order
@@ -27,14 +30,16 @@
 //                        waits for S_n only, masks it (boundary tiles only) and runs its softmax while
 //                        P_{n-1} V_{n-1} and the next consumers' GEMMs keep the tensor cores busy;
 //                        waits for P V, rescales O (rarely: see ZeroWindow) and packs P_n for the next turn.
+//                      Its last P V waits for the first turn of its next tile (kernel 3: it is issued
+//                      alone after the last softmax).
 //                      At D=64 the P V GEMM runs over [V | ones] (N = 72), so O's extra columns carry the
 //                      row sums (Shape::kOnesSum) and the softmax adds none itself.
 //                      The turns go round the consumers through named barriers 1..NC, so the tensor cores
 //                      see one consumer's GEMM pair after another's and every softmax has other GEMMs
 //                      to hide behind.
-//   epilogue           each consumer normalizes its rows, stages them in its own rows of the Q tile
-//                      (kernel 3: its last S GEMM has read them) or of the staging tile (kernel 5), and
-//                      writes out and lse.
+//   epilogue           each consumer normalizes its rows, stages them in its own rows of the tile's Q
+//                      buffer (its own S GEMMs, the only readers of those rows, are complete), and writes
+//                      out and lse; kernel 5 then hands the buffer back to the producer.
 // No CTA-wide barrier after the setup. Tiles, masks and empty rows as in the other forward kernels.
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -85,11 +90,12 @@ struct Shape {
   static constexpr bool kOnesSum = D == 64;
   static constexpr uint32_t kOnesBytes = kOnesSum ? kBN * 128 : 0;
   static constexpr int kPV = D + (kOnesSum ? 8 : 0);  // the P V GEMM's N
-  static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + kOnesBytes + 1024 + 8 * (1 + 4 * kStages);
+  // mbarriers: full_q and empty_q for each of two Q buffers, full/empty for K and V per stage.
+  static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + kOnesBytes + 1024 + 8 * (4 + 4 * kStages);
   static_assert(kSmem <= 227 * 1024, "dynamic shared memory per block on sm_90");
-  // Kernel 5 adds the empty_q mbarrier and the epilogue's own staging tile (kBM rows, Q's layout):
-  // 197776 bytes in all at D=64 (with the ones block), 197712 at D=128, of the 232448 (227 KB) a block may have.
-  static constexpr int kPersistentExtraSmem = kQBytes + 8;
+  // Kernel 5 adds a second Q buffer (kBM rows; the epilogue of a work tile stages in its tile's buffer):
+  // 197792 bytes in all at D=64 (with the ones block), 197728 at D=128, of the 232448 (227 KB) a block may have.
+  static constexpr int kPersistentExtraSmem = kQBytes;
   static_assert(kSmem + kPersistentExtraSmem <= 227 * 1024, "kernel 5 needs more shared memory than a block has");
 };
 
@@ -269,14 +275,16 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t sQ = (raw + 1023u) & ~1023u;  // 128B-swizzled tiles want 1024-byte alignment
   unsigned char* smem = smem_raw + (sQ - raw);
-  const uint32_t sK = sQ + S::kQBytes, sV = sK + kStages * S::kKVBytes;
-  // Kernel 5: the epilogue's own staging tile (Q's shape and layout), so that the next work
-  // tile's Q can land while this one's epilogue runs. Kernel 3 stages in the Q tile.
+  // Q buffers: work tile j uses buffer j % kQBuffers, for its Q and then as its epilogue's staging tile.
+  // Kernel 5 has two, so that the next work tile's Q lands while this one runs, and a work tile's
+  // epilogue can wait until the next work tile's first S GEMM is on the tensor cores.
+  constexpr int kQBuffers = kPersistent ? 2 : 1;
+  const uint32_t sK = sQ + kQBuffers * S::kQBytes, sV = sK + kStages * S::kKVBytes;
   const uint32_t sOnes = sV + kStages * S::kKVBytes;  // S::kOnesBytes of 1.0 (kOnesSum only)
-  const uint32_t sO = sOnes + S::kOnesBytes;
-  // mbarriers (8 bytes each): full_q, then per stage full_k, full_v, empty_k, empty_v; kernel 5 then empty_q.
-  const uint32_t full_q = sO + (kPersistent ? S::kQBytes : 0);
-  const uint32_t full_k = full_q + 8, full_v = full_k + 8 * kStages;
+  // mbarriers (8 bytes each): full_q (one per Q buffer), per stage full_k, full_v, empty_k, empty_v, then
+  // empty_q (one per Q buffer; kernel 5 only).
+  const uint32_t full_q = sOnes + S::kOnesBytes;
+  const uint32_t full_k = full_q + 16, full_v = full_k + 8 * kStages;
   const uint32_t empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
   const uint32_t empty_q = empty_v + 8 * kStages;
 
@@ -287,14 +295,15 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   const Run* runs = p.side.runs;
 
   if (tid == 0) {
-    mbar_init(full_q, 1);
+    for (int b = 0; b < kQBuffers; ++b) mbar_init(full_q + 8 * b, 1);
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full_k + 8 * s, 1);
       mbar_init(full_v + 8 * s, 1);
       mbar_init(empty_k + 8 * s, 4 * kNC);  // one arrival per consumer warp
       mbar_init(empty_v + 8 * s, 4 * kNC);
     }
-    if (kPersistent) mbar_init(empty_q, 4 * kNC);
+    if (kPersistent)
+      for (int b = 0; b < kQBuffers; ++b) mbar_init(empty_q + 8 * b, 4 * kNC);
     mbar_init_fence();
   }
   if constexpr (S::kOnesSum) {  // the ones block, written once, read by every P V GEMM (async proxy)
@@ -338,16 +347,18 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     if (tid == 0) {
       int n = 0;
       for_each_tile([&](const Item& it, int h, int hk, int j) {
-        // Q of work tile j. Kernel 5 first waits until every consumer warp released work tile j - 1's Q
-        // (empty_q completes phase j - 1 once all 4 * kNC warps arrived; they arrive after their last S
-        // GEMM of the tile completed, or without the own staging tile after the epilogue read its rows
-        // of the Q tile back). A consumer arrives only after it saw full_q's phase j - 1, which this
-        // thread started, so empty_q is never more than one phase ahead of this wait.
+        // Q of work tile j into buffer b = j % kQBuffers. Kernel 5 first waits until every consumer warp
+        // released work tile j - 2's use of it (empty_q[b] completes its phase (j - 2) / 2 once all 4 * kNC
+        // warps arrived; they arrive after their epilogue, which stages in the buffer, wrote it out). A
+        // consumer arrives only after it saw full_q[b]'s phase (j - 2) / 2, which this thread started, so
+        // empty_q[b] is never more than one phase ahead of this wait.
         auto load_q = [&]() {
-          if (kPersistent && j > 0) mbar_wait(empty_q, (j - 1) & 1);
-          mbar_expect_tx(full_q, S::kQBytes);
+          const int b = j % kQBuffers;
+          if (kPersistent && j >= kQBuffers) mbar_wait(empty_q + 8 * b, ((j / kQBuffers) - 1) & 1);
+          mbar_expect_tx(full_q + 8 * b, S::kQBytes);
 #pragma unroll
-          for (int cb = 0; cb < kCB; ++cb) tma_load_3d(sQ + cb * (kBM * 128), &tm_q, cb * 64, h, it.row_begin, full_q);
+          for (int cb = 0; cb < kCB; ++cb)
+            tma_load_3d(sQ + b * S::kQBytes + cb * (kBM * 128), &tm_q, cb * 64, h, it.row_begin, full_q + 8 * b);
         };
         if constexpr (!kPersistent) load_q();
         // Tile `pos` (a ring position) of K or V (keys from c0) into its stage, once every consumer warp
@@ -390,68 +401,116 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   setmaxnreg_inc<S::kConsumerRegs>();
   const int cw = wg - 1;                                    // consumer 0 .. kNC - 1
   const int bar_mine = 1 + cw, bar_next = 1 + (cw + 1) % kNC;  // named barriers (0 is __syncthreads)
-  const uint32_t q_wg = sQ + cw * 64 * 128;                 // this consumer's 64 rows of Q
 
   // The turn ring: named barrier 1 + c is consumer c's turn (bar.sync by c, bar.arrive by c - 1, 256
   // threads). One turn token circulates: the last consumer gives consumer 0 the first turn, every turn
   // ends with an arrive on the next consumer's barrier, and consumer 0 takes the last consumer's final
   // arrive at the end. So each barrier has at most one arrive outstanding, which its sync consumes before
-  // another can be posted (the next arrive on it needs the token to go round). Kernel 3 starts and ends
-  // the ring in its one work tile; kernel 5 once for all its tiles (below and after the tile loop): the
-  // token just goes on round across tiles, since every consumer of a CTA takes one turn per key tile of
-  // the same work tiles. (Starting and ending it per tile would let the last consumer post the next
-  // tile's start arrive on barrier 1 before consumer 0 took the previous end arrive: two arrives of one
-  // warpgroup on one barrier, which completes it without consumer 0 and deadlocks the ring.) A work tile
-  // with no key tiles takes no turn; a CTA with no work tile still pairs the start arrive with the end sync.
-  if constexpr (kPersistent) {
-    if (cw == kNC - 1) named_bar_arrive(1, 256);
-  }
+  // another can be posted (the next arrive on it needs the token to go round). The ring starts and ends
+  // once for all of a CTA's work tiles (below and after the tile loop): the token just goes on round
+  // across tiles, since every consumer of a CTA takes one turn per key tile of the same work tiles.
+  // (Starting and ending it per tile would let the last consumer post the next tile's start arrive on
+  // barrier 1 before consumer 0 took the previous end arrive: two arrives of one warpgroup on one barrier,
+  // which completes it without consumer 0 and deadlocks the ring.) A work tile with no key tiles takes no
+  // turn; a CTA with no work tile still pairs the start arrive with the end sync.
+  if (cw == kNC - 1) named_bar_arrive(1, 256);  // the ring starts with consumer 0
+
+  // Consumer state that lives across work tiles: a work tile's last P V is not issued on its own after
+  // its last softmax (with the tensor cores waiting for this consumer's epilogue and its next tile's
+  // first softmax) but in the next work tile's first turn, beside that tile's S_0; the work tile's
+  // epilogue then runs while the other consumers' GEMMs keep the tensor cores busy. `pending` says that
+  // a work tile's last P (in pa) and its O, m, l wait for that; `prev` says which work tile it was.
+  float o[S::kPV / 2];  // O; with kOnesSum also its row sums (fragment D / 8: columns D .. D + 7)
+  float m[2], l[2];
+  float sc[kBN / 2];         // S_n, then P_n in fp32
+  uint32_t pa[kBN / 16][4];  // P_{n-1} as the A operand of the P V GEMM (bf16/fp16 pairs)
+  struct PendingTile {
+    int h, row_begin, row_end;
+    int buffer;  // its Q buffer, where its epilogue stages
+    int pos;     // ring position of its last key tile (the V of the pending P V)
+  } prev{};
+  bool pending = false;
   int n_base = 0;  // ring position of the work tile's first key tile (the producer's n there)
+
+  // Ring position pos: its K/V stage and its phase parity there.
+  auto stage = [](int pos) { return pos % kStages; };
+  auto parity = [](int pos) { return static_cast<uint32_t>((pos / kStages) & 1); };
+  // S = Q K^T for the key tile at ring position pos (SS-wgmma m64n128k16, K-major operands), Q from buffer b;
+  // the caller fences and commits. Each operand's descriptor is built once per GEMM and stepped by
+  // desc_add (one add per k-step; the full build is ~6 dependent uniform-datapath ops in front of every
+  // wgmma). opaque_u32 keeps NVVM from hoisting the Q descriptors of every k-step out of the tile loop.
+  auto issue_s = [&](int pos, int b) {
+    const uint64_t q_d = smem_desc(opaque_u32(sQ + b * S::kQBytes + cw * 64 * 128), 16, 1024);
+    const uint64_t k_d = smem_desc(sK + stage(pos) * S::kKVBytes, 16, 1024);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t koff = (kk & 3) * 32;
+      wgmma_ss<T, kBN>(sc, desc_add(q_d, (kk >> 2) * (kBM * 128) + koff),
+                       desc_add(k_d, (kk >> 2) * (kBN * 128) + koff), kk > 0 ? 1 : 0);
+    }
+  };
+  // O += P V for the V tile at ring position pos (RS-wgmma, V read N-major: LBO = the next 64-column block).
+  auto issue_pv = [&](int pos) {
+    const uint32_t v_st = sV + stage(pos) * S::kKVBytes;
+    // With kOnesSum, columns D .. D + 7 of B come from the ones block: the leading byte offset (the
+    // distance to B's next 64 columns) points there from this stage.
+    const uint64_t v_d = smem_desc(v_st, S::kOnesSum ? sOnes - v_st : kBN * 128, 1024);
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb<T, S::kPV>(o, pa[kk], desc_add(v_d, kk * 16 * 128));
+  };
+  // One arrival per warp once the warp's wgmma reads of the stage are complete.
+  auto release = [&](uint32_t empty, int pos) {
+    if (lane == 0) mbar_arrive(empty + 8 * stage(pos));
+  };
+  auto pack_p = [&]() { acc_to_a_frags<T>(pa, sc); };
+  // Epilogue of work tile t (O, l and m as its rows left them) through this warp's own 16 rows of the
+  // tile's Q buffer: every S GEMM of this consumer on it is complete, and each of a consumer's S GEMMs
+  // reads only the consumer's own 64 rows. Kernel 5 then hands the buffer back to the producer: the
+  // proxy fence orders these generic writes and reads before the next Q's TMA writes.
+  auto epilogue = [&](const PendingTile& t, const float (&ot)[S::kPV / 2], const float (&mt)[2],
+                      const float (&lt)[2]) {
+    unsigned char* staging = smem + t.buffer * S::kQBytes;
+    T* out = static_cast<T*>(p.out) + t.h * p.o_sh;
+    float* lse = p.lse + t.h * p.lse_sh;
+    if constexpr (S::kOnesSum) {
+      // The row sums are O's column D (every column of fragment D / 8 holds them), whole in every lane.
+      const float l_full[2] = {ot[D / 2], ot[D / 2 + 2]};
+      store_out_lse_warp_rows<T, D, kBM, true>(staging, (warp - 4) * 16,
+                                               *reinterpret_cast<const float(*)[D / 2]>(&ot[0]), l_full, mt, out,
+                                               p.o_st, lse, p.lse_st, t.row_begin, t.row_end);
+    } else {
+      store_out_lse_warp_rows<T, D, kBM>(staging, (warp - 4) * 16, ot, lt, mt, out, p.o_st, lse, p.lse_st,
+                                         t.row_begin, t.row_end);
+    }
+    if constexpr (kPersistent) {
+      fence_async_smem();
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty_q + 8 * t.buffer);
+    }
+  };
+  // The pending work tile's last P V outside the ring (no S GEMM of ours to pair it with), then its epilogue.
+  auto flush = [&]() {
+    mbar_wait(full_v + 8 * stage(prev.pos), parity(prev.pos));
+    wg_fence();
+    issue_pv(prev.pos);
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(o);
+    reg_fence_u(pa);
+    release(empty_v, prev.pos);
+    epilogue(prev, o, m, l);
+    pending = false;
+  };
 
   for_each_tile([&](const Item& it, int h, int /*hk*/, int j) {
     const int row_lo = it.row_begin + (warp - 4) * 16 + (lane >> 2);  // the thread's rows: row_lo, row_lo + 8
+    const int b = j % kQBuffers;
+    const PendingTile cur{h, it.row_begin, it.row_end, b, 0};
 
     int n_tiles = 0;
 #pragma unroll 1
     for (int ri = it.run_begin; ri < it.run_end; ++ri) n_tiles += runs[ri].tiles;
 
-    float o[S::kPV / 2];  // O; with kOnesSum also its row sums (fragment D / 8: columns D .. D + 7)
-#pragma unroll
-    for (int jj = 0; jj < S::kPV / 2; ++jj) o[jj] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-    float sc[kBN / 2];         // S_n, then P_n in fp32
-    uint32_t pa[kBN / 16][4];  // P_{n-1} as the A operand of the P V GEMM (bf16/fp16 pairs)
-
-    // Key tile n of this work tile sits at ring position n_base + n: its stage and its phase parity.
-    auto stage = [&](int n) { return (n_base + n) % kStages; };
-    auto parity = [&](int n) { return static_cast<uint32_t>(((n_base + n) / kStages) & 1); };
-    // S_n = Q K_n^T (SS-wgmma m64n128k16, K-major operands); the caller fences and commits.
-    // Each operand's descriptor is built once per GEMM and stepped by desc_add (one add per k-step; the
-    // full build is ~6 dependent uniform-datapath ops in front of every wgmma). opaque_u32 keeps NVVM from
-    // hoisting the Q descriptors of every k-step out of the tile loop into registers.
-    auto issue_s = [&](int n) {
-      const uint64_t q_d = smem_desc(opaque_u32(q_wg), 16, 1024);
-      const uint64_t k_d = smem_desc(sK + stage(n) * S::kKVBytes, 16, 1024);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t koff = (kk & 3) * 32;
-        wgmma_ss<T, kBN>(sc, desc_add(q_d, (kk >> 2) * (kBM * 128) + koff),
-                         desc_add(k_d, (kk >> 2) * (kBN * 128) + koff), kk > 0 ? 1 : 0);
-      }
-    };
-    // O += P_n V_n (RS-wgmma, V read N-major: LBO = the next 64-column block).
-    auto issue_pv = [&](int n) {
-      const uint32_t v_st = sV + stage(n) * S::kKVBytes;
-      // With kOnesSum, columns D .. D + 7 of B come from the ones block: the leading byte offset (the
-      // distance to B's next 64 columns) points there from this stage.
-      const uint64_t v_d = smem_desc(v_st, S::kOnesSum ? sOnes - v_st : kBN * 128, 1024);
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb<T, S::kPV>(o, pa[kk], desc_add(v_d, kk * 16 * 128));
-    };
-    // One arrival per warp once the warp's wgmma reads of the stage are complete.
-    auto release = [&](uint32_t empty, int n) {
-      if (lane == 0) mbar_arrive(empty + 8 * stage(n));
-    };
     // Mask (boundary tiles only) and softmax of S_n, whose run is `run`; t = tile index in the run. The
     // work tile's first key tile too takes the unmasked form where its run is unmasked (run 8 of session 6:
     // +1% on (a), +5% with 8 documents, where work tiles are short), at the price of a second inlined copy.
@@ -462,108 +521,100 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
                                                    lane);
       return softmax_tile<T, false, !S::kOnesSum>(sc, m, l, alpha, p.scale_log2, nullptr, row_lo, c0, lane);
     };
-    auto pack_p = [&]() { acc_to_a_frags<T>(pa, sc); };
 
-    if constexpr (!kPersistent) {
-      if (cw == kNC - 1) named_bar_arrive(1, 256);  // the ring starts with consumer 0
+    // Q of work tile j: full_q[b]'s phase j / kQBuffers (the producer loads Q once per work tile, even with
+    // no key tiles).
+    mbar_wait(full_q + 8 * b, static_cast<uint32_t>((j / kQBuffers) & 1));
+    if (n_tiles == 0) {
+      // No key tiles: no turn; out 0 and lse -inf for every row (l = 0), staged through its Q buffer. (Its
+      // own zeros, not O's registers: ptxas would see them written while a P V on them might be in flight,
+      // C7515, and serialize every wgmma of the kernel.)
+      if (pending) flush();
+      const float zeros[S::kPV / 2] = {}, no_max[2] = {-INFINITY, -INFINITY}, no_sum[2] = {0.f, 0.f};
+      epilogue(cur, zeros, no_max, no_sum);
+      return;
     }
-    // Q of work tile j: full_q's phase j (the producer loads Q once per work tile, even with no key tiles).
-    mbar_wait(full_q, static_cast<uint32_t>(j & 1));
-    if (n_tiles > 0) {
-      // Tile 0: S_0 alone (there is no P V yet), waited for at once.
-      int ri = it.run_begin, t = 0;
-      Run run = runs[ri];
-      float alpha[2];
-      mbar_wait(full_k + 8 * stage(0), parity(0));
+
+    // Key tile 0: S_0, and in the same turn the pending work tile's last P V (P in pa, O in o).
+    int ri = it.run_begin, t = 0;
+    Run run = runs[ri];
+    float alpha[2];
+    mbar_wait(full_k + 8 * stage(n_base), parity(n_base));
+    named_bar_sync(bar_mine, 256);
+    wg_fence();
+    issue_s(n_base, b);
+    wg_commit();
+    if (pending) {
+      mbar_wait(full_v + 8 * stage(prev.pos), parity(prev.pos));
+      wg_fence();
+      issue_pv(prev.pos);
+      wg_commit();
+    }
+    named_bar_arrive(bar_next, 256);
+    // Both GEMMs waited for at once: a wait for S_0 alone would leave the pending P V in flight on one
+    // path only, and ptxas, which does not correlate the two branches on `pending`, then serializes every
+    // wgmma of the kernel (C7514). The P V is short, and the other consumers' GEMMs run meanwhile.
+    wg_wait<0>();
+    reg_fence(sc);
+    reg_fence(o);
+    reg_fence_u(pa);
+    release(empty_k, n_base);
+    if (pending) release(empty_v, prev.pos);
+    // The pending tile's m and l (its epilogue needs them) before this tile's softmax starts afresh.
+    const float m_prev[2] = {m[0], m[1]}, l_prev[2] = {l[0], l[1]};
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.f;
+    softmax(run, t, alpha);  // this tile's O starts at 0: no rescale
+    pack_p();
+    if (pending) {
+      epilogue(prev, o, m_prev, l_prev);
+      pending = false;
+    }
+#pragma unroll
+    for (int jj = 0; jj < S::kPV / 2; ++jj) o[jj] = 0.f;
+
+    for (int n = 1; n < n_tiles; ++n) {
+      if (++t == run.tiles) {  // tile n's run (read now: its latency hides behind the GEMMs)
+        run = runs[++ri];
+        t = 0;
+      }
+      const int pos = n_base + n;
+      mbar_wait(full_k + 8 * stage(pos), parity(pos));
+      // Our turn: S_n and P_{n-1} V_{n-1} go to the tensor cores back to back.
       named_bar_sync(bar_mine, 256);
       wg_fence();
-      issue_s(0);
+      issue_s(pos, b);
+      wg_commit();
+      mbar_wait(full_v + 8 * stage(pos - 1), parity(pos - 1));
+      wg_fence();  // as FA3 does before each GEMM (ptxas inserts it here otherwise: C7519)
+      issue_pv(pos - 1);
       wg_commit();
       named_bar_arrive(bar_next, 256);
-      wg_wait<0>();
+      wg_wait<1>();  // S_n is complete; P_{n-1} V_{n-1} may still run
       reg_fence(sc);
-      release(empty_k, 0);
-      softmax(run, t, alpha);  // O is still 0: no rescale
-      pack_p();
-
-      for (int n = 1; n < n_tiles; ++n) {
-        if (++t == run.tiles) {  // tile n's run (read now: its latency hides behind the GEMMs)
-          run = runs[++ri];
-          t = 0;
-        }
-        mbar_wait(full_k + 8 * stage(n), parity(n));
-        // Our turn: S_n and P_{n-1} V_{n-1} go to the tensor cores back to back.
-        named_bar_sync(bar_mine, 256);
-        wg_fence();
-        issue_s(n);
-        wg_commit();
-        mbar_wait(full_v + 8 * stage(n - 1), parity(n - 1));
-        wg_fence();  // as FA3 does before each GEMM (ptxas inserts it here otherwise: C7519)
-        issue_pv(n - 1);
-        wg_commit();
-        named_bar_arrive(bar_next, 256);
-        wg_wait<1>();  // S_n is complete; P_{n-1} V_{n-1} may still run
-        reg_fence(sc);
-        release(empty_k, n);
-        const bool rescale = softmax(run, t, alpha);
-        wg_wait<0>();
-        reg_fence(o);
-        reg_fence_u(pa);
-        release(empty_v, n - 1);
-        // O holds P_0 V_0 + ... + P_{n-1} V_{n-1} against the previous m: bring it to the new one.
-        if (rescale) {
-#pragma unroll
-          for (int jj = 0; jj < S::kPV / 8; ++jj)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) o[4 * jj + e] *= alpha[e >> 1];
-        }
-        pack_p();
-      }
-
-      // The last P V, outside the ring (nothing of ours follows it).
-      const int n = n_tiles - 1;
-      if constexpr (kPersistent) {
-        // Every S GEMM of this tile is complete (waited for above): Q is free for the next tile's load.
-        if (lane == 0) mbar_arrive(empty_q);
-      }
-      mbar_wait(full_v + 8 * stage(n), parity(n));
-      wg_fence();
-      issue_pv(n);
-      wg_commit();
+      release(empty_k, pos);
+      const bool rescale = softmax(run, t, alpha);
       wg_wait<0>();
       reg_fence(o);
       reg_fence_u(pa);
-      release(empty_v, n);
-    } else if constexpr (kPersistent) {
-      if (lane == 0) mbar_arrive(empty_q);  // no key tiles: Q (loaded, waited for above) was never read
+      release(empty_v, pos - 1);
+      // O holds P_0 V_0 + ... + P_{n-1} V_{n-1} against the previous m: bring it to the new one.
+      if (rescale) {
+#pragma unroll
+        for (int jj = 0; jj < S::kPV / 8; ++jj)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[4 * jj + e] *= alpha[e >> 1];
+      }
+      pack_p();
     }
-    if constexpr (!kPersistent) {
-      if (cw == 0) named_bar_sync(1, 256);  // consume the last consumer's final arrive
-    }
-
-    // -------------------------------------------------------------------------------------------
-    // Epilogue through this warp's own 16 rows of a staging tile: the Q tile (this consumer's S GEMMs are
-    // complete), or kernel 5's own tile. There the warp's previous epilogue read these rows back (other
-    // lanes than write them now): __syncwarp orders those reads before the new writes.
-    if constexpr (kPersistent) __syncwarp();
-    if constexpr (S::kOnesSum) {
-      // The row sums are O's column D (every column of fragment D / 8 holds them), whole in every lane.
-      const float l_full[2] = {o[D / 2], o[D / 2 + 2]};
-      store_out_lse_warp_rows<T, D, kBM, true>(kPersistent ? smem + (sO - sQ) : smem, (warp - 4) * 16,
-                                               *reinterpret_cast<const float(*)[D / 2]>(&o[0]), l_full, m,
-                                               static_cast<T*>(p.out) + h * p.o_sh, p.o_st, p.lse + h * p.lse_sh,
-                                               p.lse_st, it.row_begin, it.row_end);
-    } else {
-      store_out_lse_warp_rows<T, D, kBM>(kPersistent ? smem + (sO - sQ) : smem, (warp - 4) * 16, o, l, m,
-                                         static_cast<T*>(p.out) + h * p.o_sh, p.o_st, p.lse + h * p.lse_sh, p.lse_st,
-                                         it.row_begin, it.row_end);
-    }
+    prev = cur;
+    prev.pos = n_base + n_tiles - 1;
+    pending = true;
     n_base += n_tiles;
   });
 
-  if constexpr (kPersistent) {
-    if (cw == 0) named_bar_sync(1, 256);  // consume the last consumer's final arrive (or the start one)
-  }
+  if (pending) flush();
+  if (cw == 0) named_bar_sync(1, 256);  // consume the last consumer's final arrive (or the start one)
 }
 
 // Streaming multiprocessors of the current device, read once per device: kernel 5's grid size.

@@ -15,10 +15,12 @@ read -r -a extra <<<"${FFA_NVCC_FLAGS:-}"
 flags+=("${extra[@]}")
 pids=()
 for f in "$root"/cuda/*.cu; do
-  "$nvcc" "${flags[@]}" -c "$f" -o "$out/$(basename "$f" .cu).o" & pids+=($!)
+  "$root/scripts/nvcc_guard.sh" "$nvcc" "${flags[@]}" -c "$f" -o "$out/$(basename "$f" .cu).o" & pids+=($!)
 done
 g++ -std=c++17 -O2 -fPIC -I"$root" -c "$root/cuda/ffa_plan.cpp" -o "$out/ffa_plan.o" & pids+=($!)
-for p in "${pids[@]}"; do wait "$p"; done
+failed=0
+for p in "${pids[@]}"; do wait "$p" || failed=1; done
+[ $failed -eq 0 ] || { echo "build_ffa_lib.sh: a compile failed (above)" >&2; exit 1; }
 "$nvcc" -shared -gencode arch=compute_90a,code=sm_90a "$out"/*.o -o "$out/libffa.so" -lcuda
 echo "$out/libffa.so"
 # The standalone test (no LibTorch; small enough for compute-sanitizer).

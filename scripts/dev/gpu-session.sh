@@ -15,7 +15,10 @@
 # flexcp's default forward and backward kernels on shape (a): profile-fwd.log, profile-bwd.log), build-ffa (the kernel
 # library alone), variants (VARIANTS_NVCC="FLAGS;FLAGS;...": each set builds build-ffa-vI, runs its standalone, then
 # the default and every variant are timed in turn, default first and last; needs build-ffa), sass (per-instruction
-# stall samples of the forward on (a) and (b) causal and the backward on (a): sass-*.txt summaries, sass-*.csv.gz).
+# stall samples of the forward on (a) and (b) causal and the backward on (a): sass-*.txt summaries, sass-*.csv.gz),
+# ab (a baseline built from a copy of the tree with the files under AB_BASE (default .dev-base, paths as in
+# the tree, e.g. .dev-base/cuda/ffa_fwd_overlap.cu from an older commit) laid over it, into build-ffa-base/;
+# then baseline, default, baseline, default timed in turn; needs build-ffa).
 # Logs go to $OUT/<step>.log; one line per step says ok/FAILED and its seconds.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -82,6 +85,15 @@ for s in "${steps[@]}"; do
       bench_lib bench-1-default build-ffa default
       bench_lib bench-2-var build-ffa-var "VARIANT_NVCC_FLAGS='${VARIANT_NVCC_FLAGS:-}'" ;;
     build-ffa) step build-ffa 300 bash scripts/bench/build_ffa_lib.sh ;;  # the kernels' library alone (no flexcp)
+    ab)  # the current kernels against a baseline whose changed files lie under AB_BASE
+      base_src=/tmp/ab-base-src
+      rm -rf "$base_src" && mkdir -p "$base_src" && cp -r cuda core test scripts "$base_src"/ &&
+        cp -r "${AB_BASE:-.dev-base}"/. "$base_src"/
+      step build-base 300 bash "$base_src/scripts/bench/build_ffa_lib.sh" "$root/build-ffa-base"
+      bench_lib bench-0-base build-ffa-base "baseline (${AB_BASE:-.dev-base})"
+      bench_lib bench-1-default build-ffa default
+      bench_lib bench-2-base build-ffa-base "baseline (${AB_BASE:-.dev-base})"
+      bench_lib bench-3-default build-ffa default ;;
     variants)  # several variant builds (VARIANTS_NVCC, ';'-separated flag sets) timed against the default
       IFS=';' read -r -a vflags <<<"${VARIANTS_NVCC:-}"
       libs=(build-ffa)
