@@ -6,47 +6,51 @@ its four warps' arrivals) and the TMA unit (copies complete later, in any order)
 tile; kernel 5 a list of them (any number of key tiles each, 0 included) with the K/V ring position, the
 mbarrier phases and the turn ring carried over. Named barriers follow the hardware rule (bar.sync and
 bar.arrive both count threads; the barrier completes at its count and releases the syncing threads);
-mbarrier waits are parity waits on a phase bit, as in hardware. Kernel 5 has its own epilogue staging tile
-(Q freed after the key loop); kernel 3 stages in Q. Checks: no deadlock; every named-barrier
-completion releases a waiting consumer (an arrive never meets another arrive of the same round: the
-one-token ring); no barrier left with arrivals at exit; a TMA never writes a Q, K or V buffer that a GEMM
-may still read; a GEMM reads the Q of its own work tile and the K/V tile of its ring position.
+mbarrier waits are parity waits on a phase bit, as in hardware. Kernel 5 has two Q buffers (work tile j
+uses buffer j % 2); a work tile's last P V is issued in the next work tile's first turn beside its S_0
+(or on its own at the end, or before a work tile without keys), and its epilogue then stages through the
+tile's Q buffer, which the consumers hand back to the producer afterwards (kernel 3: one buffer, never
+handed back). Checks: no deadlock; every named-barrier completion releases a waiting consumer (an arrive
+never meets another arrive of the same round: the one-token ring); no barrier left with arrivals at exit;
+a TMA never writes a Q, K or V buffer that a GEMM or an epilogue may still use; a GEMM reads the Q of its
+own work tile and the K/V tile of its ring position.
 It mirrors the kernel by hand: change both together.
     python3 scripts/dev/fwd_persistent_protocol.py [seed] [mutation ...]
     python3 scripts/dev/fwd_persistent_protocol.py --mutations   (CTest ffa_fwd_protocol: all of the below)
-Mutations (each must fail): pertile (kernel 5 starts and ends the turn ring every work tile, as kernel 3
-does once), earlyq (kernel 5 frees Q when the tile's last S GEMM is issued, not when it completed), noqwait
-(the producer loads Q without waiting for empty_q), noparity (the K ring's waits use phase 0 always)."""
+Mutations (each must fail): pertile (kernel 5 starts and ends the turn ring every work tile), earlyq
+(kernel 5 hands a Q buffer back before the epilogue that stages in it), noqwait (the producer loads Q
+without waiting for empty_q), noparity (the K ring's waits use phase 0 always), oneq (kernel 5 with one Q
+buffer under this protocol)."""
 import random
 import sys
 
 from protocol_model import MBar, NamedBarrier, protocol_main
 
-MUTATIONS = ['pertile', 'earlyq', 'noqwait', 'noparity']
+MUTATIONS = ['pertile', 'earlyq', 'noqwait', 'noparity', 'oneq']
 MUT = set(a for a in sys.argv[2:] if a in MUTATIONS)
 
 
 def simulate(kernel, nc, stages, tiles, rng):
-    """tiles: key tiles per work tile of this CTA (kernel 3: exactly one work tile). Kernel 5's epilogue has
-    its own staging tile and Q is freed after the key loop; kernel 3's epilogue stages in the Q tile."""
+    """tiles: key tiles per work tile of this CTA (kernel 3: exactly one work tile)."""
     persistent = kernel == 5
-    early_free = persistent
+    qbufs = 2 if persistent and 'oneq' not in MUT else 1
     bars = {i: NamedBarrier(256, require_waiter=True) for i in range(1, nc + 1)}
-    full_q, empty_q = MBar(1), MBar(nc)
+    full_q, empty_q = [MBar(1) for _ in range(qbufs)], [MBar(nc) for _ in range(qbufs)]
     full_k, full_v = [MBar(1) for _ in range(stages)], [MBar(1) for _ in range(stages)]
     empty_k, empty_v = [MBar(nc) for _ in range(stages)], [MBar(nc) for _ in range(stages)]
-    mb = {'full_q': [full_q], 'empty_q': [empty_q], 'full_k': full_k, 'full_v': full_v, 'empty_k': empty_k,
+    mb = {'full_q': full_q, 'empty_q': empty_q, 'full_k': full_k, 'full_v': full_v, 'empty_k': empty_k,
           'empty_v': empty_v}
-    # Buffer contents ('w' while a TMA writes) and the consumers whose GEMMs may still read them.
-    data = {('q', 0): None}
-    readers = {('q', 0): set()}
+    # Buffer contents ('w' while a TMA writes) and the consumers whose GEMMs or epilogues may still use them.
+    data, readers = {}, {}
+    for b in range(qbufs):
+        data[('q', b)], readers[('q', b)] = None, set()
     for s in range(stages):
         for x in 'kv':
             data[(x, s)], readers[(x, s)] = None, set()
     tma = []  # copies in flight: (buffer, value, barrier list, index)
 
     def tma_load(buf, value, bar, idx):
-        assert not readers[buf], f"TMA into {buf} (for {value}) while GEMMs of consumers {readers[buf]} may read it"
+        assert not readers[buf], f"TMA into {buf} (for {value}) while consumers {readers[buf]} may use it"
         data[buf] = 'w'
         tma.append((buf, value, bar, idx))
 
@@ -57,9 +61,10 @@ def simulate(kernel, nc, stages, tiles, rng):
         n = 0
         for j, nt in enumerate(tiles):
             def load_q():
-                if persistent and j > 0 and 'noqwait' not in MUT:
-                    yield parity_wait('empty_q', 0, (j - 1) & 1)
-                tma_load(('q', 0), j, 'full_q', 0)
+                b = j % qbufs
+                if persistent and j >= qbufs and 'noqwait' not in MUT:
+                    yield parity_wait('empty_q', b, ((j // qbufs) - 1) & 1)
+                tma_load(('q', b), j, 'full_q', b)
 
             def load(x, pos):
                 s = pos % stages
@@ -86,76 +91,90 @@ def simulate(kernel, nc, stages, tiles, rng):
     def consumer(c):
         last = nc - 1
         mine, nxt = 1 + c, 1 + (c + 1) % nc
-        ring_per_tile = not persistent or 'pertile' in MUT
+        ring_per_tile = persistent and 'pertile' in MUT
         if not ring_per_tile and c == last:
             yield ('arrive', 1)
         n_base = 0
+        pending = None  # the work tile whose last P V (ring position n_base - 1) and epilogue are still to come
+
+        def wait_full(x, pos):
+            s = pos % stages
+            yield parity_wait('full_' + x, s, 0 if 'noparity' in MUT and x == 'k' else (pos // stages) & 1)
+            assert data[(x, s)] == pos, f"consumer {c}: {x} stage {s} holds {data[(x, s)]}, wants {pos}"
+
+        def release(x, pos):
+            s = pos % stages
+            readers[(x, s)].discard(c)
+            yield ('mbar', 'empty_' + x, s)
+
+        def epilogue(tj):  # stages through tile tj's Q buffer, then (kernel 5) hands it back
+            b = tj % qbufs
+            if persistent and 'earlyq' in MUT:
+                yield ('mbar', 'empty_q', b)
+            readers[('q', b)].add(c)
+            yield ('work',)
+            readers[('q', b)].discard(c)
+            if persistent and 'earlyq' not in MUT:
+                yield ('mbar', 'empty_q', b)
+
+        def flush(pos, tj):  # the pending P V on its own, then the epilogue
+            yield from wait_full('v', pos)
+            readers[('v', pos % stages)].add(c)
+            yield ('work',)
+            yield from release('v', pos)
+            yield from epilogue(tj)
+
         for j, nt in enumerate(tiles):
+            b = j % qbufs
             if ring_per_tile and c == last:
                 yield ('arrive', 1)
-            yield parity_wait('full_q', 0, j & 1)
-            assert data[('q', 0)] == j, f"consumer {c} tile {j}: Q holds {data[('q', 0)]}"
+            yield parity_wait('full_q', b, (j // qbufs) & 1)
+            assert data[('q', b)] == j, f"consumer {c} tile {j}: Q buffer {b} holds {data[('q', b)]}"
 
-            def wait_full(x, n):
-                pos = n_base + n
-                s = pos % stages
-                yield parity_wait('full_' + x, s, 0 if 'noparity' in MUT and x == 'k' else (pos // stages) & 1)
-                assert data[(x, s)] == pos, f"consumer {c}: {x} stage {s} holds {data[(x, s)]}, wants {pos}"
+            def issue_s(pos):
+                readers[('q', b)].add(c)
+                readers[('k', pos % stages)].add(c)
 
-            def release(x, n):
-                s = (n_base + n) % stages
-                readers[(x, s)].discard(c)
-                yield ('mbar', 'empty_' + x, s)
-
-            def issue_s(n):
-                readers[('q', 0)].add(c)
-                readers[('k', (n_base + n) % stages)].add(c)
-
-            q_freed = False
-            if nt > 0:
-                yield from wait_full('k', 0)
+            if nt == 0:
+                if pending is not None:
+                    yield from flush(n_base - 1, pending)
+                    pending = None
+                yield from epilogue(j)
+            else:
+                yield from wait_full('k', n_base)
                 yield ('sync', mine)
-                issue_s(0)
-                if 'earlyq' in MUT and persistent and nt == 1:
-                    yield ('mbar', 'empty_q', 0)
-                    q_freed = True
+                issue_s(n_base)
+                if pending is not None:
+                    yield from wait_full('v', n_base - 1)
+                    readers[('v', (n_base - 1) % stages)].add(c)
                 yield ('arrive', nxt)
-                readers[('q', 0)].discard(c)  # wait<0>: S_0 complete
-                yield from release('k', 0)
+                readers[('q', b)].discard(c)  # wait<0>: S_0 (and the pending P V) complete
+                yield from release('k', n_base)
+                if pending is not None:
+                    yield from release('v', n_base - 1)
                 yield ('work',)  # softmax
+                if pending is not None:
+                    yield from epilogue(pending)
+                    pending = None
                 for n in range(1, nt):
-                    yield from wait_full('k', n)
+                    pos = n_base + n
+                    yield from wait_full('k', pos)
                     yield ('sync', mine)
-                    issue_s(n)
-                    if 'earlyq' in MUT and persistent and n == nt - 1:
-                        yield ('mbar', 'empty_q', 0)
-                        q_freed = True
-                    yield from wait_full('v', n - 1)
-                    readers[('v', (n_base + n - 1) % stages)].add(c)
+                    issue_s(pos)
+                    yield from wait_full('v', pos - 1)
+                    readers[('v', (pos - 1) % stages)].add(c)
                     yield ('arrive', nxt)
                     yield ('work',)
-                    readers[('q', 0)].discard(c)  # wait<1>: S_n complete
-                    yield from release('k', n)
+                    readers[('q', b)].discard(c)  # wait<1>: S_n complete
+                    yield from release('k', pos)
                     yield ('work',)  # softmax
-                    yield from release('v', n - 1)  # wait<0>: P V complete
-                if early_free and not q_freed:
-                    assert c not in readers[('q', 0)]
-                    yield ('mbar', 'empty_q', 0)
-                yield from wait_full('v', nt - 1)
-                readers[('v', (n_base + nt - 1) % stages)].add(c)
-                yield ('work',)
-                yield from release('v', nt - 1)
-            elif early_free:
-                yield ('mbar', 'empty_q', 0)
+                    yield from release('v', pos - 1)  # wait<0>: P V complete
+                pending = j
+                n_base += nt
             if ring_per_tile and c == 0:
                 yield ('sync', 1)
-            if early_free:
-                yield ('work',)  # epilogue through the own staging tile
-            else:  # kernel 3: epilogue through the Q tile, its rows written and read back
-                readers[('q', 0)].add(c)
-                yield ('work',)
-                readers[('q', 0)].discard(c)
-            n_base += nt
+        if pending is not None:
+            yield from flush(n_base - 1, pending)
         if not ring_per_tile and c == 0:
             yield ('sync', 1)
 
