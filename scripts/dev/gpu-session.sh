@@ -18,7 +18,9 @@
 # stall samples of the forward on (a) and (b) causal and the backward on (a): sass-*.txt summaries, sass-*.csv.gz),
 # ab (a baseline built from a copy of the tree with the files under AB_BASE (default .dev-base, paths as in
 # the tree, e.g. .dev-base/cuda/ffa_fwd_overlap.cu from an older commit) laid over it, into build-ffa-base/;
-# then baseline, default, baseline, default timed in turn; needs build-ffa).
+# then baseline, default, baseline, default timed in turn; needs build-ffa), sass-dump (forward kernel 5's
+# SASS, bf16 at D=64 and D=128, from build-ffa's object with cuobjdump, and its opcode counts:
+# sass-fwd5-d64.txt, sass-fwd5-d128.txt; needs build-ffa).
 # Logs go to $OUT/<step>.log; one line per step says ok/FAILED and its seconds.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -85,6 +87,10 @@ for s in "${steps[@]}"; do
       bench_lib bench-1-default build-ffa default
       bench_lib bench-2-var build-ffa-var "VARIANT_NVCC_FLAGS='${VARIANT_NVCC_FLAGS:-}'" ;;
     build-ffa) step build-ffa 300 bash scripts/bench/build_ffa_lib.sh ;;  # the kernels' library alone (no flexcp)
+    sass-dump)
+      for d in 64 128; do
+        step "sass-dump-d$d" 60 bash -c "cuobjdump -sass build-ffa/ffa_fwd_overlap.o | python3 scripts/dev/sass_extract.py fwd_overlap_kernelI13__nv_bfloat16Li${d}ELb1 >$out/sass-fwd5-d$d.txt"
+      done ;;
     ab)  # the current kernels against a baseline whose changed files lie under AB_BASE
       base_src=/tmp/ab-base-src
       rm -rf "$base_src" && mkdir -p "$base_src" && cp -r cuda core test scripts "$base_src"/ &&
