@@ -462,6 +462,13 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   auto release = [&](uint32_t empty, int pos) {
     if (lane == 0) mbar_arrive(empty + 8 * stage(pos));
   };
+  // O += P V for the V tile at ring position pos, after waiting for that V to land; the caller waits for the GEMM.
+  auto issue_pv_landed = [&](int pos) {
+    mbar_wait(full_v + 8 * stage(pos), parity(pos));
+    wg_fence();  // as FA3 does before each GEMM (ptxas inserts it otherwise: C7519)
+    issue_pv(pos);
+    wg_commit();
+  };
   auto pack_p = [&]() { acc_to_a_frags<T>(pa, sc); };
   // Epilogue of work tile t (O, l and m as its rows left them) through this warp's own 16 rows of the
   // tile's Q buffer: every S GEMM of this consumer on it is complete, and each of a consumer's S GEMMs
@@ -490,10 +497,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   };
   // The pending work tile's last P V outside the ring (no S GEMM of ours to pair it with), then its epilogue.
   auto flush = [&]() {
-    mbar_wait(full_v + 8 * stage(prev.pos), parity(prev.pos));
-    wg_fence();
-    issue_pv(prev.pos);
-    wg_commit();
+    issue_pv_landed(prev.pos);
     wg_wait<0>();
     reg_fence(o);
     reg_fence_u(pa);
@@ -544,12 +548,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     wg_fence();
     issue_s(n_base, b);
     wg_commit();
-    if (pending) {
-      mbar_wait(full_v + 8 * stage(prev.pos), parity(prev.pos));
-      wg_fence();
-      issue_pv(prev.pos);
-      wg_commit();
-    }
+    if (pending) issue_pv_landed(prev.pos);
     named_bar_arrive(bar_next, 256);
     // Both GEMMs waited for at once: a wait for S_0 alone would leave the pending P V in flight on one
     // path only, and ptxas, which does not correlate the two branches on `pending`, then serializes every
@@ -585,10 +584,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       wg_fence();
       issue_s(pos, b);
       wg_commit();
-      mbar_wait(full_v + 8 * stage(pos - 1), parity(pos - 1));
-      wg_fence();  // as FA3 does before each GEMM (ptxas inserts it here otherwise: C7519)
-      issue_pv(pos - 1);
-      wg_commit();
+      issue_pv_landed(pos - 1);
       named_bar_arrive(bar_next, 256);
       wg_wait<1>();  // S_n is complete; P_{n-1} V_{n-1} may still run
       reg_fence(sc);
