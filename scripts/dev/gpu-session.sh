@@ -92,13 +92,13 @@ for s in "${steps[@]}"; do
         step "sass-dump-d$d" 60 bash -c "cuobjdump -sass build-ffa/ffa_fwd_overlap.o | python3 scripts/dev/sass_extract.py fwd_overlap_kernelI13__nv_bfloat16Li${d}ELb1 >$out/sass-fwd5-d$d.txt"
       done ;;
     ab)  # the current kernels against a baseline whose changed files lie under AB_BASE
-      base_src=/tmp/ab-base-src
+      base_src=/tmp/ab-base-src base_files=${AB_BASE:-.dev-base}
       rm -rf "$base_src" && mkdir -p "$base_src" && cp -r cuda core test scripts "$base_src"/ &&
-        cp -r "${AB_BASE:-.dev-base}"/. "$base_src"/
+        cp -r "$base_files"/. "$base_src"/
       step build-base 300 bash "$base_src/scripts/bench/build_ffa_lib.sh" "$root/build-ffa-base"
-      bench_lib bench-0-base build-ffa-base "baseline (${AB_BASE:-.dev-base})"
+      bench_lib bench-0-base build-ffa-base "baseline ($base_files)"
       bench_lib bench-1-default build-ffa default
-      bench_lib bench-2-base build-ffa-base "baseline (${AB_BASE:-.dev-base})"
+      bench_lib bench-2-base build-ffa-base "baseline ($base_files)"
       bench_lib bench-3-default build-ffa default ;;
     variants)  # several variant builds (VARIANTS_NVCC, ';'-separated flag sets) timed against the default
       IFS=';' read -r -a vflags <<<"${VARIANTS_NVCC:-}"
