@@ -288,7 +288,12 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   const uint32_t empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
   const uint32_t empty_q = empty_v + 8 * kStages;
 
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  // The warpgroup index broadcast from lane 0, so that ptxas knows it is warp-uniform: the Q descriptors
+  // built from it (cw) then live in uniform registers and are ready before a consumer takes its turn,
+  // where from a per-thread value each wgmma waited for a register-to-uniform move (session 10, run 28:
+  // +1% on (a), +2% on (c)).
+  const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0);
   // Kernel 3's work tile, read before the barrier setup so that its latency hides there (kernel 5 reads
   // its tiles in for_each_tile; these go unused and the compiler drops them).
   const QWorkTile tile_cta = q_work_tile(p.side, p.heads_q, p.group, blockIdx.x);

@@ -20,7 +20,8 @@
 # the tree, e.g. .dev-base/cuda/ffa_fwd_overlap.cu from an older commit) laid over it, into build-ffa-base/;
 # then baseline, default, baseline, default timed in turn; needs build-ffa), sass-dump (forward kernel 5's
 # SASS, bf16 at D=64 and D=128, from build-ffa's object with cuobjdump, and its opcode counts:
-# sass-fwd5-d64.txt, sass-fwd5-d128.txt; needs build-ffa).
+# sass-fwd5-d64.txt, sass-fwd5-d128.txt; needs build-ffa), clock (SM clock, power and TFLOP/s per GHz of
+# flexcp's forward and SDPA's, each run for seconds on (a) and (b) causal; needs build-ffa).
 # Logs go to $OUT/<step>.log; one line per step says ok/FAILED and its seconds.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -115,6 +116,10 @@ for s in "${steps[@]}"; do
         if [ "$lib" = build-ffa ]; then label=default; else label=${vflags[${lib#build-ffa-v}]}; fi
         bench_lib "bench-$n-$lib" "$lib" "$label"
       done ;;
+    clock)  # SM clock and power of flexcp's forward and SDPA's on (a) and (b) causal (scripts/dev/clock_power.py)
+      FFA_LIB=$root/build-ffa/libffa.so step clock-a 90 python3 scripts/dev/clock_power.py "a: S=8192" 4
+      FFA_LIB=$root/build-ffa/libffa.so step clock-b 90 python3 scripts/dev/clock_power.py "b: S=8192 Hq=Hkv=16 D=128 causal" 4
+      grep -h "TFLOP/s" "$out"/clock-a.log "$out"/clock-b.log ;;
     profile)
       FFA_LIB=$root/build-ffa/libffa.so step profile-fwd 200 bash scripts/bench/profile_fwd.sh "a: S=8192" fwd_overlap
       FFA_LIB=$root/build-ffa/libffa.so step profile-bwd 200 bash scripts/bench/profile_bwd.sh "a: S=8192" 5 ;;
