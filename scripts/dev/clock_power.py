@@ -7,6 +7,7 @@ at the same clock, i.e. whether a ratio of TFLOP/s is a ratio of work per cycle 
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -19,11 +20,13 @@ import ffa_lib  # noqa: E402
 shape = sys.argv[1] if len(sys.argv) > 1 else "a: S=8192"
 seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
 sh = next(s for s in attention_bench.shapes() if shape in s["name"])
+if sh["kind"] not in ("causal", "full"):
+    sys.exit(f"clock_power.py: shape '{sh['name']}' is {sh['kind']}; pick a causal or full shape")
 S, hq, hkv, d = sh["S"], sh["hq"], sh["hkv"], sh["d"]
 torch.manual_seed(0)
 q = torch.randn(S, hq, d, device="cuda", dtype=torch.bfloat16)
 k, v = (torch.randn(S, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-mask = "full" if sh["kind"] == "full" else "causal"
+mask = sh["kind"]
 kernel = 5
 plan = ffa_lib.Plan([(0, S, 0, S, mask)], S, S, fwd_tile_q=ffa_lib.forward_tile_q(kernel, d))
 qt, kt, vt = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
@@ -40,11 +43,8 @@ smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperat
 samples = []  # (time, clock MHz, power W, temperature C)
 
 
-def read_samples(until):
-    while time.time() < until:
-        line = smi.stdout.readline()
-        if not line:
-            return
+def read_samples():
+    for line in smi.stdout:  # until nvidia-smi is terminated
         try:
             c, p, t = (float(x) for x in line.split(","))
         except ValueError:
@@ -53,7 +53,7 @@ def read_samples(until):
 
 
 def run_for(fn, secs):
-    """Calls fn in batches of 20 until secs have passed; returns (t0, t1, TFLOP/s)."""
+    """Calls fn in batches of 20 until secs have passed; returns (start, end) wall times and TFLOP/s."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t0, calls = time.time(), 0
     start.record()
@@ -67,14 +67,11 @@ def run_for(fn, secs):
     return t0, time.time(), flops * calls / (start.elapsed_time(end) * 1e-3) / 1e12
 
 
-import threading  # noqa: E402
-
-reader = threading.Thread(target=read_samples, args=(time.time() + 1e6,), daemon=True)
-reader.start()
+threading.Thread(target=read_samples, daemon=True).start()
 for fn in runs.values():
     run_for(fn, 1.0)  # warm-up
 print(f"{sh['name']}, {seconds:.0f} s each, twice, in turns:")
-for rnd in range(2):
+for _ in range(2):
     for name, fn in runs.items():
         t0, t1, tflops = run_for(fn, seconds)
         win = [s for s in samples if t0 + 0.5 <= s[0] <= t1]
