@@ -91,7 +91,7 @@ struct Shape {
   static constexpr uint32_t kOnesBytes = kOnesSum ? kBN * 128 : 0;
   static constexpr int kPV = D + (kOnesSum ? 8 : 0);  // the P V GEMM's N
   // mbarriers: full_q and empty_q for each of two Q buffers, full/empty for K and V per stage.
-  static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + kOnesBytes + 1024 + 8 * (4 + 4 * kStages);
+  static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + kOnesBytes + 1024 + 8 * (6 + 4 * kStages);
   static_assert(kSmem <= 227 * 1024, "dynamic shared memory per block on sm_90");
   // Kernel 5 adds a second Q buffer (kBM rows; the epilogue of a work tile stages in its tile's buffer):
   // 197792 bytes in all at D=64 (with the ones block), 197728 at D=128, of the 232448 (227 KB) a block may have.
@@ -129,6 +129,41 @@ __device__ __forceinline__ void visible_cols(const CutSlice& c, int i, int c0, i
   const int q0 = c.q_start, q1 = c.q_end, k0 = c.k_start, k1 = c.k_end, dlo = c.lo, dhi = c.hi;
   lo = max(k0, i + dlo) - c0;
   hi = ((i >= q0) & (i < q1)) ? min(k1, i + dhi + 1) - c0 : lo;
+}
+
+#ifndef FFA_FWD_SLAB_TILES
+#define FFA_FWD_SLAB_TILES 1
+#endif
+// Slab tiles (forward_tile_assign, cuda/ffa_schedule.h) in kernel 5 at D=64 (three consumers); the other
+// instantiations keep hull tiles only, one Q box per tile and the consumers' own count of key tiles.
+template <int D, bool kPersistent>
+constexpr bool kSlabTiles = kPersistent && D == 64 && FFA_FWD_SLAB_TILES != 0;
+// Key tiles of item `it` that query rows [a, b) need: the item's count less the trailing tiles that no
+// row of [a, b) sees. Only masked runs can hold such tiles (every row of an item sees all of a full run);
+// a tile counts as seen where it meets the hull of the rows' visible keys under its run's cut (the
+// bounds of visible_cols rise with the row, so the first and the last row in the cut bound it): a tile
+// kept by that test may still be wholly masked for these rows, which costs time, never correctness.
+// The producer and every consumer compute the same count, so they walk the same key tiles.
+__device__ __forceinline__ int rows_key_tiles(const Item& it, const Run* runs, const CutSlice* cuts, int a, int b) {
+  if (a >= b) return 0;  // a slab past the item's last row (the last item of a q range)
+  int n = 0;
+#pragma unroll 1
+  for (int ri = it.run_begin; ri < it.run_end; ++ri) n += runs[ri].tiles;
+#pragma unroll 1
+  for (int ri = it.run_end - 1; ri >= it.run_begin; --ri) {
+    const Run run = runs[ri];
+    if (!run.masked) return n;
+    const CutSlice c = cuts[run.cut];
+    const int a2 = max(a, c.q_start), b2 = min(b, c.q_end);
+    const int lo = max(c.k_start, a2 + c.lo), hi = min(c.k_end, b2 + c.hi);  // keys of rows a2 .. b2 - 1
+#pragma unroll 1
+    for (int t = run.tiles - 1; t >= 0; --t) {
+      const int c0 = run.begin + t * kBN;
+      if (a2 < b2 && lo < hi && lo < c0 + kBN && hi > c0) return n;
+      --n;
+    }
+  }
+  return n;
 }
 
 // Element k (0..31) of row r (0, 1) of the thread's part of an S tile in the wgmma accumulator layout.
@@ -279,6 +314,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   // Kernel 5 has two, so that the next work tile's Q lands while this one runs, and a work tile's
   // epilogue can wait until the next work tile's first S GEMM is on the tensor cores.
   constexpr int kQBuffers = kPersistent ? 2 : 1;
+  constexpr bool kSlab = kSlabTiles<D, kPersistent>;
   const uint32_t sK = sQ + kQBuffers * S::kQBytes, sV = sK + kStages * S::kKVBytes;
   const uint32_t sOnes = sV + kStages * S::kKVBytes;  // S::kOnesBytes of 1.0 (kOnesSum only)
   // mbarriers (8 bytes each): full_q (one per Q buffer), per stage full_k, full_v, empty_k, empty_v, then
@@ -287,6 +323,10 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   const uint32_t full_k = full_q + 16, full_v = full_k + 8 * kStages;
   const uint32_t empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
   const uint32_t empty_q = empty_v + 8 * kStages;
+  // Key tiles of the work tile in Q buffer b (an int at tiles_q + 4 b): the producer counts them and stores
+  // the count before its arrive on full_q[b] (a release), so a consumer reads it after its wait there (an
+  // acquire) and walks no run list of its own before starting the tile.
+  const uint32_t tiles_q = empty_q + 16;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   // The warpgroup index broadcast from lane 0, so that ptxas knows it is warp-uniform: the Q descriptors
@@ -319,24 +359,41 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   }
   __syncthreads();
 
-  // fn(item, head, kv head, j) for this CTA's work tiles in order, j = 0, 1, ...; the producer and every
-  // consumer walk the same list. The mbarriers are initialized once (above): their phases, and the K/V
-  // ring position, run on from one work tile to the next.
-  auto for_each_tile = [&](auto&& fn) {
+  // fn(item, assignment, kv head, key tiles, j) for this CTA's work tiles in order, j = 0, 1, ...; the
+  // producer and every consumer walk the same list. The mbarriers are initialized once (above): their
+  // phases, and the K/V ring position, run on from one work tile to the next. Kernel 5 has slab tiles
+  // (forward_tile_assign, cuda/ffa_schedule.h): every consumer on one 64-row slab, each for its own q head,
+  // walking only the key tiles the slab needs; kernel 3 has hull tiles only (consumer c on slab c).
+  auto for_each_tile = [&](auto&& fn, bool count) {
     if constexpr (kPersistent) {
       const int num_tiles = p.side.num_items * p.heads_q;
 #pragma unroll 1
       for (int j = 0;; ++j) {
         const int tile = persistent_tile(j, blockIdx.x, gridDim.x, num_tiles);
         if (tile < 0) break;
-        const int h = tile % p.heads_q;
-        const Item it = p.side.items[tile / p.heads_q];  // a copy: read once, not again after each store
-        fn(it, h, h / p.group, j);
+        const FwdTileAssign as = kSlab ? forward_tile_assign(tile, p.heads_q, p.group, kNC)
+                                       : FwdTileAssign{tile / p.heads_q, -1, tile % p.heads_q};
+        const Item it = p.side.items[as.item];  // a copy: read once, not again after each store
+        int n_tiles = 0;
+        if (count && as.slab >= 0) {
+          const int a = it.row_begin + 64 * as.slab;
+          n_tiles = rows_key_tiles(it, runs, p.side.cuts, a, min(it.row_end, a + 64));
+        } else if (count) {
+#pragma unroll 1
+          for (int ri = it.run_begin; ri < it.run_end; ++ri) n_tiles += runs[ri].tiles;
+        }
+        fn(it, as, as.head0 / p.group, n_tiles, j);
       }
     } else {
-      fn(tile_cta.it, tile_cta.h, tile_cta.hk, 0);
+      int n_tiles = 0;
+#pragma unroll 1
+      for (int ri = tile_cta.it.run_begin; count && ri < tile_cta.it.run_end; ++ri) n_tiles += runs[ri].tiles;
+      fn(tile_cta.it, FwdTileAssign{0, -1, tile_cta.h}, tile_cta.hk, n_tiles, 0);
     }
   };
+  // Consumer c's q head and 64-row slab of the item in a work tile.
+  auto consumer_head = [](const FwdTileAssign& as, int c) { return as.slab >= 0 ? as.head0 + c : as.head0; };
+  auto consumer_slab = [](const FwdTileAssign& as, int c) { return as.slab >= 0 ? as.slab : c; };
 
   // ---------------------------------------------------------------------------------------------
   // Producer, per work tile: Q, K_0 (kernel 5: K_0, then Q), then (K_n, V_{n-1}) for n >= 1, then V_last.
@@ -351,7 +408,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     setmaxnreg_dec<S::kProducerRegs>();
     if (tid == 0) {
       int n = 0;
-      for_each_tile([&](const Item& it, int h, int hk, int j) {
+      for_each_tile([&](const Item& it, const FwdTileAssign& as, int hk, int n_tiles, int j) {
         // Q of work tile j into buffer b = j % kQBuffers. Kernel 5 first waits until every consumer warp
         // released work tile j - 2's use of it (empty_q[b] completes its phase (j - 2) / 2 once all 4 * kNC
         // warps arrived; they arrive after their epilogue, which stages in the buffer, wrote it out). A
@@ -360,10 +417,23 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
         auto load_q = [&]() {
           const int b = j % kQBuffers;
           if (kPersistent && j >= kQBuffers) mbar_wait(empty_q + 8 * b, ((j / kQBuffers) - 1) & 1);
-          mbar_expect_tx(full_q + 8 * b, S::kQBytes);
+          if constexpr (kSlab) {
+            *reinterpret_cast<volatile int*>(smem + (tiles_q - sQ) + 4 * b) = n_tiles;  // before the arrive
+            mbar_expect_tx(full_q + 8 * b, S::kQBytes);
+            // Consumer c's 64 rows (its q head, its slab) into rows 64 c .. 64 c + 63 of the buffer.
 #pragma unroll
-          for (int cb = 0; cb < kCB; ++cb)
-            tma_load_3d(sQ + b * S::kQBytes + cb * (kBM * 128), &tm_q, cb * 64, h, it.row_begin, full_q + 8 * b);
+            for (int c = 0; c < kNC; ++c)
+#pragma unroll
+              for (int cb = 0; cb < kCB; ++cb)
+                tma_load_3d(sQ + b * S::kQBytes + cb * (kBM * 128) + c * (64 * 128), &tm_q, cb * 64,
+                            consumer_head(as, c), it.row_begin + 64 * consumer_slab(as, c), full_q + 8 * b);
+          } else {
+            mbar_expect_tx(full_q + 8 * b, S::kQBytes);
+#pragma unroll
+            for (int cb = 0; cb < kCB; ++cb)
+              tma_load_3d(sQ + b * S::kQBytes + cb * (kBM * 128), &tm_q, cb * 64, as.head0, it.row_begin,
+                          full_q + 8 * b);
+          }
         };
         if constexpr (!kPersistent) load_q();
         // Tile `pos` (a ring position) of K or V (keys from c0) into its stage, once every consumer warp
@@ -379,10 +449,10 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
         const int n_first = n;
         int c_prev = 0;
 #pragma unroll 1
-        for (int ri = it.run_begin; ri < it.run_end; ++ri) {
+        for (int ri = it.run_begin; ri < it.run_end && n - n_first < n_tiles; ++ri) {
           const Run run = runs[ri];
 #pragma unroll 1
-          for (int t = 0; t < run.tiles; ++t, ++n) {
+          for (int t = 0; t < run.tiles && n - n_first < n_tiles; ++t, ++n) {
             const int c0 = run.begin + t * kBN;
             load(&tm_k, sK, full_k, empty_k, n, c0);
             if (n > n_first)
@@ -396,7 +466,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
           load(&tm_v, sV, full_v, empty_v, n - 1, c_prev);
         else if constexpr (kPersistent)
           load_q();  // no key tiles: the consumers still wait for Q (then write out 0, lse -inf)
-      });
+      }, true);
     }
     return;
   }
@@ -511,14 +581,15 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     pending = false;
   };
 
-  for_each_tile([&](const Item& it, int h, int /*hk*/, int j) {
-    const int row_lo = it.row_begin + (warp - 4) * 16 + (lane >> 2);  // the thread's rows: row_lo, row_lo + 8
+  for_each_tile([&](const Item& it, const FwdTileAssign& as, int /*hk*/, int n_counted, int j) {
+    // This consumer's slab: its Q is in rows 64 cw .. 64 cw + 63 of the buffer, its query rows are
+    // [row_base + 64 cw, row_end), so that staging row r is query row row_base + r (the epilogue's rule).
+    const int slab = consumer_slab(as, cw);
+    const int row_base = it.row_begin + 64 * (slab - cw);
+    const int row_end = min(it.row_end, it.row_begin + 64 * slab + 64);
+    const int row_lo = row_base + (warp - 4) * 16 + (lane >> 2);  // the thread's rows: row_lo, row_lo + 8
     const int b = j % kQBuffers;
-    const PendingTile cur{h, it.row_begin, it.row_end, b, 0};
-
-    int n_tiles = 0;
-#pragma unroll 1
-    for (int ri = it.run_begin; ri < it.run_end; ++ri) n_tiles += runs[ri].tiles;
+    const PendingTile cur{consumer_head(as, cw), row_base, row_end, b, 0};
 
     // Mask (boundary tiles only) and softmax of S_n, whose run is `run`; t = tile index in the run. The
     // work tile's first key tile too takes the unmasked form where its run is unmasked (run 8 of session 6:
@@ -534,6 +605,14 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     // Q of work tile j: full_q[b]'s phase j / kQBuffers (the producer loads Q once per work tile, even with
     // no key tiles).
     mbar_wait(full_q + 8 * b, static_cast<uint32_t>((j / kQBuffers) & 1));
+    // Slab tiles: the producer's count, read by lane 0 (whose arrive on empty_q[b] after the epilogue then
+    // orders the read before the producer's next store there) and broadcast.
+    int n_tiles = n_counted;
+    if constexpr (kSlab) {
+      int n = 0;
+      if (lane == 0) n = *reinterpret_cast<volatile const int*>(smem + (tiles_q - sQ) + 4 * b);
+      n_tiles = __shfl_sync(0xffffffffu, n, 0);
+    }
     if (n_tiles == 0) {
       // No key tiles: no turn; out 0 and lse -inf for every row (l = 0), staged through its Q buffer. (Its
       // own zeros, not O's registers: ptxas would see them written while a P V on them might be in flight,
@@ -612,7 +691,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     prev.pos = n_base + n_tiles - 1;
     pending = true;
     n_base += n_tiles;
-  });
+  }, !kSlab);
 
   if (pending) flush();
   if (cw == 0) named_bar_sync(1, 256);  // consume the last consumer's final arrive (or the start one)
@@ -647,7 +726,9 @@ void launch_t(TypeTag<T>, DimTag<D>, int dtype, const FwdParams& p, cudaStream_t
   // Kernel 5: one CTA per SM at most (its shared memory allows no second one), never more than tiles.
   const int64_t grid = kPersistent ? std::min<int64_t>(tiles, sm_count()) : tiles;
   const int smem = S::kSmem + (kPersistent ? S::kPersistentExtraSmem : 0);
-  const CUtensorMap tq = make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D, S::kBM);
+  // Q in 64-row boxes where each consumer's rows are loaded on their own (slab tiles take other heads' rows).
+  const CUtensorMap tq = make_tensor_map(p.q, dtype, p.num_q, p.heads_q, p.q_st, p.q_sh, D,
+                                         kSlabTiles<D, kPersistent> ? 64 : S::kBM);
   // No keys at all (a context-parallel stage with nothing to attend): no item has a key tile, so K and V
   // are never read, but k/v may be null, which a tensor map cannot describe; map q in their place.
   const bool no_keys = p.num_k == 0;

@@ -1,5 +1,5 @@
 // Static schedule of a persistent grid (forward kernel 5, cuda/ffa_fwd_overlap.cu): which work tile a CTA
-// runs in each round. A plain header (no CUDA needed) so that the CPU tests check the same function the
+// runs in each round, and which q head and rows each of its consumers takes in it. A plain header (no CUDA needed) so that the CPU tests check the same function the
 // kernel calls (test/ffa_schedule_test.cpp).
 #pragma once
 
@@ -22,6 +22,31 @@ namespace ffa {
 FFA_SCHEDULE_HD inline int persistent_tile(int round, int cta, int grid, int num_tiles) {
   const int tile = round * grid + ((round & 1) ? grid - 1 - cta : cta);
   return tile < num_tiles ? tile : -1;
+}
+
+// Which q head and which 64-row slab of its item each consumer of a forward work tile takes (forward
+// kernel 5; kernel 3 takes hull tiles only). A work tile is (item tile / heads_q, r = tile % heads_q);
+// r picks a kv head g = r / group and k = r % group within its group of q heads. With nc consumers,
+// the first nc * (group / nc) values of k make slab tiles: all nc consumers over the same slab
+// k % nc of the item, each for its own q head of the group (q heads g * group + nc * (k / nc) + c), so
+// the tile walks only the key tiles that slab needs (on a causal diagonal the last key tile of a
+// 192-row item is dead for its first slabs: 4.65% of the pairs computed on (a), docs/kernel-log.md,
+// session 10). The other k make hull tiles, as before: consumer c on slab c, all for q head
+// g * group + k. Over the group's `group` tiles every (q head, slab) pair of the item comes once.
+struct FwdTileAssign {
+  int item;   // q-side item
+  int slab;   // the slab of every consumer (a slab tile), or -1: consumer c on slab c (a hull tile)
+  int head0;  // a slab tile: consumer c's q head is head0 + c; a hull tile: every consumer's q head
+};
+
+FFA_SCHEDULE_HD inline FwdTileAssign forward_tile_assign(int tile, int heads_q, int group, int nc) {
+  const int r = tile % heads_q, g = r / group, k = r % group;
+  FwdTileAssign a{tile / heads_q, -1, r};
+  if (k < nc * (group / nc)) {
+    a.slab = k % nc;
+    a.head0 = g * group + nc * (k / nc);
+  }
+  return a;
 }
 
 }  // namespace ffa

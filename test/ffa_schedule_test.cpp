@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "cuda/ffa_schedule.h"
@@ -87,4 +88,37 @@ TEST_CASE("persistent schedule balances a longest-first list better than stridin
   const long serp_max = *std::max_element(serp.begin(), serp.end());
   const long strided_max = *std::max_element(strided.begin(), strided.end());
   CHECK(serp_max < strided_max);  // the makespan (the longest CTA) is shorter
+}
+
+TEST_CASE("forward tile assignment covers every (q head, slab) of an item once", "[ffa][schedule]") {
+  // (heads_q, group = heads_q / heads_kv, consumers): MHA, GQA 2, 3, 4 (the seed model), 6, 8, at three
+  // consumers (D=64) and two (D=128).
+  const std::vector<std::tuple<int, int, int>> cases = {{16, 1, 3}, {16, 2, 3}, {24, 3, 3}, {32, 4, 3},
+                                                        {24, 6, 3}, {32, 8, 3}, {16, 1, 2}, {32, 4, 2}};
+  for (const auto& [heads_q, group, nc] : cases) {
+    CAPTURE(heads_q, group, nc);
+    const int items = 5;
+    std::vector<int> seen(items * heads_q * nc, 0);  // (item, q head, slab)
+    int slab_tiles = 0;
+    for (int tile = 0; tile < items * heads_q; ++tile) {
+      const ffa::FwdTileAssign a = ffa::forward_tile_assign(tile, heads_q, group, nc);
+      REQUIRE(a.item == tile / heads_q);
+      const int kv = (tile % heads_q) / group;
+      for (int c = 0; c < nc; ++c) {
+        const int head = a.slab >= 0 ? a.head0 + c : a.head0;
+        const int slab = a.slab >= 0 ? a.slab : c;
+        REQUIRE(head >= 0);
+        REQUIRE(head < heads_q);
+        CHECK(head / group == kv);  // one K/V stream per tile: every consumer's q head in its kv group
+        ++seen[(a.item * heads_q + head) * nc + slab];
+      }
+      slab_tiles += a.slab >= 0;
+    }
+    for (size_t i = 0; i < seen.size(); ++i) {
+      CAPTURE(i);
+      CHECK(seen[i] == 1);
+    }
+    // Slab tiles wherever a group has nc heads to spare: group 4 at three consumers gives 3 of 4.
+    CHECK(slab_tiles == items * (heads_q / group) * nc * (group / nc));
+  }
 }
