@@ -25,7 +25,7 @@ FFA_SCHEDULE_HD inline int persistent_tile(int round, int cta, int grid, int num
 }
 
 // Which q head and which 64-row slab of its item each consumer of a forward work tile takes (forward
-// kernel 5; kernel 3 takes hull tiles only). A work tile is (item tile / heads_q, r = tile % heads_q);
+// kernel 5 at D=64; kernel 3 and D=128 take hull tiles only). A work tile is (item tile / heads_q, r = tile % heads_q);
 // r picks a kv head g = r / group and k = r % group within its group of q heads. With nc consumers,
 // the first nc * (group / nc) values of k make slab tiles: all nc consumers over the same slab
 // k % nc of the item, each for its own q head of the group (q heads g * group + nc * (k / nc) + c), so
