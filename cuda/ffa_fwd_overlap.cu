@@ -9,7 +9,7 @@
 // Kernel 5 at D=64 makes slab tiles of most of them (forward_tile_assign, cuda/ffa_schedule.h): where a
 // kv head has three q heads to spare, a tile puts its three consumers on the same 64-row slab of the
 // item, each for its own q head, and walks only the key tiles that slab needs; on a causal diagonal
-// that skips the last key tile of a 192-row item for its first slabs (session 10, run 37: +0.6% on (a),
+// that skips the last key tile of a 192-row item for its first slabs (session 10, run 38: +0.6% on (a),
 // +1.6% with 8 documents). The others stay hull tiles: consumer c on rows 64 c .. 64 c + 63, one head.
 //   kernel 3   one CTA per work tile (grid = items x heads): each CTA sets up, fills its pipeline, runs
 //              and writes out once; the prologue and the epilogue overlap no tensor-core work of its own.
