@@ -136,19 +136,16 @@ __device__ __forceinline__ void visible_cols(const CutSlice& c, int i, int c0, i
   hi = ((i >= q0) & (i < q1)) ? min(k1, i + dhi + 1) - c0 : lo;
 }
 
-#ifndef FFA_FWD_SLAB_TILES
-#define FFA_FWD_SLAB_TILES 1
-#endif
 // Slab tiles (forward_tile_assign, cuda/ffa_schedule.h) in kernel 5 at D=64 (three consumers); the other
 // instantiations keep hull tiles only, one Q box per tile and the consumers' own count of key tiles.
 template <int D, bool kPersistent>
-constexpr bool kSlabTiles = kPersistent && D == 64 && FFA_FWD_SLAB_TILES != 0;
+constexpr bool kSlabTiles = kPersistent && D == 64;
 // Key tiles of item `it` that query rows [a, b) need: the item's count less the trailing tiles that no
 // row of [a, b) sees. Only masked runs can hold such tiles (every row of an item sees all of a full run);
 // a tile counts as seen where it meets the hull of the rows' visible keys under its run's cut (the
 // bounds of visible_cols rise with the row, so the first and the last row in the cut bound it): a tile
 // kept by that test may still be wholly masked for these rows, which costs time, never correctness.
-// The producer and every consumer compute the same count, so they walk the same key tiles.
+// The producer computes it and hands it to the consumers (tiles_q), so they walk the same key tiles.
 __device__ __forceinline__ int rows_key_tiles(const Item& it, const Run* runs, const CutSlice* cuts, int a, int b) {
   if (a >= b) return 0;  // a slab past the item's last row (the last item of a q range)
   int n = 0;
@@ -328,9 +325,9 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   const uint32_t full_k = full_q + 16, full_v = full_k + 8 * kStages;
   const uint32_t empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
   const uint32_t empty_q = empty_v + 8 * kStages;
-  // Key tiles of the work tile in Q buffer b (an int at tiles_q + 4 b): the producer counts them and stores
-  // the count before its arrive on full_q[b] (a release), so a consumer reads it after its wait there (an
-  // acquire) and walks no run list of its own before starting the tile.
+  // Slab tiles: key tiles of the work tile in Q buffer b (an int at tiles_q + 4 b). The producer counts
+  // them and stores the count before its arrive on full_q[b] (a release), so a consumer reads it after its
+  // wait there (an acquire) and walks no run list of its own before starting the tile.
   const uint32_t tiles_q = empty_q + 16;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
