@@ -95,11 +95,12 @@ struct Shape {
   static constexpr bool kOnesSum = D == 64;
   static constexpr uint32_t kOnesBytes = kOnesSum ? kBN * 128 : 0;
   static constexpr int kPV = D + (kOnesSum ? 8 : 0);  // the P V GEMM's N
-  // mbarriers: full_q and empty_q for each of two Q buffers, full/empty for K and V per stage.
+  // mbarriers: full_q and empty_q for each of two Q buffers, full/empty for K and V per stage; then two
+  // 8-byte slots for kernel 5's key-tile counts (tiles_q).
   static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + kOnesBytes + 1024 + 8 * (6 + 4 * kStages);
   static_assert(kSmem <= 227 * 1024, "dynamic shared memory per block on sm_90");
   // Kernel 5 adds a second Q buffer (kBM rows; the epilogue of a work tile stages in its tile's buffer):
-  // 197792 bytes in all at D=64 (with the ones block), 197728 at D=128, of the 232448 (227 KB) a block may have.
+  // 197808 bytes in all at D=64 (with the ones block), 197744 at D=128, of the 232448 (227 KB) a block may have.
   static constexpr int kPersistentExtraSmem = kQBytes;
   static_assert(kSmem + kPersistentExtraSmem <= 227 * 1024, "kernel 5 needs more shared memory than a block has");
 };
@@ -140,6 +141,14 @@ __device__ __forceinline__ void visible_cols(const CutSlice& c, int i, int c0, i
 // instantiations keep hull tiles only, one Q box per tile and the consumers' own count of key tiles.
 template <int D, bool kPersistent>
 constexpr bool kSlabTiles = kPersistent && D == 64;
+// Key tiles of item `it`: the tiles of all its runs.
+__device__ __forceinline__ int item_key_tiles(const Item& it, const Run* runs) {
+  int n = 0;
+#pragma unroll 1
+  for (int ri = it.run_begin; ri < it.run_end; ++ri) n += runs[ri].tiles;
+  return n;
+}
+
 // Key tiles of item `it` that query rows [a, b) need: the item's count less the trailing tiles that no
 // row of [a, b) sees. Only masked runs can hold such tiles (every row of an item sees all of a full run);
 // a tile counts as seen where it meets the hull of the rows' visible keys under its run's cut (the
@@ -148,9 +157,7 @@ constexpr bool kSlabTiles = kPersistent && D == 64;
 // The producer computes it and hands it to the consumers (tiles_q), so they walk the same key tiles.
 __device__ __forceinline__ int rows_key_tiles(const Item& it, const Run* runs, const CutSlice* cuts, int a, int b) {
   if (a >= b) return 0;  // a slab past the item's last row (the last item of a q range)
-  int n = 0;
-#pragma unroll 1
-  for (int ri = it.run_begin; ri < it.run_end; ++ri) n += runs[ri].tiles;
+  int n = item_key_tiles(it, runs);
 #pragma unroll 1
   for (int ri = it.run_end - 1; ri >= it.run_begin; --ri) {
     const Run run = runs[ri];
@@ -381,16 +388,12 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
           const int a = it.row_begin + 64 * as.slab;
           n_tiles = rows_key_tiles(it, runs, p.side.cuts, a, min(it.row_end, a + 64));
         } else if (count) {
-#pragma unroll 1
-          for (int ri = it.run_begin; ri < it.run_end; ++ri) n_tiles += runs[ri].tiles;
+          n_tiles = item_key_tiles(it, runs);
         }
         fn(it, as, as.head0 / p.group, n_tiles, j);
       }
     } else {
-      int n_tiles = 0;
-#pragma unroll 1
-      for (int ri = tile_cta.it.run_begin; count && ri < tile_cta.it.run_end; ++ri) n_tiles += runs[ri].tiles;
-      fn(tile_cta.it, FwdTileAssign{0, -1, tile_cta.h}, tile_cta.hk, n_tiles, 0);
+      fn(tile_cta.it, FwdTileAssign{0, -1, tile_cta.h}, tile_cta.hk, count ? item_key_tiles(tile_cta.it, runs) : 0, 0);
     }
   };
   // Consumer c's q head and 64-row slab of the item in a work tile.
