@@ -1,8 +1,9 @@
 // Forward pass v8 (ForwardArgs::kernel = 3) and v10 (kernel 5, the same kernel on a persistent grid: the
 // default of flexcp's ffa backend). v8 is the v4 TMA kernel (ffa_fwd_tma.cu) plus FlashAttention-3's
 // intra-warpgroup overlap, a consumer ring of 3 warpgroups at D=64, a deeper K/V ring with separate K and
-// V barriers, and a softmax that seldom rescales O and mostly needs one FMUL and one MUFU per score (see
-// ZeroWindow). docs/kernel-log.md "v8" and "v10" have the reasoning and the figures.
+// V barriers, and a softmax that seldom rescales O and mostly needs one FMUL or FFMA and one MUFU per score
+// (ZeroWindow; bf16 at D=64: LazyRef, no test of the scores at all). docs/kernel-log.md "v8" and "v10"
+// have the reasoning and the figures.
 //
 // A work tile is one q-side plan item (a q tile) of one query head: tile t = item t / heads_q, head
 // t % heads_q. The plan sorts items longest first, so tile numbers are a global longest-first order.
@@ -55,6 +56,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/ffa_device.cuh"
 #include "cuda/ffa_epilogue.cuh"
@@ -96,11 +98,12 @@ struct Shape {
   static constexpr uint32_t kOnesBytes = kOnesSum ? kBN * 128 : 0;
   static constexpr int kPV = D + (kOnesSum ? 8 : 0);  // the P V GEMM's N
   // mbarriers: full_q and empty_q for each of two Q buffers, full/empty for K and V per stage; then two
-  // 8-byte slots for kernel 5's key-tile counts (tiles_q).
-  static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + kOnesBytes + 1024 + 8 * (6 + 4 * kStages);
+  // 8-byte slots for kernel 5's key-tile counts (tiles_q), then an int per consumer warp (lost_rows).
+  static constexpr int kSmem =
+      kQBytes + 2 * kStages * kKVBytes + kOnesBytes + 1024 + 8 * (6 + 4 * kStages) + 16 * kConsumers;
   static_assert(kSmem <= 227 * 1024, "dynamic shared memory per block on sm_90");
   // Kernel 5 adds a second Q buffer (kBM rows; the epilogue of a work tile stages in its tile's buffer):
-  // 197808 bytes in all at D=64 (with the ones block), 197744 at D=128, of the 232448 (227 KB) a block may have.
+  // 197856 bytes in all at D=64 (with the ones block), 197776 at D=128, of the 232448 (227 KB) a block may have.
   static constexpr int kPersistentExtraSmem = kQBytes;
   static_assert(kSmem + kPersistentExtraSmem <= 227 * 1024, "kernel 5 needs more shared memory than a block has");
 };
@@ -116,7 +119,7 @@ struct Shape {
 // After its first keys nearly every row subtracts 0, and in a tile where every row of the warp does and
 // no score exceeds the window, an element costs one FMUL and one MUFU: no per-row max, no FFMA against
 // it, no rescale vote (session 8, docs/kernel-log.md run 18: +2.5% on (a), +3% on (c)). The result is the
-// same softmax for any m: out = O / l and lse = m + log2(l).
+// same softmax for any m: out = O / l and lse = m + log2(l). (bf16 at D=64 goes further: LazyRef below.)
 template <typename T>
 struct ZeroWindow {
   static constexpr float kMin = -60.f, kMax = 64.f;
@@ -213,6 +216,23 @@ __device__ __forceinline__ int row_max_bits(const float (&sc)[kBN / 2], int r) {
   return max(mi, __shfl_xor_sync(0xffffffffu, mi, 2));
 }
 
+// Sets the elements of an S tile (wgmma accumulator layout, the thread's rows row0 and row0 + 8, key tile
+// at c0) that cut hides to -inf.
+__device__ __forceinline__ void mask_tile(float (&sc)[kBN / 2], const CutSlice& cut, int row0, int c0, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    // Visible columns of this row relative to the thread's first column 2 (lane % 4): element (j, e)
+    // is column 8j + e of that, so each test compares against a constant.
+    int lo, hi;
+    visible_cols(cut, row0 + 8 * r, c0 + (lane & 3) * 2, lo, hi);
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        if (8 * j + e < lo || 8 * j + e >= hi) sc[4 * j + 2 * r + e] = -INFINITY;
+  }
+}
+
 // Online softmax of one 64 x 128 S tile in the wgmma accumulator layout (thread element 4j + 2r + e is row
 // (lane / 4) + 8r of the warp's 16, column 8j + 2 (lane % 4) + e), c = scale_log2: masks it (kMasked:
 // boundary tiles only), leaves P (unnormalized, fp32) in sc, updates m and, with kSums, the thread's
@@ -221,20 +241,7 @@ template <typename T, bool kMasked, bool kSums>
 __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                              float c, const CutSlice* cut, int row0, int c0, int lane) {
   constexpr float kZeroMax = ZeroWindow<T>::kMax, kZeroMin = ZeroWindow<T>::kMin;
-  if constexpr (kMasked) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      // Visible columns of this row relative to the thread's first column 2 (lane % 4): element (j, e)
-      // is column 8j + e of that, so each test compares against a constant.
-      int lo, hi;
-      visible_cols(*cut, row0 + 8 * r, c0 + (lane & 3) * 2, lo, hi);
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          if (8 * j + e < lo || 8 * j + e >= hi) sc[4 * j + 2 * r + e] = -INFINITY;
-    }
-  }
+  if constexpr (kMasked) mask_tile(sc, *cut, row0, c0, lane);
   alpha[0] = alpha[1] = 1.f;
   float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // per row, two chains of 16 adds (kSums only)
   if (__all_sync(0xffffffffu, m[0] == 0.f && m[1] == 0.f)) {
@@ -304,6 +311,164 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
   return __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f);
 }
 
+// The lazy reference (bf16 at D=64, where O's ones column hands each row's sum l over after every P V).
+// A row subtracts a reference m that is not its max: P = 2^(s * c - m) costs one FFMA and one MUFU per
+// score, with no max and no window test per tile (ZeroWindow's fast path has 21 VIMNMX3 and a vote there).
+// bf16 P has fp32's exponent range, so nothing needs P <= 1: the reference starts at the row's first max
+// plus kBias (its largest P is 2^-kBias), and only l, which every P V returns anyway, is watched:
+//   after each P V (lazy_rescale), a row with l > kRescaleAbove gets O, l and the next tile's P (not yet
+//     multiplied by V) scaled by 2^-k and m raised by k, a power of two (exact), which brings l back to
+//     [2^-50, 2^-49); so a tile may raise a row's scores by up to 77 log2 units (53 in natural-log
+//     units) above the largest it had before l can pass kRecomputeAbove;
+//   a row whose l passed kRecomputeAbove, or whose P overflowed (l = inf), is marked (l = NaN, which every
+//     later P V keeps), its lse written as NaN, and after the CTA's last work tile one warp computes it
+//     again exactly from global memory (forward_row_exact): slow, and only for logits that jump that far
+//     within a row from one key tile to the next.
+// The row's largest P stays >= 2^-63 (up to 2^13 keys; the P that flush to 0 lie 2^63 below it), and
+// O <= l * max|v| < 2^64 max|v|, so O's and l's fp32 sums keep the max-subtracting softmax's precision.
+template <typename T, int D>
+constexpr bool kLazyRef = D == 64 && std::is_same<T, __nv_bfloat16>::value;
+struct LazyRef {
+  static constexpr float kBias = 50.f;
+  static constexpr float kRescaleAbove = 0x1p-20f;
+  static constexpr float kRecomputeAbove = 0x1p64f;
+};
+
+// The lazy reference's softmax of one S tile (as softmax_tile, without the sums: O's ones column has them).
+// A row with no visible key so far (m = -inf) takes its reference from this tile's exact max; every
+// other row subtracts its m as it stands.
+template <bool kMasked>
+__device__ __forceinline__ void softmax_tile_lazy(float (&sc)[kBN / 2], float (&m)[2], float c, const CutSlice* cut,
+                                                  int row0, int c0, int lane) {
+  if constexpr (kMasked) mask_tile(sc, *cut, row0, c0, lane);
+  if (__all_sync(0xffffffffu, m[0] != -INFINITY && m[1] != -INFINITY)) {
+#pragma unroll
+    for (int k = 0; k < kBN / 2; ++k) sc[k] = exp2_ftz(fmaf(sc[k], c, -m[(k >> 1) & 1]));
+    return;
+  }
+  // A row's first visible keys (a work tile's first key tile, or later behind a mask): the row max from
+  // the integer max where the row has a score >= +0, else from the float tree (its shuffles need the
+  // whole warp, hence the vote).
+  float m_tile[2];
+  bool exact[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int mi = row_max_bits(sc, r);
+    m_tile[r] = mi >= 0 ? __int_as_float(mi) * c : -INFINITY;
+    exact[r] = mi < 0 && m[r] == -INFINITY;
+  }
+  if (__any_sync(0xffffffffu, exact[0] || exact[1])) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float mx = row_max_tree(sc, r);
+      if (exact[r]) m_tile[r] = mx * c;
+    }
+  }
+  float m_sub[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (m[r] == -INFINITY) m[r] = m_tile[r] + LazyRef::kBias;  // stays -inf where the tile hides every key
+    m_sub[r] = m[r] == -INFINITY ? 0.f : m[r];                  // then P = 2^-inf = 0, not NaN
+  }
+#pragma unroll
+  for (int k = 0; k < kBN / 2; ++k) sc[k] = exp2_ftz(fmaf(sc[k], c, -m_sub[(k >> 1) & 1]));
+}
+
+// The lazy reference's rule for a row's sum l: the power of two 2^-shift that brings an l above
+// kRescaleAbove (and at most kRecomputeAbove) back to [2^-50, 2^-49): shift = e + kBias for l = 2^e * 1.f,
+// e in [-20, 64]; 0 for any other l. And 2^-shift as two normal factors (2^-126 at most each).
+__device__ __forceinline__ int lazy_shift(float l) {
+  return (l > LazyRef::kRescaleAbove && l <= LazyRef::kRecomputeAbove)
+             ? ((__float_as_int(l) >> 23) - 127) + static_cast<int>(LazyRef::kBias)
+             : 0;
+}
+__device__ __forceinline__ void lazy_factors(int shift, float& f1, float& f2) {
+  const int s1 = min(shift, 126), s2 = shift - s1;
+  f1 = __int_as_float((127 - s1) << 23);
+  f2 = __int_as_float((127 - s2) << 23);
+}
+
+// The lazy reference's check after a P V (O complete, P of the next key tile in sc, not yet multiplied):
+// rows whose sum passed kRescaleAbove are brought back to [2^-50, 2^-49) by a power of two, rows whose
+// sum passed kRecomputeAbove (or is NaN) are marked for the epilogue's exact recompute. kO = O's
+// registers: element kO - 4 + 2 r holds row r's sum.
+template <int kO>
+__device__ __forceinline__ void lazy_rescale(float (&o)[kO], float (&sc)[kBN / 2], float (&m)[2]) {
+  constexpr int kL = kO - 4;
+  if (!__any_sync(0xffffffffu, !(o[kL] <= LazyRef::kRescaleAbove) || !(o[kL + 2] <= LazyRef::kRescaleAbove)))
+    return;
+  // Per row two factors (1 where the row stays), applied to every row of the warp without branches (a
+  // per-thread branch around accumulator registers makes ptxas spill).
+  float f1[2], f2[2];
+  bool mark[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = o[kL + 2 * r];
+    mark[r] = !(l <= LazyRef::kRecomputeAbove);  // also NaN: a row marked before stays marked
+    const int shift = lazy_shift(l);
+    lazy_factors(shift, f1[r], f2[r]);
+    m[r] += static_cast<float>(shift);
+  }
+#pragma unroll
+  for (int k = 0; k < kO; ++k) o[k] = o[k] * f1[(k >> 1) & 1] * f2[(k >> 1) & 1];
+#pragma unroll
+  for (int k = 0; k < kBN / 2; ++k) sc[k] = sc[k] * f1[(k >> 1) & 1] * f2[(k >> 1) & 1];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) o[kL + 2 * r] = mark[r] ? NAN : o[kL + 2 * r];  // the epilogue's mark
+}
+
+// Out and lse of query row `row` of q head h in work item `item`, computed exactly by one warp (all 32
+// lanes) from global memory: an online softmax over every key the item's runs show the row, one key at a
+// time, in fp32 with the running max subtracted. The lazy reference's fallback for rows whose logits
+// jump too far (above): slow, and called after the CTA's last work tile, where no GEMM state is live
+// (in the epilogue, inlined beside the loop's registers, it made ptxas serialize the wgmma).
+template <typename T, int D>
+__device__ __forceinline__ void forward_row_exact(const FwdParams& p, int item, int h, int row) {
+  constexpr int kPer = D / 32;  // dims per lane
+  const int lane = threadIdx.x & 31, d0 = lane * kPer, hk = h / p.group;
+  const T* q = static_cast<const T*>(p.q) + static_cast<int64_t>(row) * p.q_st + h * p.q_sh + d0;
+  const T* k = static_cast<const T*>(p.k) + hk * p.k_sh + d0;
+  const T* v = static_cast<const T*>(p.v) + hk * p.v_sh + d0;
+  float qf[kPer], o[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    qf[i] = static_cast<float>(q[i]);
+    o[i] = 0.f;
+  }
+  float mx = -INFINITY, l = 0.f;
+  const Item it = p.side.items[item];
+  for (int ri = it.run_begin; ri < it.run_end; ++ri) {
+    const Run run = p.side.runs[ri];
+    for (int t = 0; t < run.tiles; ++t) {
+      const int c0 = run.begin + t * kBN;
+      int lo = 0, hi = kBN;
+      if (run.masked) visible_cols(p.side.cuts[run.cut], row, c0, lo, hi);
+      hi = min(hi, p.num_k - c0);
+      for (int j = max(lo, 0); j < hi; ++j) {
+        const int64_t key = c0 + j;
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) s = fmaf(qf[i], static_cast<float>(k[key * p.k_st + i]), s);
+#pragma unroll
+        for (int w = 16; w >= 1; w >>= 1) s += __shfl_xor_sync(0xffffffffu, s, w);
+        s *= p.scale_log2;
+        if (s == -INFINITY) continue;
+        const float m_new = s > mx ? s : mx;  // a NaN score keeps mx, and its e below makes l NaN
+        const float a = exp2f(mx - m_new), e = exp2f(s - m_new);
+        l = l * a + e;
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) o[i] = o[i] * a + e * static_cast<float>(v[key * p.v_st + i]);
+        mx = m_new;
+      }
+    }
+  }
+  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(row) * p.o_st + h * p.o_sh + d0;
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) out[i] = T(o[i] * inv);
+  if (lane == 0) p.lse[h * p.lse_sh + static_cast<int64_t>(row) * p.lse_st] = row_lse(mx, l);
+}
+
 // kPersistent = false: kernel 3 (v8), one CTA per work tile, blockIdx.x = item * heads_q + head.
 // kPersistent = true: kernel 5 (v10), at most one CTA per SM, each running the work tiles
 // persistent_tile(j, blockIdx.x, gridDim.x, num_items * heads_q) for j = 0, 1, ... (cuda/ffa_schedule.h).
@@ -324,6 +489,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   // epilogue can wait until the next work tile's first S GEMM is on the tensor cores.
   constexpr int kQBuffers = kPersistent ? 2 : 1;
   constexpr bool kSlab = kSlabTiles<D, kPersistent>;
+  constexpr bool kLazy = kLazyRef<T, D>;
   const uint32_t sK = sQ + kQBuffers * S::kQBytes, sV = sK + kStages * S::kKVBytes;
   const uint32_t sOnes = sV + kStages * S::kKVBytes;  // S::kOnesBytes of 1.0 (kOnesSum only)
   // mbarriers (8 bytes each): full_q (one per Q buffer), per stage full_k, full_v, empty_k, empty_v, then
@@ -336,6 +502,9 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   // them and stores the count before its arrive on full_q[b] (a release), so a consumer reads it after its
   // wait there (an acquire) and walks no run list of its own before starting the tile.
   const uint32_t tiles_q = empty_q + 16;
+  // The lazy reference: per consumer warp an int (warp w at lost_rows[w - 4]), nonzero once the warp
+  // marked a row it lost (lse NaN); the warp computes those rows again after the CTA's last work tile.
+  int* const lost_rows = reinterpret_cast<int*>(smem + (tiles_q - sQ) + 16);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   // The warpgroup index broadcast from lane 0, so that ptxas knows it is warp-uniform: the Q descriptors
@@ -349,6 +518,8 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   const Run* runs = p.side.runs;
 
   if (tid == 0) {
+    if constexpr (kLazy)
+      for (int w = 0; w < 4 * kNC; ++w) lost_rows[w] = 0;
     for (int b = 0; b < kQBuffers; ++b) mbar_init(full_q + 8 * b, 1);
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full_k + 8 * s, 1);
@@ -393,7 +564,8 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
         fn(it, as, as.head0 / p.group, n_tiles, j);
       }
     } else {
-      fn(tile_cta.it, FwdTileAssign{0, -1, tile_cta.h}, tile_cta.hk, count ? item_key_tiles(tile_cta.it, runs) : 0, 0);
+      fn(tile_cta.it, FwdTileAssign{static_cast<int>(blockIdx.x) / p.heads_q, -1, tile_cta.h}, tile_cta.hk,
+         count ? item_key_tiles(tile_cta.it, runs) : 0, 0);
     }
   };
   // Consumer c's q head and 64-row slab of the item in a work tile.
@@ -559,6 +731,12 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     unsigned char* staging = smem + t.buffer * S::kQBytes;
     T* out = static_cast<T*>(p.out) + t.h * p.o_sh;
     float* lse = p.lse + t.h * p.lse_sh;
+    // The lazy reference's lost rows (below), found before the store so that O's registers die there.
+    bool lost[2] = {false, false};
+    if constexpr (kLazy) {
+      lost[0] = !(ot[S::kPV / 2 - 4] <= LazyRef::kRecomputeAbove);
+      lost[1] = !(ot[S::kPV / 2 - 2] <= LazyRef::kRecomputeAbove);
+    }
     if constexpr (S::kOnesSum) {
       // The row sums are O's column D (every column of fragment D / 8 holds them), whole in every lane.
       const float l_full[2] = {ot[D / 2], ot[D / 2 + 2]};
@@ -568,6 +746,26 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     } else {
       store_out_lse_warp_rows<T, D, kBM>(staging, (warp - 4) * 16, ot, lt, mt, out, p.o_st, lse, p.lse_st,
                                          t.row_begin, t.row_end);
+    }
+    if constexpr (kLazy) {
+      // Rows the lazy reference lost (marked, or l past kRecomputeAbove after the last P V): lse NaN says
+      // so, and the warp's flag has them computed again after the CTA's last work tile. A row whose last
+      // P V raised l above kRescaleAbove gets the lse of its (m, l) brought back by lazy_rescale's rule:
+      // the same bits as where a later check did that (kernel 3 checks after key tiles that kernel 5's
+      // slab tiles skip); out = O / l is the same either way. (The quad's lanes hold the same l; these
+      // writes follow the store's own lse write, which store_out_lse_warp_rows orders by __syncwarp.)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = t.row_begin + (warp - 4) * 16 + (lane >> 2) + 8 * r;
+        const float l = ot[S::kPV / 2 - 4 + 2 * r];
+        const int shift = lazy_shift(l);
+        if (row < t.row_end && (lost[r] || (shift != 0 && (lane & 3) == 0))) {
+          float f1, f2;
+          lazy_factors(shift, f1, f2);
+          lse[static_cast<int64_t>(row) * p.lse_st] = lost[r] ? NAN : row_lse(mt[r] + static_cast<float>(shift), l * f1 * f2);
+        }
+      }
+      if (__any_sync(0xffffffffu, lost[0] || lost[1]) && lane == 0) lost_rows[warp - 4] = 1;
     }
     if constexpr (kPersistent) {
       fence_async_smem();
@@ -601,6 +799,13 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     // +1% on (a), +5% with 8 documents, where work tiles are short), at the price of a second inlined copy.
     auto softmax = [&](const Run& run, int t, float (&alpha)[2]) -> bool {
       const int c0 = run.begin + t * kBN;
+      if constexpr (kLazy) {
+        if (run.masked)
+          softmax_tile_lazy<true>(sc, m, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0, lane);
+        else
+          softmax_tile_lazy<false>(sc, m, p.scale_log2, nullptr, row_lo, c0, lane);
+        return false;
+      }
       if (run.masked)
         return softmax_tile<T, true, !S::kOnesSum>(sc, m, l, alpha, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0,
                                                    lane);
@@ -684,7 +889,9 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       reg_fence_u(pa);
       release(empty_v, pos - 1);
       // O holds P_0 V_0 + ... + P_{n-1} V_{n-1} against the previous m: bring it to the new one.
-      if (rescale) {
+      if constexpr (kLazy) {
+        lazy_rescale(o, sc, m);
+      } else if (rescale) {
 #pragma unroll
         for (int jj = 0; jj < S::kPV / 8; ++jj)
 #pragma unroll
@@ -700,6 +907,23 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
 
   if (pending) flush();
   if (cw == 0) named_bar_sync(1, 256);  // consume the last consumer's final arrive (or the start one)
+  if constexpr (kLazy) {
+    // The rows this warp lost, again, exactly: its rows of each of the CTA's work tiles whose lse it
+    // marked NaN (its own flag and its own global writes: no other warp's are read).
+    __syncwarp();
+    if (lost_rows[warp - 4] == 0) return;
+    for_each_tile([&](const Item& it, const FwdTileAssign& as, int, int, int) {
+      const int h = consumer_head(as, cw), slab = consumer_slab(as, cw);
+      const int row_end = min(it.row_end, it.row_begin + 64 * slab + 64);
+      const int row = it.row_begin + 64 * (slab - cw) + (warp - 4) * 16 + (lane & 15);
+      const float* lse = p.lse + h * p.lse_sh;
+      const unsigned lost =
+          __ballot_sync(0xffffffffu, lane < 16 && row < row_end && isnan(lse[static_cast<int64_t>(row) * p.lse_st]));
+#pragma unroll 1
+      for (int i = 0; i < 16; ++i)
+        if ((lost >> i) & 1u) forward_row_exact<T, D>(p, as.item, h, row - (lane & 15) + i);
+    }, false);
+  }
 }
 
 // Streaming multiprocessors of the current device, read once per device: kernel 5's grid size.

@@ -163,6 +163,10 @@ def cases(quick, rng):
     # Rows that enter the window on their first key tile and meet scores of a few hundred after it: the
     # tiles whose every row subtracts 0 must still see that a score left the window.
     out.append(("growing logits full Lq=200 Lk=600", [(0, 200, 0, 600, "full")], 200, 600, 8, 2, 64, torch.bfloat16))
+    # Scores that climb ~30 log2 units per key tile, ~140 over the keys: forward kernels 3/5 at D=64 (bf16)
+    # bring O, l and the next tile's P back by a power of two several times per row (the lazy reference).
+    out.append(("rising logits full Lq=200 Lk=600", [(0, 200, 0, 600, "full")], 200, 600, 8, 2, 64, torch.bfloat16))
+    out.append(("rising logits causal T=700", [(0, 700, 0, 700, "causal")], 700, 700, 8, 2, 64, torch.bfloat16))
     out.append(("no slices", [], 100, 50, 4, 4, 64, torch.bfloat16))
     out.append(("no keys at all", [(0, 37, 0, 0, "causal")], 37, 0, 4, 2, 128, torch.bfloat16))
     return out
@@ -180,6 +184,9 @@ def run_case(name, slices, tq, tk, hq, hkv, d, dt, gen):
         q, k = q.abs(), -40 * k.abs()
     elif name.startswith("large logits"):
         q, k = 8 * q, 8 * k
+    elif name.startswith("rising logits"):
+        q[..., 0] = 8.0  # every query's score gains ~0.16 * j * 8 * scale from key j's first component
+        k[..., 0] += 0.16 * torch.arange(tk, device=dev, dtype=torch.float32)[:, None].to(dt)
     elif name.startswith("growing logits"):
         k[128:] *= 40  # the first key tile's scores are small, the later ones reach a few hundred
     scale = 1.0 / math.sqrt(d) if gen.initial_seed() % 2 == 0 else 0.09
@@ -295,11 +302,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--only", default="", help="run only the cases whose name contains this text")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     failed = 0
     all_cases = cases(args.quick, rng)
     for n, (name, slices, tq, tk, hq, hkv, d, dt) in enumerate(all_cases):
+        if args.only not in name:
+            continue  # (skipped cases keep their index: every case's data is the same as in a full run)
         gen = torch.Generator(device="cuda")
         gen.manual_seed(args.seed * 1000 + n)
         label = f"{name} Hq={hq} Hkv={hkv} D={d} {str(dt).split('.')[-1]} slices={len(slices)}"
@@ -320,7 +330,8 @@ def main():
         failed += 1
     except ValueError as e:
         print(f"[ok  ] out-of-bounds slice refused: {e}")
-    print(f"{len(all_cases) - failed if failed <= len(all_cases) else 0}/{len(all_cases)} cases passed")
+    ran = sum(args.only in c[0] for c in all_cases)
+    print(f"{ran - failed if failed <= ran else 0}/{ran} cases passed")
     return 1 if failed else 0
 
 
