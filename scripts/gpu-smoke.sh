@@ -33,7 +33,10 @@ first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / 5
 print(f"first {first:.3f} last5 {last:.3f}")
 sys.exit(0 if last < first - 1.0 else 1)
 PY
-check compare-ffa-torch "$bin" compare "$out/ffa" --baseline "$out/torch" --max-mean-delta 0.05 --window 20:
+# The gate catches a broken attention (a causal leak or wrong gradients move the curve by tenths), not
+# the chaos of 60 bf16 steps: between exact backends the mean |delta loss| over steps 20-60 measured
+# 0.005-0.055 over three seeds (session 11, H100: forward kernels 0 and 5 against torch), so 0.1.
+check compare-ffa-torch "$bin" compare "$out/ffa" --baseline "$out/torch" --max-mean-delta 0.1 --window 20:
 check comm-check "$bin" comm-check --device cuda --communicator nccl
 check train-cp1-nccl "$bin" train configs/tiny-cp1.yaml --set train.device=cuda --set data.synthetic=true \
   --set train.steps=20 --set parallel.communicator=nccl --set logging.dir="$out/cp1" --set checkpoint.every=0 --quiet
