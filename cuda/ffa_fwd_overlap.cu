@@ -318,7 +318,8 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
 // plus kBias (its largest P is 2^-kBias), and only l, which every P V returns anyway, is watched:
 //   after each P V (lazy_rescale), a row with l > kRescaleAbove gets O, l and the next tile's P (not yet
 //     multiplied by V) scaled by 2^-k and m raised by k, a power of two (exact), which brings l back to
-//     [2^-50, 2^-49); so a tile may raise a row's scores by up to 77 log2 units (53 in natural-log
+//     [2^-50, 2^-49). A key tile's P are taken before the check of the tile before it, so two
+//     consecutive key tiles together may raise a row's scores by up to 77 log2 units (53 in natural-log
 //     units) above the largest it had before l can pass kRecomputeAbove;
 //   a row whose l passed kRecomputeAbove, or whose P overflowed (l = inf), is marked (l = NaN, which every
 //     later P V keeps), its lse written as NaN, and after the CTA's last work tile one warp computes it

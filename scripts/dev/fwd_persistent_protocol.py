@@ -10,23 +10,27 @@ mbarrier waits are parity waits on a phase bit, as in hardware. Kernel 5 has two
 uses buffer j % 2); a work tile's last P V is issued in the next work tile's first turn beside its S_0
 (or on its own at the end, or before a work tile without keys), and its epilogue then stages through the
 tile's Q buffer, which the consumers hand back to the producer afterwards (kernel 3: one buffer, never
-handed back). Checks: no deadlock; every named-barrier completion releases a waiting consumer (an arrive
+handed back). Kernel 5's producer also stores each work tile's key-tile count in a slot per Q buffer
+(slab tiles: the consumers walk the count it hands over) after its wait for that buffer and before the
+Q load whose completion the consumers wait for; every consumer reads it after that wait. Checks: no deadlock; every named-barrier completion releases a waiting consumer (an arrive
 never meets another arrive of the same round: the one-token ring); no barrier left with arrivals at exit;
 a TMA never writes a Q, K or V buffer that a GEMM or an epilogue may still use; a GEMM reads the Q of its
-own work tile and the K/V tile of its ring position.
+own work tile and the K/V tile of its ring position; a consumer reads its own work tile's count, and no
+count is stored over one that a consumer has still to read.
 It mirrors the kernel by hand: change both together.
     python3 scripts/dev/fwd_persistent_protocol.py [seed] [mutation ...]
     python3 scripts/dev/fwd_persistent_protocol.py --mutations   (CTest ffa_fwd_protocol: all of the below)
 Mutations (each must fail): pertile (kernel 5 starts and ends the turn ring every work tile), earlyq
 (kernel 5 hands a Q buffer back before the epilogue that stages in it), noqwait (the producer loads Q
 without waiting for empty_q), noparity (the K ring's waits use phase 0 always), oneq (kernel 5 with one Q
-buffer under this protocol)."""
+buffer under this protocol), earlycount (the producer stores a work tile's count before its wait for the
+Q buffer)."""
 import random
 import sys
 
 from protocol_model import MBar, NamedBarrier, protocol_main
 
-MUTATIONS = ['pertile', 'earlyq', 'noqwait', 'noparity', 'oneq']
+MUTATIONS = ['pertile', 'earlyq', 'noqwait', 'noparity', 'oneq', 'earlycount']
 MUT = set(a for a in sys.argv[2:] if a in MUTATIONS)
 
 
@@ -44,6 +48,7 @@ def simulate(kernel, nc, stages, tiles, rng):
     data, readers = {}, {}
     for b in range(qbufs):
         data[('q', b)], readers[('q', b)] = None, set()
+        data[('cnt', b)], readers[('cnt', b)] = None, set()  # kernel 5: the key-tile count slot
     for s in range(stages):
         for x in 'kv':
             data[(x, s)], readers[(x, s)] = None, set()
@@ -60,10 +65,19 @@ def simulate(kernel, nc, stages, tiles, rng):
     def producer():
         n = 0
         for j, nt in enumerate(tiles):
+            def store_count(b):
+                assert not readers[('cnt', b)], \
+                    f"count of tile {j} stored over tile {data[('cnt', b)]}'s, unread by {readers[('cnt', b)]}"
+                data[('cnt', b)], readers[('cnt', b)] = j, set(range(nc))
+
             def load_q():
                 b = j % qbufs
+                if persistent and 'earlycount' in MUT:
+                    store_count(b)
                 if persistent and j >= qbufs and 'noqwait' not in MUT:
                     yield parity_wait('empty_q', b, ((j // qbufs) - 1) & 1)
+                if persistent and 'earlycount' not in MUT:
+                    store_count(b)
                 tma_load(('q', b), j, 'full_q', b)
 
             def load(x, pos):
@@ -130,6 +144,10 @@ def simulate(kernel, nc, stages, tiles, rng):
                 yield ('arrive', 1)
             yield parity_wait('full_q', b, (j // qbufs) & 1)
             assert data[('q', b)] == j, f"consumer {c} tile {j}: Q buffer {b} holds {data[('q', b)]}"
+            if persistent:  # the count, read (by lane 0) after the wait, some time later
+                yield ('work',)
+                assert data[('cnt', b)] == j, f"consumer {c} tile {j}: count slot {b} holds {data[('cnt', b)]}'s"
+                readers[('cnt', b)].discard(c)
 
             def issue_s(pos):
                 readers[('q', b)].add(c)
