@@ -2,7 +2,7 @@
 // default of flexcp's ffa backend). v8 is the v4 TMA kernel (ffa_fwd_tma.cu) plus FlashAttention-3's
 // intra-warpgroup overlap, a consumer ring of 3 warpgroups at D=64, a deeper K/V ring with separate K and
 // V barriers, and a softmax that seldom rescales O and mostly needs one FMUL or FFMA and one MUFU per score
-// (ZeroWindow; bf16 at D=64: LazyRef, no test of the scores at all). docs/kernel-log.md "v8" and "v10"
+// (ZeroWindow for fp16; bf16: LazyRef, no test of the scores at all). docs/kernel-log.md "v8" and "v10"
 // have the reasoning and the figures.
 //
 // A work tile is one q-side plan item (a q tile) of one query head: tile t = item t / heads_q, head
@@ -119,7 +119,7 @@ struct Shape {
 // After its first keys nearly every row subtracts 0, and in a tile where every row of the warp does and
 // no score exceeds the window, an element costs one FMUL and one MUFU: no per-row max, no FFMA against
 // it, no rescale vote (session 8, docs/kernel-log.md run 18: +2.5% on (a), +3% on (c)). The result is the
-// same softmax for any m: out = O / l and lse = m + log2(l). (bf16 at D=64 goes further: LazyRef below.)
+// same softmax for any m: out = O / l and lse = m + log2(l). (bf16 goes further: LazyRef below; this is fp16's.)
 template <typename T>
 struct ZeroWindow {
   static constexpr float kMin = -60.f, kMax = 64.f;
@@ -311,11 +311,12 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
   return __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f);
 }
 
-// The lazy reference (bf16 at D=64, where O's ones column hands each row's sum l over after every P V).
-// A row subtracts a reference m that is not its max: P = 2^(s * c - m) costs one FFMA and one MUFU per
-// score, with no max and no window test per tile (ZeroWindow's fast path has 21 VIMNMX3 and a vote there).
-// bf16 P has fp32's exponent range, so nothing needs P <= 1: the reference starts at the row's first max
-// plus kBias (its largest P is 2^-kBias), and only l, which every P V returns anyway, is watched:
+// The lazy reference (bf16; fp16's P could not hold its range). A row subtracts a reference m that is not
+// its max: P = 2^(s * c - m) costs one FFMA and one MUFU per score, with no max and no window test per tile
+// (ZeroWindow's fast path has 21 VIMNMX3 and a vote there). bf16 P has fp32's exponent range, so nothing
+// needs P <= 1: the reference starts at the row's first max plus kBias (its largest P is 2^-kBias), and
+// only the row sums l are watched, after each P V (at D=64 that GEMM returns them in O's ones column; at
+// D=128 they are the softmax's own, four partial sums per row):
 //   after each P V (lazy_rescale), a row with l > kRescaleAbove gets O, l and the next tile's P (not yet
 //     multiplied by V) scaled by 2^-k and m raised by k, a power of two (exact), which brings l back to
 //     [2^-50, 2^-49). A key tile's P are taken before the check of the tile before it, so two
@@ -327,24 +328,32 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
 //     within a row from one key tile to the next.
 // The row's largest P stays >= 2^-63 (up to 2^13 keys; the P that flush to 0 lie 2^63 below it), and
 // O <= l * max|v| < 2^64 max|v|, so O's and l's fp32 sums keep the max-subtracting softmax's precision.
-template <typename T, int D>
-constexpr bool kLazyRef = D == 64 && std::is_same<T, __nv_bfloat16>::value;
+template <typename T>
+constexpr bool kLazyRef = std::is_same<T, __nv_bfloat16>::value;
 struct LazyRef {
   static constexpr float kBias = 50.f;
   static constexpr float kRescaleAbove = 0x1p-20f;
   static constexpr float kRecomputeAbove = 0x1p64f;
 };
 
-// The lazy reference's softmax of one S tile (as softmax_tile, without the sums: O's ones column has them).
-// A row with no visible key so far (m = -inf) takes its reference from this tile's exact max; every
-// other row subtracts its m as it stands.
-template <bool kMasked>
-__device__ __forceinline__ void softmax_tile_lazy(float (&sc)[kBN / 2], float (&m)[2], float c, const CutSlice* cut,
-                                                  int row0, int c0, int lane) {
+// The lazy reference's softmax of one S tile (as softmax_tile; with kSums it adds the thread's partial row
+// sums to l, without them O's ones column has the sums). A row with no visible key so far (m = -inf) takes
+// its reference from this tile's exact max; every other row subtracts its m as it stands.
+template <bool kMasked, bool kSums>
+__device__ __forceinline__ void softmax_tile_lazy(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float c,
+                                                  const CutSlice* cut, int row0, int c0, int lane) {
   if constexpr (kMasked) mask_tile(sc, *cut, row0, c0, lane);
+  float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // per row, two chains of 16 adds (kSums only)
   if (__all_sync(0xffffffffu, m[0] != -INFINITY && m[1] != -INFINITY)) {
 #pragma unroll
-    for (int k = 0; k < kBN / 2; ++k) sc[k] = exp2_ftz(fmaf(sc[k], c, -m[(k >> 1) & 1]));
+    for (int k = 0; k < kBN / 2; ++k) {
+      sc[k] = exp2_ftz(fmaf(sc[k], c, -m[(k >> 1) & 1]));
+      if constexpr (kSums) sum[(k >> 1) & 1][k & 1] += sc[k];
+    }
+    if constexpr (kSums) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) l[r] += sum[r][0] + sum[r][1];
+    }
     return;
   }
   // A row's first visible keys (a work tile's first key tile, or later behind a mask): the row max from
@@ -372,7 +381,14 @@ __device__ __forceinline__ void softmax_tile_lazy(float (&sc)[kBN / 2], float (&
     m_sub[r] = m[r] == -INFINITY ? 0.f : m[r];                  // then P = 2^-inf = 0, not NaN
   }
 #pragma unroll
-  for (int k = 0; k < kBN / 2; ++k) sc[k] = exp2_ftz(fmaf(sc[k], c, -m_sub[(k >> 1) & 1]));
+  for (int k = 0; k < kBN / 2; ++k) {
+    sc[k] = exp2_ftz(fmaf(sc[k], c, -m_sub[(k >> 1) & 1]));
+    if constexpr (kSums) sum[(k >> 1) & 1][k & 1] += sc[k];
+  }
+  if constexpr (kSums) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] += sum[r][0] + sum[r][1];
+  }
 }
 
 // The lazy reference's rule for a row's sum l: the power of two 2^-shift that brings an l above
@@ -391,12 +407,14 @@ __device__ __forceinline__ void lazy_factors(int shift, float& f1, float& f2) {
 
 // The lazy reference's check after a P V (O complete, P of the next key tile in sc, not yet multiplied):
 // rows whose sum passed kRescaleAbove are brought back to [2^-50, 2^-49) by a power of two, rows whose
-// sum passed kRecomputeAbove (or is NaN) are marked for the epilogue's exact recompute. kO = O's
-// registers: element kO - 4 + 2 r holds row r's sum.
-template <int kO>
-__device__ __forceinline__ void lazy_rescale(float (&o)[kO], float (&sc)[kBN / 2], float (&m)[2]) {
+// sum passed kRecomputeAbove (or is NaN) are marked for the epilogue's exact recompute. The sums: with
+// kSums the thread's partial sums in l (a quad's lanes share a row: they decide on the quad's total), else
+// O's ones column (kO = O's registers: element kO - 4 + 2 r holds row r's whole sum; l is unused).
+template <bool kSums, int kO>
+__device__ __forceinline__ void lazy_rescale(float (&o)[kO], float (&l)[2], float (&sc)[kBN / 2], float (&m)[2]) {
   constexpr int kL = kO - 4;
-  if (!__any_sync(0xffffffffu, !(o[kL] <= LazyRef::kRescaleAbove) || !(o[kL + 2] <= LazyRef::kRescaleAbove)))
+  float lr[2] = {kSums ? l[0] : o[kL], kSums ? l[1] : o[kL + 2]};
+  if (!__any_sync(0xffffffffu, !(lr[0] <= LazyRef::kRescaleAbove) || !(lr[1] <= LazyRef::kRescaleAbove)))
     return;
   // Per row two factors (1 where the row stays), applied to every row of the warp without branches (a
   // per-thread branch around accumulator registers makes ptxas spill).
@@ -404,9 +422,9 @@ __device__ __forceinline__ void lazy_rescale(float (&o)[kO], float (&sc)[kBN / 2
   bool mark[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float l = o[kL + 2 * r];
-    mark[r] = !(l <= LazyRef::kRecomputeAbove);  // also NaN: a row marked before stays marked
-    const int shift = lazy_shift(l);
+    if constexpr (kSums) lr[r] = quad_row_sum(lr[r]);
+    mark[r] = !(lr[r] <= LazyRef::kRecomputeAbove);  // also NaN: a row marked before stays marked
+    const int shift = lazy_shift(lr[r]);
     lazy_factors(shift, f1[r], f2[r]);
     m[r] += static_cast<float>(shift);
   }
@@ -415,7 +433,12 @@ __device__ __forceinline__ void lazy_rescale(float (&o)[kO], float (&sc)[kBN / 2
 #pragma unroll
   for (int k = 0; k < kBN / 2; ++k) sc[k] = sc[k] * f1[(k >> 1) & 1] * f2[(k >> 1) & 1];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) o[kL + 2 * r] = mark[r] ? NAN : o[kL + 2 * r];  // the epilogue's mark
+  for (int r = 0; r < 2; ++r) {  // the epilogue's mark
+    if constexpr (kSums)
+      l[r] = mark[r] ? NAN : l[r] * f1[r] * f2[r];
+    else
+      o[kL + 2 * r] = mark[r] ? NAN : o[kL + 2 * r];
+  }
 }
 
 // Out and lse of query row `row` of q head h in work item `item`, computed exactly by one warp (all 32
@@ -490,7 +513,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   // epilogue can wait until the next work tile's first S GEMM is on the tensor cores.
   constexpr int kQBuffers = kPersistent ? 2 : 1;
   constexpr bool kSlab = kSlabTiles<D, kPersistent>;
-  constexpr bool kLazy = kLazyRef<T, D>;
+  constexpr bool kLazy = kLazyRef<T>;
   const uint32_t sK = sQ + kQBuffers * S::kQBytes, sV = sK + kStages * S::kKVBytes;
   const uint32_t sOnes = sV + kStages * S::kKVBytes;  // S::kOnesBytes of 1.0 (kOnesSum only)
   // mbarriers (8 bytes each): full_q (one per Q buffer), per stage full_k, full_v, empty_k, empty_v, then
@@ -732,11 +755,16 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     unsigned char* staging = smem + t.buffer * S::kQBytes;
     T* out = static_cast<T*>(p.out) + t.h * p.o_sh;
     float* lse = p.lse + t.h * p.lse_sh;
-    // The lazy reference's lost rows (below), found before the store so that O's registers die there.
+    // The lazy reference's whole row sums and lost rows (below), found before the store so that O's
+    // registers die there.
+    float l_row[2] = {0.f, 0.f};
     bool lost[2] = {false, false};
     if constexpr (kLazy) {
-      lost[0] = !(ot[S::kPV / 2 - 4] <= LazyRef::kRecomputeAbove);
-      lost[1] = !(ot[S::kPV / 2 - 2] <= LazyRef::kRecomputeAbove);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        l_row[r] = S::kOnesSum ? ot[S::kPV / 2 - 4 + 2 * r] : quad_row_sum(lt[r]);
+        lost[r] = !(l_row[r] <= LazyRef::kRecomputeAbove);
+      }
     }
     if constexpr (S::kOnesSum) {
       // The row sums are O's column D (every column of fragment D / 8 holds them), whole in every lane.
@@ -758,7 +786,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = t.row_begin + (warp - 4) * 16 + (lane >> 2) + 8 * r;
-        const float l = ot[S::kPV / 2 - 4 + 2 * r];
+        const float l = l_row[r];
         const int shift = lazy_shift(l);
         if (row < t.row_end && (lost[r] || (shift != 0 && (lane & 3) == 0))) {
           float f1, f2;
@@ -802,9 +830,9 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       const int c0 = run.begin + t * kBN;
       if constexpr (kLazy) {
         if (run.masked)
-          softmax_tile_lazy<true>(sc, m, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0, lane);
+          softmax_tile_lazy<true, !S::kOnesSum>(sc, m, l, p.scale_log2, &p.side.cuts[run.cut], row_lo, c0, lane);
         else
-          softmax_tile_lazy<false>(sc, m, p.scale_log2, nullptr, row_lo, c0, lane);
+          softmax_tile_lazy<false, !S::kOnesSum>(sc, m, l, p.scale_log2, nullptr, row_lo, c0, lane);
         return false;
       }
       if (run.masked)
@@ -891,7 +919,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
       release(empty_v, pos - 1);
       // O holds P_0 V_0 + ... + P_{n-1} V_{n-1} against the previous m: bring it to the new one.
       if constexpr (kLazy) {
-        lazy_rescale(o, sc, m);
+        lazy_rescale<!S::kOnesSum>(o, l, sc, m);
       } else if (rescale) {
 #pragma unroll
         for (int jj = 0; jj < S::kPV / 8; ++jj)

@@ -154,19 +154,25 @@ def cases(quick, rng):
     # below 0 from their first key tile on, which the forward's integer row max hands to its exact path.
     out.append(("negative logits causal T=1100", [(0, 1100, 0, 1100, "causal")], 1100, 1100, 8, 2, 64, torch.bfloat16))
     out.append(("negative logits full Lq=300 Lk=900", [(0, 300, 0, 900, "full")], 300, 900, 4, 4, 128, torch.float16))
-    # Scores beyond the window in which forward kernels 3/5 subtract 0 (bf16: [-60, 64] in log2 units):
-    # row maxima of 100-300 (2^300 would overflow P without the window's bound), and row maxima of about
-    # -200 (their P would all flush to 0 without its lower bound).
+    # Row maxima of 100-300 in log2 units (2^300 would overflow P if nothing bounded it), and of about -200
+    # (their P would all flush to 0). Forward kernels 3/5 in bf16 (the lazy reference): the first are rows
+    # whose scores jump by hundreds after their first keys, computed again exactly.
     out.append(("large logits causal T=900", [(0, 900, 0, 900, "causal")], 900, 900, 8, 2, 64, torch.bfloat16))
     out.append(("very negative logits full Lq=300 Lk=700", [(0, 300, 0, 700, "full")], 300, 700, 4, 4, 128,
                 torch.bfloat16))
-    # Rows that enter the window on their first key tile and meet scores of a few hundred after it: the
-    # tiles whose every row subtracts 0 must still see that a score left the window.
+    # Rows whose first key tile has small scores and later ones of a few hundred: forward kernels 3/5 in
+    # bf16 must see that the row sums overflowed and compute those rows again exactly.
     out.append(("growing logits full Lq=200 Lk=600", [(0, 200, 0, 600, "full")], 200, 600, 8, 2, 64, torch.bfloat16))
     # Scores that climb ~30 log2 units per key tile, ~140 over the keys: forward kernels 3/5 at D=64 (bf16)
     # bring O, l and the next tile's P back by a power of two several times per row (the lazy reference).
     out.append(("rising logits full Lq=200 Lk=600", [(0, 200, 0, 600, "full")], 200, 600, 8, 2, 64, torch.bfloat16))
     out.append(("rising logits causal T=700", [(0, 700, 0, 700, "causal")], 700, 700, 8, 2, 64, torch.bfloat16))
+    # The same at D=128 (the sums from the softmax, one row's partial sums in four lanes), and there
+    # scores that jump by hundreds after the first key tile (rows recomputed exactly).
+    out.append(("rising logits full Lq=300 Lk=700 D=128", [(0, 300, 0, 700, "full")], 300, 700, 4, 4, 128,
+                torch.bfloat16))
+    out.append(("growing logits causal T=600 D=128", [(0, 600, 0, 600, "causal")], 600, 600, 4, 2, 128,
+                torch.bfloat16))
     out.append(("no slices", [], 100, 50, 4, 4, 64, torch.bfloat16))
     out.append(("no keys at all", [(0, 37, 0, 0, "causal")], 37, 0, 4, 2, 128, torch.bfloat16))
     return out
