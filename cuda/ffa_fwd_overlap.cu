@@ -233,6 +233,27 @@ __device__ __forceinline__ void mask_tile(float (&sc)[kBN / 2], const CutSlice& 
   }
 }
 
+// The row maxima of an S tile times c, from the integer max (row_max_bits) where a row has a score >= +0.
+// Where it has none, that says only "<= 0": such a row gets -inf, or, if want_exact says its m could move
+// on it, the exact float tree (its shuffles need the whole warp, hence the vote).
+__device__ __forceinline__ void tile_row_max(const float (&sc)[kBN / 2], float c, const bool (&want_exact)[2],
+                                             float (&m_tile)[2]) {
+  bool exact[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int mi = row_max_bits(sc, r);
+    m_tile[r] = mi >= 0 ? __int_as_float(mi) * c : -INFINITY;
+    exact[r] = mi < 0 && want_exact[r];
+  }
+  if (__any_sync(0xffffffffu, exact[0] || exact[1])) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float mx = row_max_tree(sc, r);
+      if (exact[r]) m_tile[r] = mx * c;
+    }
+  }
+}
+
 // Online softmax of one 64 x 128 S tile in the wgmma accumulator layout (thread element 4j + 2r + e is row
 // (lane / 4) + 8r of the warp's 16, column 8j + 2 (lane % 4) + e), c = scale_log2: masks it (kMasked:
 // boundary tiles only), leaves P (unnormalized, fp32) in sc, updates m and, with kSums, the thread's
@@ -269,24 +290,10 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
     }
   }
   // The general path: a row's first visible keys, a score beyond kZeroMax, or a row outside the window.
-  // The row max from the integer max (row_max_bits); where the row has no score >= +0 that says only
-  // "<= 0", which can move m only from -inf or from a stale max below -kStaleMaxLog2: only then the exact
-  // float tree (its shuffles need the whole warp, hence the vote).
+  // A tile max "<= 0" can move m only from -inf or from a stale max below -kStaleMaxLog2.
   float m_tile[2];
-  bool exact[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int mi = row_max_bits(sc, r);
-    m_tile[r] = mi >= 0 ? __int_as_float(mi) * c : -INFINITY;
-    exact[r] = mi < 0 && m[r] < -kStaleMaxLog2;
-  }
-  if (__any_sync(0xffffffffu, exact[0] || exact[1])) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float mx = row_max_tree(sc, r);
-      if (exact[r]) m_tile[r] = mx * c;
-    }
-  }
+  const bool low[2] = {m[0] < -kStaleMaxLog2, m[1] < -kStaleMaxLog2};
+  tile_row_max(sc, c, low, m_tile);
   float m_sub[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -336,50 +343,11 @@ struct LazyRef {
   static constexpr float kRecomputeAbove = 0x1p64f;
 };
 
-// The lazy reference's softmax of one S tile (as softmax_tile; with kSums it adds the thread's partial row
-// sums to l, without them O's ones column has the sums). A row with no visible key so far (m = -inf) takes
-// its reference from this tile's exact max; every other row subtracts its m as it stands.
-template <bool kMasked, bool kSums>
-__device__ __forceinline__ void softmax_tile_lazy(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float c,
-                                                  const CutSlice* cut, int row0, int c0, int lane) {
-  if constexpr (kMasked) mask_tile(sc, *cut, row0, c0, lane);
-  float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // per row, two chains of 16 adds (kSums only)
-  if (__all_sync(0xffffffffu, m[0] != -INFINITY && m[1] != -INFINITY)) {
-#pragma unroll
-    for (int k = 0; k < kBN / 2; ++k) {
-      sc[k] = exp2_ftz(fmaf(sc[k], c, -m[(k >> 1) & 1]));
-      if constexpr (kSums) sum[(k >> 1) & 1][k & 1] += sc[k];
-    }
-    if constexpr (kSums) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) l[r] += sum[r][0] + sum[r][1];
-    }
-    return;
-  }
-  // A row's first visible keys (a work tile's first key tile, or later behind a mask): the row max from
-  // the integer max where the row has a score >= +0, else from the float tree (its shuffles need the
-  // whole warp, hence the vote).
-  float m_tile[2];
-  bool exact[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int mi = row_max_bits(sc, r);
-    m_tile[r] = mi >= 0 ? __int_as_float(mi) * c : -INFINITY;
-    exact[r] = mi < 0 && m[r] == -INFINITY;
-  }
-  if (__any_sync(0xffffffffu, exact[0] || exact[1])) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float mx = row_max_tree(sc, r);
-      if (exact[r]) m_tile[r] = mx * c;
-    }
-  }
-  float m_sub[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (m[r] == -INFINITY) m[r] = m_tile[r] + LazyRef::kBias;  // stays -inf where the tile hides every key
-    m_sub[r] = m[r] == -INFINITY ? 0.f : m[r];                  // then P = 2^-inf = 0, not NaN
-  }
+// P = 2^(s * c - m_sub[r]) for every element of an S tile (r: the element's row); with kSums the thread's
+// partial row sums are added to l (per row two chains of 16 adds).
+template <bool kSums>
+__device__ __forceinline__ void exp_tile_add(float (&sc)[kBN / 2], float c, const float (&m_sub)[2], float (&l)[2]) {
+  float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll
   for (int k = 0; k < kBN / 2; ++k) {
     sc[k] = exp2_ftz(fmaf(sc[k], c, -m_sub[(k >> 1) & 1]));
@@ -389,6 +357,30 @@ __device__ __forceinline__ void softmax_tile_lazy(float (&sc)[kBN / 2], float (&
 #pragma unroll
     for (int r = 0; r < 2; ++r) l[r] += sum[r][0] + sum[r][1];
   }
+}
+
+// The lazy reference's softmax of one S tile (as softmax_tile; with kSums it adds the thread's partial row
+// sums to l, without them O's ones column has the sums). A row with no visible key so far (m = -inf) takes
+// its reference from this tile's exact max; every other row subtracts its m as it stands.
+template <bool kMasked, bool kSums>
+__device__ __forceinline__ void softmax_tile_lazy(float (&sc)[kBN / 2], float (&m)[2], float (&l)[2], float c,
+                                                  const CutSlice* cut, int row0, int c0, int lane) {
+  if constexpr (kMasked) mask_tile(sc, *cut, row0, c0, lane);
+  if (__all_sync(0xffffffffu, m[0] != -INFINITY && m[1] != -INFINITY)) {
+    exp_tile_add<kSums>(sc, c, m, l);
+    return;
+  }
+  // A row's first visible keys (a work tile's first key tile, or later behind a mask): its exact max.
+  float m_tile[2];
+  const bool first[2] = {m[0] == -INFINITY, m[1] == -INFINITY};
+  tile_row_max(sc, c, first, m_tile);
+  float m_sub[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (m[r] == -INFINITY) m[r] = m_tile[r] + LazyRef::kBias;  // stays -inf where the tile hides every key
+    m_sub[r] = m[r] == -INFINITY ? 0.f : m[r];                  // then P = 2^-inf = 0, not NaN
+  }
+  exp_tile_add<kSums>(sc, c, m_sub, l);
 }
 
 // The lazy reference's rule for a row's sum l: the power of two 2^-shift that brings an l above
