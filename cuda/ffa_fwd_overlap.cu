@@ -254,6 +254,20 @@ __device__ __forceinline__ void tile_row_max(const float (&sc)[kBN / 2], float c
   }
 }
 
+// P = 2^(s * c - m_sub[r]) for every element of an S tile (r: the element's row); with kSums also the
+// thread's partial row sums of P (per row two chains of 16 adds).
+template <bool kSums>
+__device__ __forceinline__ void exp_tile(float (&sc)[kBN / 2], float c, const float (&m_sub)[2], float (&sums)[2]) {
+  float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+#pragma unroll
+  for (int k = 0; k < kBN / 2; ++k) {
+    sc[k] = exp2_ftz(fmaf(sc[k], c, -m_sub[(k >> 1) & 1]));
+    if constexpr (kSums) sum[(k >> 1) & 1][k & 1] += sc[k];
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) sums[r] = sum[r][0] + sum[r][1];
+}
+
 // Online softmax of one 64 x 128 S tile in the wgmma accumulator layout (thread element 4j + 2r + e is row
 // (lane / 4) + 8r of the warp's 16, column 8j + 2 (lane % 4) + e), c = scale_log2: masks it (kMasked:
 // boundary tiles only), leaves P (unnormalized, fp32) in sc, updates m and, with kSums, the thread's
@@ -306,14 +320,11 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
     // P = 2^-inf = 0 rather than NaN. In an unmasked tile every row's max is finite.
     m_sub[r] = (kMasked && m[r] == -INFINITY) ? 0.f : m[r];
   }
-#pragma unroll
-  for (int k = 0; k < kBN / 2; ++k) {
-    sc[k] = exp2_ftz(fmaf(sc[k], c, -m_sub[(k >> 1) & 1]));
-    if constexpr (kSums) sum[(k >> 1) & 1][k & 1] += sc[k];
-  }
+  float sums[2];
+  exp_tile<kSums>(sc, c, m_sub, sums);
   if constexpr (kSums) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = fmaf(l[r], alpha[r], sum[r][0] + sum[r][1]);
+    for (int r = 0; r < 2; ++r) l[r] = fmaf(l[r], alpha[r], sums[r]);
   }
   return __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f);
 }
@@ -343,22 +354,6 @@ struct LazyRef {
   static constexpr float kRecomputeAbove = 0x1p64f;
 };
 
-// P = 2^(s * c - m_sub[r]) for every element of an S tile (r: the element's row); with kSums the thread's
-// partial row sums are added to l (per row two chains of 16 adds).
-template <bool kSums>
-__device__ __forceinline__ void exp_tile_add(float (&sc)[kBN / 2], float c, const float (&m_sub)[2], float (&l)[2]) {
-  float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-#pragma unroll
-  for (int k = 0; k < kBN / 2; ++k) {
-    sc[k] = exp2_ftz(fmaf(sc[k], c, -m_sub[(k >> 1) & 1]));
-    if constexpr (kSums) sum[(k >> 1) & 1][k & 1] += sc[k];
-  }
-  if constexpr (kSums) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] += sum[r][0] + sum[r][1];
-  }
-}
-
 // The lazy reference's softmax of one S tile (as softmax_tile; with kSums it adds the thread's partial row
 // sums to l, without them O's ones column has the sums). A row with no visible key so far (m = -inf) takes
 // its reference from this tile's exact max; every other row subtracts its m as it stands.
@@ -367,7 +362,9 @@ __device__ __forceinline__ void softmax_tile_lazy(float (&sc)[kBN / 2], float (&
                                                   const CutSlice* cut, int row0, int c0, int lane) {
   if constexpr (kMasked) mask_tile(sc, *cut, row0, c0, lane);
   if (__all_sync(0xffffffffu, m[0] != -INFINITY && m[1] != -INFINITY)) {
-    exp_tile_add<kSums>(sc, c, m, l);
+    float sums[2];
+    exp_tile<kSums>(sc, c, m, sums);
+    if constexpr (kSums) l[0] += sums[0], l[1] += sums[1];
     return;
   }
   // A row's first visible keys (a work tile's first key tile, or later behind a mask): its exact max.
@@ -380,7 +377,9 @@ __device__ __forceinline__ void softmax_tile_lazy(float (&sc)[kBN / 2], float (&
     if (m[r] == -INFINITY) m[r] = m_tile[r] + LazyRef::kBias;  // stays -inf where the tile hides every key
     m_sub[r] = m[r] == -INFINITY ? 0.f : m[r];                  // then P = 2^-inf = 0, not NaN
   }
-  exp_tile_add<kSums>(sc, c, m_sub, l);
+  float sums[2];
+  exp_tile<kSums>(sc, c, m_sub, sums);
+  if constexpr (kSums) l[0] += sums[0], l[1] += sums[1];
 }
 
 // The lazy reference's rule for a row's sum l: the power of two 2^-shift that brings an l above
