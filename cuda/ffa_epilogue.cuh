@@ -47,9 +47,9 @@ __device__ __forceinline__ void copy_tile_rows(const unsigned char* tile, int ro
 // Forward: rows [row0, row0 + 16) of the R-row swizzled Q tile at q_tile receive out = o / l (the row
 // sums l are per thread, reduced over its quad here, unless kFullSums: then each lane holds its rows'
 // whole sums already; m is what each row subtracted before its exponentials, log2 domain: its running
-// max, or 0 in forward kernels 3/5, see ZeroWindow in ffa_fwd_overlap.cu); then to global rows
-// row_begin + row below row_end of og (the head's first row), and lse (natural log, -inf for a row that
-// saw no key) to lse_h[row * lse_st].
+// max, or in forward kernels 3/5 0 or a reference, see ZeroWindow and LazyRef in ffa_fwd_overlap.cu);
+// then to global rows row_begin + row below row_end of og (the head's first row), and lse (natural log,
+// -inf for a row that saw no key) to lse_h[row * lse_st].
 template <typename T, int D, int R, bool kFullSums = false>
 __device__ __forceinline__ void store_out_lse_warp_rows(unsigned char* q_tile, int row0, const float (&o)[D / 2],
                                                         const float (&l)[2], const float (&m)[2], T* og, int64_t o_st,
