@@ -63,6 +63,7 @@
 #include "cuda/ffa_hopper.cuh"
 #include "cuda/ffa_kernels.h"
 #include "cuda/ffa_launch.cuh"
+#include "cuda/ffa_lazy_ref.h"
 #include "cuda/ffa_schedule.h"
 #include "cuda/ffa_tma.h"
 #include "cuda/ffa_wgmma.cuh"
@@ -346,13 +347,9 @@ __device__ __forceinline__ bool softmax_tile(float (&sc)[kBN / 2], float (&m)[2]
 //     within a row from one key tile to the next.
 // The row's largest P stays >= 2^-63 (up to 2^13 keys; the P that flush to 0 lie 2^63 below it), and
 // O <= l * max|v| < 2^64 max|v|, so O's and l's fp32 sums keep the max-subtracting softmax's precision.
+// (LazyRef's constants, lazy_shift and lazy_factor: cuda/ffa_lazy_ref.h, tested on the CPU.)
 template <typename T>
 constexpr bool kLazyRef = std::is_same<T, __nv_bfloat16>::value;
-struct LazyRef {
-  static constexpr float kBias = 50.f;
-  static constexpr float kRescaleAbove = 0x1p-20f;
-  static constexpr float kRecomputeAbove = 0x1p64f;
-};
 
 // The lazy reference's softmax of one S tile (as softmax_tile; with kSums it adds the thread's partial row
 // sums to l, without them O's ones column has the sums). A row with no visible key so far (m = -inf) takes
@@ -382,20 +379,6 @@ __device__ __forceinline__ void softmax_tile_lazy(float (&sc)[kBN / 2], float (&
   if constexpr (kSums) l[0] += sums[0], l[1] += sums[1];
 }
 
-// The lazy reference's rule for a row's sum l: the power of two 2^-shift that brings an l above
-// kRescaleAbove (and at most kRecomputeAbove) back to [2^-50, 2^-49): shift = e + kBias for l = 2^e * 1.f,
-// e in [-20, 64]; 0 for any other l. And 2^-shift as two normal factors (2^-126 at most each).
-__device__ __forceinline__ int lazy_shift(float l) {
-  return (l > LazyRef::kRescaleAbove && l <= LazyRef::kRecomputeAbove)
-             ? ((__float_as_int(l) >> 23) - 127) + static_cast<int>(LazyRef::kBias)
-             : 0;
-}
-__device__ __forceinline__ void lazy_factors(int shift, float& f1, float& f2) {
-  const int s1 = min(shift, 126), s2 = shift - s1;
-  f1 = __int_as_float((127 - s1) << 23);
-  f2 = __int_as_float((127 - s2) << 23);
-}
-
 // The lazy reference's check after a P V (O complete, P of the next key tile in sc, not yet multiplied):
 // rows whose sum passed kRescaleAbove are brought back to [2^-50, 2^-49) by a power of two, rows whose
 // sum passed kRecomputeAbove (or is NaN) are marked for the epilogue's exact recompute. The sums: with
@@ -407,26 +390,26 @@ __device__ __forceinline__ void lazy_rescale(float (&o)[kO], float (&l)[2], floa
   float lr[2] = {kSums ? l[0] : o[kL], kSums ? l[1] : o[kL + 2]};
   if (!__any_sync(0xffffffffu, !(lr[0] <= LazyRef::kRescaleAbove) || !(lr[1] <= LazyRef::kRescaleAbove)))
     return;
-  // Per row two factors (1 where the row stays), applied to every row of the warp without branches (a
+  // Per row a factor (1 where the row stays), applied to every row of the warp without branches (a
   // per-thread branch around accumulator registers makes ptxas spill).
-  float f1[2], f2[2];
+  float f[2];
   bool mark[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if constexpr (kSums) lr[r] = quad_row_sum(lr[r]);
     mark[r] = !(lr[r] <= LazyRef::kRecomputeAbove);  // also NaN: a row marked before stays marked
     const int shift = lazy_shift(lr[r]);
-    lazy_factors(shift, f1[r], f2[r]);
+    f[r] = lazy_factor(shift);
     m[r] += static_cast<float>(shift);
   }
 #pragma unroll
-  for (int k = 0; k < kO; ++k) o[k] = o[k] * f1[(k >> 1) & 1] * f2[(k >> 1) & 1];
+  for (int k = 0; k < kO; ++k) o[k] *= f[(k >> 1) & 1];
 #pragma unroll
-  for (int k = 0; k < kBN / 2; ++k) sc[k] = sc[k] * f1[(k >> 1) & 1] * f2[(k >> 1) & 1];
+  for (int k = 0; k < kBN / 2; ++k) sc[k] *= f[(k >> 1) & 1];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {  // the epilogue's mark
     if constexpr (kSums)
-      l[r] = mark[r] ? NAN : l[r] * f1[r] * f2[r];
+      l[r] = mark[r] ? NAN : l[r] * f[r];
     else
       o[kL + 2 * r] = mark[r] ? NAN : o[kL + 2 * r];
   }
@@ -779,11 +762,9 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
         const int row = t.row_begin + (warp - 4) * 16 + (lane >> 2) + 8 * r;
         const float l = l_row[r];
         const int shift = lazy_shift(l);
-        if (row < t.row_end && (lost[r] || (shift != 0 && (lane & 3) == 0))) {
-          float f1, f2;
-          lazy_factors(shift, f1, f2);
-          lse[static_cast<int64_t>(row) * p.lse_st] = lost[r] ? NAN : row_lse(mt[r] + static_cast<float>(shift), l * f1 * f2);
-        }
+        if (row < t.row_end && (lost[r] || (shift != 0 && (lane & 3) == 0)))
+          lse[static_cast<int64_t>(row) * p.lse_st] =
+              lost[r] ? NAN : row_lse(mt[r] + static_cast<float>(shift), l * lazy_factor(shift));
       }
       if (__any_sync(0xffffffffu, lost[0] || lost[1]) && lane == 0) lost_rows[warp - 4] = 1;
     }
