@@ -9,7 +9,7 @@
 
 #include "cuda/ffa_lazy_ref.h"
 
-TEST_CASE("lazy reference: sums past the rescale bound come back to [2^-50, 2^-49) exactly", "[ffa][lazy]") {
+TEST_CASE("lazy reference: sums past the rescale bound come back between 2^-50 and 2^-49 exactly", "[ffa][lazy]") {
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> mantissa(1.f, 2.f);
   int checked = 0;
