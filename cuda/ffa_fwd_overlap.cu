@@ -416,23 +416,30 @@ __device__ __forceinline__ void lazy_rescale(float (&o)[kO], float (&l)[2], floa
 }
 
 // Out and lse of query row `row` of q head h in work item `item`, computed exactly by one warp (all 32
-// lanes) from global memory: an online softmax over every key the item's runs show the row, one key at a
-// time, in fp32 with the running max subtracted. The lazy reference's fallback for rows whose logits
-// jump too far (above): slow, and called after the CTA's last work tile, where no GEMM state is live
-// (in the epilogue, inlined beside the loop's registers, it made ptxas serialize the wgmma).
+// lanes) from global memory: an online softmax over every key the item's runs show the row, in fp32 with
+// the running max subtracted, 32 keys at a time (lane j takes key j of the chunk, its whole dot product
+// with q; the chunk's max and sum over the warp; then each lane adds the chunk's P V to its D / 32 columns
+// of O). The lazy reference's fallback for rows whose logits jump too far (above); called after the CTA's
+// last work tile, where no GEMM state is live (in the epilogue, inlined beside the loop's registers, it
+// made ptxas serialize the wgmma). Rows are 16-byte aligned (the kernel's TMA maps need that too).
 template <typename T, int D>
 __device__ __forceinline__ void forward_row_exact(const FwdParams& p, int item, int h, int row) {
-  constexpr int kPer = D / 32;  // dims per lane
-  const int lane = threadIdx.x & 31, d0 = lane * kPer, hk = h / p.group;
-  const T* q = static_cast<const T*>(p.q) + static_cast<int64_t>(row) * p.q_st + h * p.q_sh + d0;
-  const T* k = static_cast<const T*>(p.k) + hk * p.k_sh + d0;
-  const T* v = static_cast<const T*>(p.v) + hk * p.v_sh + d0;
-  float qf[kPer], o[kPer];
+  constexpr int kPer = D / 32;  // O's columns per lane
+  const int lane = threadIdx.x & 31, hk = h / p.group;
+  const T* q = static_cast<const T*>(p.q) + static_cast<int64_t>(row) * p.q_st + h * p.q_sh;
+  const T* k = static_cast<const T*>(p.k) + hk * p.k_sh;
+  const T* v = static_cast<const T*>(p.v) + hk * p.v_sh + lane * kPer;
+  // Eight elements of a row at a 16-byte boundary, as floats.
+  auto load8 = [](const T* src, float (&dst)[8]) {
+    T e[8];
+    *reinterpret_cast<uint4*>(e) = *reinterpret_cast<const uint4*>(src);
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    qf[i] = static_cast<float>(q[i]);
-    o[i] = 0.f;
-  }
+    for (int i = 0; i < 8; ++i) dst[i] = static_cast<float>(e[i]);
+  };
+  float qf[D];
+#pragma unroll
+  for (int c = 0; c < D / 8; ++c) load8(q + 8 * c, *reinterpret_cast<float(*)[8]>(&qf[8 * c]));
+  float o[kPer] = {};
   float mx = -INFINITY, l = 0.f;
   const Item it = p.side.items[item];
   for (int ri = it.run_begin; ri < it.run_end; ++ri) {
@@ -441,26 +448,49 @@ __device__ __forceinline__ void forward_row_exact(const FwdParams& p, int item, 
       const int c0 = run.begin + t * kBN;
       int lo = 0, hi = kBN;
       if (run.masked) visible_cols(p.side.cuts[run.cut], row, c0, lo, hi);
-      hi = min(hi, p.num_k - c0);
-      for (int j = max(lo, 0); j < hi; ++j) {
-        const int64_t key = c0 + j;
-        float s = 0.f;
+      // visible_cols bounds the row's keys, not the tile's: they may start before this tile or run on
+      // past it (the run's next tile counts those).
+      lo = max(lo, 0);
+      hi = min(hi, min(kBN, p.num_k - c0));
+      for (int j0 = lo; j0 < hi; j0 += 32) {
+        const int j = j0 + lane;
+        float s = -INFINITY;
+        if (j < hi) {
+          const T* kr = k + static_cast<int64_t>(c0 + j) * p.k_st;
+          float acc = 0.f;
 #pragma unroll
-        for (int i = 0; i < kPer; ++i) s = fmaf(qf[i], static_cast<float>(k[key * p.k_st + i]), s);
+          for (int c = 0; c < D / 8; ++c) {
+            float kf[8];
+            load8(kr + 8 * c, kf);
 #pragma unroll
-        for (int w = 16; w >= 1; w >>= 1) s += __shfl_xor_sync(0xffffffffu, s, w);
-        s *= p.scale_log2;
-        if (s == -INFINITY) continue;
-        const float m_new = s > mx ? s : mx;  // a NaN score keeps mx, and its e below makes l NaN
-        const float a = exp2f(mx - m_new), e = exp2f(s - m_new);
-        l = l * a + e;
+            for (int i = 0; i < 8; ++i) acc = fmaf(qf[8 * c + i], kf[i], acc);
+          }
+          s = acc * p.scale_log2;
+        }
+        float cmax = s;  // (fmaxf passes over a NaN score; its P below is NaN and makes l NaN)
 #pragma unroll
-        for (int i = 0; i < kPer; ++i) o[i] = o[i] * a + e * static_cast<float>(v[key * p.v_st + i]);
+        for (int w = 16; w >= 1; w >>= 1) cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, w));
+        const float m_new = fmaxf(mx, cmax);
+        if (m_new == -INFINITY) continue;  // no visible key so far (warp-uniform)
+        const float a = exp2f(mx - m_new), pj = exp2f(s - m_new);
+        float psum = pj;
+#pragma unroll
+        for (int w = 16; w >= 1; w >>= 1) psum += __shfl_xor_sync(0xffffffffu, psum, w);
+        l = l * a + psum;
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) o[i] *= a;
+        const int n = min(32, hi - j0);
+        for (int u = 0; u < n; ++u) {
+          const float pu = __shfl_sync(0xffffffffu, pj, u);
+          const T* vr = v + static_cast<int64_t>(c0 + j0 + u) * p.v_st;
+#pragma unroll
+          for (int i = 0; i < kPer; ++i) o[i] = fmaf(pu, static_cast<float>(vr[i]), o[i]);
+        }
         mx = m_new;
       }
     }
   }
-  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(row) * p.o_st + h * p.o_sh + d0;
+  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(row) * p.o_st + h * p.o_sh + lane * kPer;
   const float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
   for (int i = 0; i < kPer; ++i) out[i] = T(o[i] * inv);
