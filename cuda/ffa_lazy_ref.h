@@ -20,36 +20,25 @@ struct LazyRef {
   static constexpr float kRecomputeAbove = 0x1p64f;    // l beyond this (or NaN): the row is computed again
 };
 
-FFA_LAZY_HD inline int32_t lazy_float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_int(x);
-#else
-  int32_t i;
-  std::memcpy(&i, &x, sizeof i);
-  return i;
-#endif
-}
-
-FFA_LAZY_HD inline float lazy_float_from_bits(int32_t i) {
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(i);
-#else
-  float x;
-  std::memcpy(&x, &i, sizeof x);
-  return x;
-#endif
+// x's bits as To (of x's size): memcpy, which the compiler turns into a register move on both sides.
+template <typename To, typename From>
+FFA_LAZY_HD inline To lazy_bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "lazy_bit_cast: sizes differ");
+  To y;
+  std::memcpy(&y, &x, sizeof y);
+  return y;
 }
 
 // The power of two 2^-shift that brings a row sum l above kRescaleAbove (and at most kRecomputeAbove) back
 // to [2^-50, 2^-49): shift = e + kBias for l = 2^e * 1.f, e in [-20, 64]; 0 for any other l (NaN included).
 FFA_LAZY_HD inline int lazy_shift(float l) {
   return (l > LazyRef::kRescaleAbove && l <= LazyRef::kRecomputeAbove)
-             ? ((lazy_float_bits(l) >> 23) - 127) + static_cast<int>(LazyRef::kBias)
+             ? ((lazy_bit_cast<int32_t>(l) >> 23) - 127) + static_cast<int>(LazyRef::kBias)
              : 0;
 }
 
 // 2^-shift, exactly (a normal float for every shift lazy_shift gives: at most 64 + kBias = 114).
-FFA_LAZY_HD inline float lazy_factor(int shift) { return lazy_float_from_bits((127 - shift) << 23); }
+FFA_LAZY_HD inline float lazy_factor(int shift) { return lazy_bit_cast<float>((127 - shift) << 23); }
 static_assert(64 + static_cast<int>(LazyRef::kBias) <= 126 && LazyRef::kRecomputeAbove == 0x1p64f,
               "lazy_factor: the largest shift must give a normal 2^-shift");
 
