@@ -397,7 +397,7 @@ __device__ __forceinline__ void lazy_rescale(float (&o)[kO], float (&l)[2], floa
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if constexpr (kSums) lr[r] = quad_row_sum(lr[r]);
-    mark[r] = !(lr[r] <= LazyRef::kRecomputeAbove);  // also NaN: a row marked before stays marked
+    mark[r] = lazy_lost(lr[r]);  // also NaN: a row marked before stays marked
     const int shift = lazy_shift(lr[r]);
     f[r] = lazy_factor(shift);
     m[r] += static_cast<float>(shift);
@@ -599,6 +599,15 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   // Consumer c's q head and 64-row slab of the item in a work tile.
   auto consumer_head = [](const FwdTileAssign& as, int c) { return as.slab >= 0 ? as.head0 + c : as.head0; };
   auto consumer_slab = [](const FwdTileAssign& as, int c) { return as.slab >= 0 ? as.slab : c; };
+  // Consumer c's rows of a work tile: its Q is in rows 64 c .. 64 c + 63 of the buffer, its query rows
+  // are [base + 64 c, end), so that staging row r is query row base + r (the epilogue's rule).
+  struct ConsumerRows {
+    int base, end;
+  };
+  auto consumer_rows = [&](const Item& it, const FwdTileAssign& as, int c) {
+    const int slab = consumer_slab(as, c);
+    return ConsumerRows{it.row_begin + 64 * (slab - c), min(it.row_end, it.row_begin + 64 * slab + 64)};
+  };
 
   // ---------------------------------------------------------------------------------------------
   // Producer, per work tile: Q, K_0 (kernel 5: K_0, then Q), then (K_n, V_{n-1}) for n >= 1, then V_last.
@@ -767,7 +776,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         l_row[r] = S::kOnesSum ? ot[S::kPV / 2 - 4 + 2 * r] : quad_row_sum(lt[r]);
-        lost[r] = !(l_row[r] <= LazyRef::kRecomputeAbove);
+        lost[r] = lazy_lost(l_row[r]);
       }
     }
     if constexpr (S::kOnesSum) {
@@ -816,14 +825,10 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
   };
 
   for_each_tile([&](const Item& it, const FwdTileAssign& as, int /*hk*/, int n_counted, int j) {
-    // This consumer's slab: its Q is in rows 64 cw .. 64 cw + 63 of the buffer, its query rows are
-    // [row_base + 64 cw, row_end), so that staging row r is query row row_base + r (the epilogue's rule).
-    const int slab = consumer_slab(as, cw);
-    const int row_base = it.row_begin + 64 * (slab - cw);
-    const int row_end = min(it.row_end, it.row_begin + 64 * slab + 64);
-    const int row_lo = row_base + (warp - 4) * 16 + (lane >> 2);  // the thread's rows: row_lo, row_lo + 8
+    const ConsumerRows rows = consumer_rows(it, as, cw);
+    const int row_lo = rows.base + (warp - 4) * 16 + (lane >> 2);  // the thread's rows: row_lo, row_lo + 8
     const int b = j % kQBuffers;
-    const PendingTile cur{consumer_head(as, cw), row_base, row_end, b, 0};
+    const PendingTile cur{consumer_head(as, cw), rows.base, rows.end, b, 0};
 
     // Mask (boundary tiles only) and softmax of S_n, whose run is `run`; t = tile index in the run. The
     // work tile's first key tile too takes the unmasked form where its run is unmasked (run 8 of session 6:
@@ -944,12 +949,12 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     __syncwarp();
     if (lost_rows[warp - 4] == 0) return;
     for_each_tile([&](const Item& it, const FwdTileAssign& as, int, int, int) {
-      const int h = consumer_head(as, cw), slab = consumer_slab(as, cw);
-      const int row_end = min(it.row_end, it.row_begin + 64 * slab + 64);
-      const int row = it.row_begin + 64 * (slab - cw) + (warp - 4) * 16 + (lane & 15);
+      const int h = consumer_head(as, cw);
+      const ConsumerRows rows = consumer_rows(it, as, cw);
+      const int row = rows.base + (warp - 4) * 16 + (lane & 15);
       const float* lse = p.lse + h * p.lse_sh;
       const unsigned lost =
-          __ballot_sync(0xffffffffu, lane < 16 && row < row_end && isnan(lse[static_cast<int64_t>(row) * p.lse_st]));
+          __ballot_sync(0xffffffffu, lane < 16 && row < rows.end && isnan(lse[static_cast<int64_t>(row) * p.lse_st]));
 #pragma unroll 1
       for (int i = 0; i < 16; ++i)
         if ((lost >> i) & 1u) forward_row_exact<T, D>(p, as.item, h, row - (lane & 15) + i);

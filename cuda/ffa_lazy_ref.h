@@ -29,6 +29,10 @@ FFA_LAZY_HD inline To lazy_bit_cast(From x) {
   return y;
 }
 
+// Whether a row sum is past what the lazy reference keeps (above kRecomputeAbove, inf, or NaN: a row
+// marked before stays marked): the row is computed again exactly.
+FFA_LAZY_HD inline bool lazy_lost(float l) { return !(l <= LazyRef::kRecomputeAbove); }
+
 // The power of two 2^-shift that brings a row sum l above kRescaleAbove (and at most kRecomputeAbove) back
 // to [2^-50, 2^-49): shift = e + kBias for l = 2^e * 1.f, e in [-20, 64]; 0 for any other l (NaN included).
 FFA_LAZY_HD inline int lazy_shift(float l) {

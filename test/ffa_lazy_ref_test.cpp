@@ -45,6 +45,12 @@ TEST_CASE("lazy reference: other sums are left alone", "[ffa][lazy]") {
     CAPTURE(l);
     REQUIRE(ffa::lazy_shift(l) == 0);
   }
+  // Lost (computed again exactly): past the recompute bound, inf and NaN; the bound itself is kept.
+  REQUIRE_FALSE(ffa::lazy_lost(ffa::LazyRef::kRecomputeAbove));
+  REQUIRE_FALSE(ffa::lazy_lost(0.f));
+  REQUIRE(ffa::lazy_lost(std::nextafter(ffa::LazyRef::kRecomputeAbove, inf)));
+  REQUIRE(ffa::lazy_lost(inf));
+  REQUIRE(ffa::lazy_lost(std::numeric_limits<float>::quiet_NaN()));
   REQUIRE(ffa::lazy_factor(0) == 1.f);  // a row left alone is multiplied by 1
   // The factor for every shift the rule can give is an exact, normal power of two.
   for (int s = 0; s <= 114; ++s) {
