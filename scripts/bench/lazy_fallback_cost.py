@@ -17,18 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ffa_lib  # noqa: E402
-
-
-def time_ms(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+from attention_bench import bench_ms  # noqa: E402  (the benchmark's own timer: do_bench median)
 
 
 def main():
@@ -49,9 +38,8 @@ def main():
             q, k = 8 * q, 8 * k
         o0, l0 = ffa_lib.forward(plan0, q, k, v, kernel=0)
         o5, l5 = ffa_lib.forward(plan5, q, k, v, kernel=5)
-        reps = 20 if case == "ordinary" else 3
-        ms0 = time_ms(lambda: ffa_lib.forward(plan0, q, k, v, out=o0, lse=l0, kernel=0), reps)
-        ms5 = time_ms(lambda: ffa_lib.forward(plan5, q, k, v, out=o5, lse=l5, kernel=5), reps)
+        ms0 = bench_ms(lambda: ffa_lib.forward(plan0, q, k, v, out=o0, lse=l0, kernel=0))
+        ms5 = bench_ms(lambda: ffa_lib.forward(plan5, q, k, v, out=o5, lse=l5, kernel=5))
         r = {"case": case, "kernel0_ms": ms0, "kernel5_ms": ms5, "kernel5_over_kernel0": ms5 / ms0,
              "max_out_diff": (o5.float() - o0.float()).abs().max().item(),
              "max_lse_diff": (l5 - l0).abs().max().item(), "nan": bool(torch.isnan(o5).any() or torch.isnan(l5).any())}
