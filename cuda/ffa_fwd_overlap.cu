@@ -596,16 +596,13 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
          count ? item_key_tiles(tile_cta.it, runs) : 0, 0);
     }
   };
-  // Consumer c's q head and 64-row slab of the item in a work tile.
-  auto consumer_head = [](const FwdTileAssign& as, int c) { return as.slab >= 0 ? as.head0 + c : as.head0; };
-  auto consumer_slab = [](const FwdTileAssign& as, int c) { return as.slab >= 0 ? as.slab : c; };
   // Consumer c's rows of a work tile: its Q is in rows 64 c .. 64 c + 63 of the buffer, its query rows
   // are [base + 64 c, end), so that staging row r is query row base + r (the epilogue's rule).
   struct ConsumerRows {
     int base, end;
   };
   auto consumer_rows = [&](const Item& it, const FwdTileAssign& as, int c) {
-    const int slab = consumer_slab(as, c);
+    const int slab = forward_consumer_slab(as, c);
     return ConsumerRows{it.row_begin + 64 * (slab - c), min(it.row_end, it.row_begin + 64 * slab + 64)};
   };
 
@@ -640,7 +637,8 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
 #pragma unroll
               for (int cb = 0; cb < kCB; ++cb)
                 tma_load_3d(sQ + b * S::kQBytes + cb * (kBM * 128) + c * (64 * 128), &tm_q, cb * 64,
-                            consumer_head(as, c), it.row_begin + 64 * consumer_slab(as, c), full_q + 8 * b);
+                            forward_consumer_head(as, c), it.row_begin + 64 * forward_consumer_slab(as, c),
+                            full_q + 8 * b);
           } else {
             mbar_expect_tx(full_q + 8 * b, S::kQBytes);
 #pragma unroll
@@ -828,7 +826,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     const ConsumerRows rows = consumer_rows(it, as, cw);
     const int row_lo = rows.base + (warp - 4) * 16 + (lane >> 2);  // the thread's rows: row_lo, row_lo + 8
     const int b = j % kQBuffers;
-    const PendingTile cur{consumer_head(as, cw), rows.base, rows.end, b, 0};
+    const PendingTile cur{forward_consumer_head(as, cw), rows.base, rows.end, b, 0};
 
     // Mask (boundary tiles only) and softmax of S_n, whose run is `run`; t = tile index in the run. The
     // work tile's first key tile too takes the unmasked form where its run is unmasked (run 8 of session 6:
@@ -949,7 +947,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 1)
     __syncwarp();
     if (lost_rows[warp - 4] == 0) return;
     for_each_tile([&](const Item& it, const FwdTileAssign& as, int, int, int) {
-      const int h = consumer_head(as, cw);
+      const int h = forward_consumer_head(as, cw);
       const ConsumerRows rows = consumer_rows(it, as, cw);
       const int row = rows.base + (warp - 4) * 16 + (lane & 15);
       const float* lse = p.lse + h * p.lse_sh;

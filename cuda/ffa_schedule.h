@@ -1,6 +1,6 @@
 // Static schedule of a persistent grid (forward kernel 5, cuda/ffa_fwd_overlap.cu): which work tile a CTA
-// runs in each round, and which q head and rows each of its consumers takes in it. A plain header (no CUDA needed) so that the CPU tests check the same function the
-// kernel calls (test/ffa_schedule_test.cpp).
+// runs in each round, and which q head and rows each of its consumers takes in it. A plain header (no CUDA
+// needed) so that the CPU tests check the same functions the kernel calls (test/ffa_schedule_test.cpp).
 #pragma once
 
 #if defined(__CUDACC__)
@@ -48,6 +48,12 @@ FFA_SCHEDULE_HD inline FwdTileAssign forward_tile_assign(int tile, int heads_q, 
   }
   return a;
 }
+
+// Consumer c's q head and 64-row slab of its item in a work tile assigned as `a`.
+FFA_SCHEDULE_HD inline int forward_consumer_head(const FwdTileAssign& a, int c) {
+  return a.slab >= 0 ? a.head0 + c : a.head0;
+}
+FFA_SCHEDULE_HD inline int forward_consumer_slab(const FwdTileAssign& a, int c) { return a.slab >= 0 ? a.slab : c; }
 
 }  // namespace ffa
 

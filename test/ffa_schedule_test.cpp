@@ -105,8 +105,8 @@ TEST_CASE("forward tile assignment covers every (q head, slab) of an item once",
       REQUIRE(a.item == tile / heads_q);
       const int kv = (tile % heads_q) / group;
       for (int c = 0; c < nc; ++c) {
-        const int head = a.slab >= 0 ? a.head0 + c : a.head0;
-        const int slab = a.slab >= 0 ? a.slab : c;
+        const int head = ffa::forward_consumer_head(a, c);
+        const int slab = ffa::forward_consumer_slab(a, c);
         REQUIRE(head >= 0);
         REQUIRE(head < heads_q);
         CHECK(head / group == kv);  // one K/V stream per tile: every consumer's q head in its kv group
